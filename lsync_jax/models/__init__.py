@@ -1,0 +1,77 @@
+"""Networks: the SiT/DiT backbone and its named configurations.
+
+`get_model('SiT-XL/2', depth=..., ...)` builds one of the twelve official configurations with
+overrides named as the official code names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lsync_jax.models.sit import SiT, block_name
+
+# depth / hidden_size / num_heads of the official sizes.
+SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+
+# Overrides named as in the official constructor, plus our compute options.
+OFFICIAL_OVERRIDES = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "learn_sigma",
+    "class_dropout_prob",
+    "mlp_ratio",
+)
+COMPUTE_OVERRIDES = ("dtype", "attention_impl", "remat")
+
+
+def model_config(name: str) -> dict[str, int]:
+    """The architecture fields (depth, hidden_size, num_heads, patch_size) of a named model."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    size, patch = name[len("SiT-") :].split("/")
+    return dict(SIZES[size], patch_size=int(patch))
+
+
+def get_model(name: str, **overrides: Any) -> SiT:
+    """Build the named SiT (e.g. 'SiT-XL/2'); overrides replace the official defaults.
+
+    Raises ValueError for an unknown name, an unknown override or an inconsistent shape
+    (hidden_size not divisible by num_heads or by 4, non-positive sizes), before any compile.
+    """
+    fields = model_config(name)
+    allowed = OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
+    fields.update(overrides)
+    for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels"):
+        if int(fields.get(key, 1)) < 1:
+            raise ValueError(f"model.{key} must be positive, got {fields[key]}")
+    if fields["hidden_size"] % fields["num_heads"]:
+        raise ValueError(
+            f"model.hidden_size={fields['hidden_size']} is not divisible by model.num_heads={fields['num_heads']}"
+        )
+    if fields["hidden_size"] % 4:
+        raise ValueError(f"model.hidden_size={fields['hidden_size']} must be a multiple of 4 (2-D sin-cos positions)")
+    if fields.get("num_classes", 1000) < 0:
+        raise ValueError(f"model.num_classes must be >= 0, got {fields['num_classes']}")
+    prob = fields.get("class_dropout_prob", 0.1)
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {prob}")
+    valid = {f.name for f in dataclasses.fields(SiT)}
+    return SiT(**{k: v for k, v in fields.items() if k in valid})
+
+
+__all__ = ["SiT", "get_model", "model_config", "block_name", "MODEL_NAMES", "SIZES"]

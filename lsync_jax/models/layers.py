@@ -1,0 +1,201 @@
+"""Building blocks shared by the diffusion backbones: embeddings, adaLN, attention, MLP.
+
+Everything here follows the official DiT/SiT PyTorch code (facebookresearch/DiT,
+willisma/SiT) so that official checkpoints map onto these parameters one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# The official code initialises every nn.Linear with xavier-uniform and a zero bias.
+xavier_uniform = nn.initializers.xavier_uniform()
+# The official patch embedding initialises the conv weight "like nn.Linear": xavier over the
+# flattened (p * p * C_in) -> hidden matrix, not over the conv receptive field.
+patch_embed_init = nn.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+)
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """MAE/DiT 1-D sin-cos embedding: (M,) positions -> (M, embed_dim) as [sin | cos]."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, embed_dim), row-major tokens.
+
+    As in the official code (MAE's `get_2d_sincos_pos_embed`), the first half of the channels
+    encodes the column index and the second half the row index; for square grids this is
+    bit-for-bit the official table, and it extends to any H x W grid.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs hidden_size % 4 == 0, got {embed_dim}")
+    rows, cols = np.meshgrid(
+        np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32), indexing="ij"
+    )
+    emb_cols = sincos_1d(embed_dim // 2, cols)
+    emb_rows = sincos_1d(embed_dim // 2, rows)
+    return np.concatenate([emb_cols, emb_rows], axis=1).astype(np.float32)
+
+
+def timestep_frequencies(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """GLIDE/DiT sinusoidal timestep features [cos | sin], (N,) -> (N, dim), in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation x * (1 + scale) + shift, with per-sample (N, D) shift and scale."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar times -> hidden vectors: 256-d sinusoid -> Linear -> SiLU -> Linear."""
+
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(0.02)
+        h = timestep_frequencies(t, self.frequency_embedding_size)
+        h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(h)
+        h = nn.silu(h)
+        return nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> hidden vectors, with one extra "null" row for classifier-free guidance.
+
+    Label `num_classes` is the null class. In training, each label is replaced by the null class
+    with probability `dropout_prob` (RNG stream 'dropout'), as the official `token_drop`.
+    """
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array, train: bool) -> jax.Array:
+        use_cfg_embedding = int(self.dropout_prob > 0)
+        table = nn.Embed(
+            self.num_classes + use_cfg_embedding,
+            self.hidden_size,
+            embedding_init=nn.initializers.normal(0.02),
+            dtype=self.dtype,
+            name="embedding_table",
+        )
+        if train and self.dropout_prob > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, labels.shape)
+            labels = jnp.where(drop, self.num_classes, labels)
+        return table(labels)
+
+
+class Attention(nn.Module):
+    """timm-style multi-head self-attention (fused qkv with bias) on jax.nn.dot_product_attention.
+
+    `implementation` is passed through: None lets XLA pick (cuDNN flash attention on recent
+    NVIDIA GPUs when shapes and dtype allow), 'xla' or 'cudnn' force one.
+    """
+
+    hidden_size: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        qkv = nn.Dense(3 * self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="qkv")(x)
+        q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = einops.rearrange(out, "b t h d -> b t (h d)")
+        return nn.Dense(self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, as timm's Mlp with DiT's approximate GELU."""
+
+    hidden_size: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=xavier_uniform, dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=True)
+        return nn.Dense(self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="fc2")(h)
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm without affine parameters, eps 1e-6 (statistics in float32)."""
+    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+
+
+def adaln_modulation(features: int, dtype: Dtype, name: str = "adaLN_modulation") -> nn.Dense:
+    """The zero-initialised Linear behind SiLU that produces shift/scale/gate (adaLN-Zero)."""
+    return nn.Dense(
+        features, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros, dtype=dtype, name=name
+    )
+
+
+class AdaLNBlock(nn.Module):
+    """DiT/SiT adaLN-Zero transformer block: x + gate * f(modulate(LN(x))) for attention and MLP."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = adaln_modulation(6 * self.hidden_size, self.dtype)(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        h = modulate(layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
+        h = Attention(self.hidden_size, self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+        x = x + gate_msa[:, None, :] * h
+        h = modulate(layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
+        h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, name="mlp")(h)
+        return x + gate_mlp[:, None, :] * h
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a zero-initialised Linear to patch * patch * out_channels."""
+
+    hidden_size: int
+    patch_size: int
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(adaln_modulation(2 * self.hidden_size, self.dtype)(nn.silu(c)), 2, axis=-1)
+        x = modulate(layer_norm("norm_final", self.dtype)(x), shift, scale)
+        return nn.Dense(
+            self.patch_size * self.patch_size * self.out_channels,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="linear",
+        )(x)

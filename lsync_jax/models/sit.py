@@ -1,0 +1,128 @@
+"""SiT / DiT: the diffusion transformer of Ma et al. (SiT) and Peebles & Xie (DiT), in flax.linen.
+
+Inputs and outputs are NHWC. After every block the residual stream is sown into the
+'intermediates' collection as `block_1` ... `block_D` (1-indexed, as the papers count), so that
+regularisers such as LayerSync can ask for exactly the layers they align:
+
+    out, state = model.apply(variables, x, t, y, train=True, mutable=['intermediates'],
+                             rngs={'dropout': key})
+    h8 = state['intermediates']['block_8'][0]        # (N, T, D)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lsync_jax.models.layers import (
+    AdaLNBlock,
+    FinalLayer,
+    LabelEmbedder,
+    TimestepEmbedder,
+    patch_embed_init,
+    sincos_2d,
+)
+
+Dtype = Any
+
+
+def block_name(index: int) -> str:
+    """Name of the sown output of block `index` (1-indexed): 'block_8' for the 8th block."""
+    return f"block_{index}"
+
+
+class SiT(nn.Module):
+    """Diffusion transformer with adaLN-Zero blocks, fixed 2-D sin-cos positions, class labels.
+
+    Attributes follow the official constructor. `input_size` is only the default spatial size
+    used by `init_inputs`; because the position embedding is fixed, the model accepts any
+    H x W that `patch_size` divides. With `learn_sigma` the final layer has 2 * in_channels
+    outputs (for official checkpoints) and, as the official forward does, only the first half
+    (the velocity) is returned. `dtype` is the compute dtype; parameters stay float32 and the
+    output is float32.
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def null_label(self) -> int:
+        """The label index of the unconditional ("null") class used for guidance."""
+        return self.num_classes
+
+    def init_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Dummy (x, t, y) of the configured shape, for `init` and `jax.eval_shape`."""
+        x = jnp.zeros((batch_size, self.input_size, self.input_size, self.in_channels), jnp.float32)
+        return x, jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+
+    def check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
+        """Raise a ValueError naming the problem for inputs this model cannot take."""
+        if x.ndim != 4:
+            raise ValueError(f"SiT expects NHWC inputs of rank 4, got shape {x.shape}")
+        n, h, w, c = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"SiT has in_channels={self.in_channels} but the input has shape {x.shape} (NHWC)")
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={self.patch_size}")
+        if t.shape != (n,):
+            raise ValueError(f"t must have shape ({n},) for a batch of {n}, got {t.shape}")
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) for a batch of {n}, got {y.shape}")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False) -> jax.Array:
+        """x: (N, H, W, C) inputs; t: (N,) times (t = 1 is data); y: (N,) labels -> (N, H, W, C)."""
+        self.check_inputs(x, t, y)
+        _, height, width, _ = x.shape
+        p = self.patch_size
+        gh, gw = height // p, width // p
+
+        x = nn.Conv(
+            self.hidden_size,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=patch_embed_init,
+            dtype=self.dtype,
+            name="x_embedder",
+        )(x.astype(self.dtype))
+        x = x.reshape(x.shape[0], gh * gw, self.hidden_size)
+        x = x + jnp.asarray(sincos_2d(self.hidden_size, gh, gw), self.dtype)[None]
+
+        c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        if self.num_classes > 0:
+            c = c + LabelEmbedder(
+                self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder"
+            )(y, train)
+
+        block_cls = nn.remat(AdaLNBlock) if self.remat else AdaLNBlock
+        for i in range(self.depth):
+            x = block_cls(
+                self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name=f"blocks_{i}"
+            )(x, c)
+            self.sow("intermediates", block_name(i + 1), x)
+
+        x = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(x, c)
+        x = einops.rearrange(x, "n (h w) (p q c) -> n (h p) (w q) c", h=gh, w=gw, p=p, q=p)
+        if self.learn_sigma:
+            x = x[..., : self.in_channels]
+        return x.astype(jnp.float32)

@@ -1,0 +1,12 @@
+"""Pure losses: the transport loss plus registered regularisers (one module per method)."""
+
+from lsync_jax.objectives import layersync  # noqa: F401  (registers 'layersync')
+from lsync_jax.objectives.layersync import LayerSync, default_pair, layersync_loss, validate_pairs
+from lsync_jax.objectives.objective import Objective, build_objective, objective_loss
+from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, register_regularizer
+
+__all__ = [
+    "Objective", "build_objective", "objective_loss",
+    "LayerSync", "layersync_loss", "default_pair", "validate_pairs",
+    "REGULARIZERS", "Regularizer", "register_regularizer",
+]

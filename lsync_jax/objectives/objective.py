@@ -1,0 +1,99 @@
+"""The training objective: transport (velocity) loss plus any registered regularisers.
+
+`build_objective(config.objective, transport, depth=...)` validates the whole objective config
+in Python (bad keys, bad layer pairs raise ValueError naming the key) before anything is traced;
+`objective_loss` is the pure function a train step differentiates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, check_keys
+from lsync_jax.transport.transport import Transport
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A transport loss and the regularisers added to it (each returns its weighted term)."""
+
+    transport: Transport
+    regularizers: tuple[Regularizer, ...] = ()
+
+    @property
+    def features_needed(self) -> tuple[str, ...]:
+        return tuple(sorted({f for r in self.regularizers for f in r.features_needed}))
+
+
+def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
+                    prefix: str = "objective") -> Objective:
+    """Objective from a config section such as
+
+        objective.regularizers = ('layersync',)
+        objective.layersync = {'pairs': 'auto', 'weight': 0.2, 'stop_gradient': True}
+
+    Every name in `regularizers` must be registered and have its own section; sections of
+    regularisers not listed are ignored (so a config can keep settings for a method it turns off).
+    """
+    cfg = dict(cfg)
+    names = tuple(cfg.get("regularizers", ()))
+    check_keys(cfg, ("regularizers",) + tuple(REGULARIZERS), prefix)
+    regs = []
+    for name in names:
+        if name not in REGULARIZERS:
+            raise ValueError(f"{prefix}.regularizers: unknown regulariser {name!r}; registered: {sorted(REGULARIZERS)}")
+        section = cfg.get(name) or {}
+        regs.append(REGULARIZERS[name](dict(section), depth=depth, prefix=f"{prefix}.{name}"))
+    if len(set(names)) != len(names):
+        raise ValueError(f"{prefix}.regularizers lists a regulariser twice: {names}")
+    return Objective(transport, tuple(regs))
+
+
+def objective_loss(
+    params: Any,
+    apply_fn: Callable[..., Any],
+    batch: Mapping[str, Array],
+    key: Array,
+    objective: Objective,
+    *,
+    train: bool = True,
+) -> tuple[Array, dict[str, Array]]:
+    """Total loss and metrics for one batch {'x': (N, H, W, C) data, 'y': (N,) labels}.
+
+    Draws t and noise, runs the model once (collecting only the sown features the regularisers
+    need), and returns (loss, metrics) with metrics 'loss', 'loss/<prediction>', one
+    'loss/<regulariser>' per regulariser (its weighted term) and each regulariser's own metrics.
+    `apply_fn(variables, x, t, y, train=..., rngs=..., mutable=...)` is a flax `Module.apply`.
+    """
+    key_transport, key_dropout = jax.random.split(key)
+    x1 = batch["x"].astype(jnp.float32)
+    transport = objective.transport
+    t, x0, xt, ut = transport.prepare(key_transport, x1)
+    variables = {"params": params}
+    rngs = {"dropout": key_dropout}
+    if objective.regularizers:
+        out, state = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, mutable=["intermediates"])
+        sown = state.get("intermediates", {})
+        missing = [f for f in objective.features_needed if f not in sown]
+        if missing:
+            raise ValueError(f"the model sows no {missing}; it sows {sorted(sown)}")
+        features = {f: sown[f][0] for f in objective.features_needed}
+    else:
+        out = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs)
+        features = {}
+    transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut))
+    metrics = {f"loss/{transport.prediction}": transport_loss}
+    total = transport_loss
+    for reg in objective.regularizers:
+        term, reg_metrics = reg(features, batch)
+        metrics[f"loss/{reg.name}"] = term
+        metrics.update(reg_metrics)
+        total = total + term
+    metrics["loss"] = total
+    return total, metrics

@@ -1,0 +1,53 @@
+"""The regulariser registry: a name in `config.objective.regularizers` -> a builder.
+
+A regulariser is a pure callable `reg(features, batch) -> (weighted_loss, metrics)` where
+`features` maps sown names ('block_8', ...) to arrays and `batch` holds the step's inputs. It
+declares the sown names it reads in `features_needed`, so the objective asks the model for exactly
+those. A new method is one module in `lsync_jax/objectives/` that registers its builder:
+
+    @register_regularizer('mymethod')
+    def build(cfg: Mapping, *, depth: int, prefix: str) -> Regularizer: ...
+
+`prefix` is the config path of `cfg` (e.g. 'objective.mymethod'), for error messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+
+Array = jax.Array
+
+
+class Regularizer(Protocol):
+    name: str
+
+    @property
+    def features_needed(self) -> tuple[str, ...]: ...
+
+    def __call__(self, features: Mapping[str, Array], batch: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]: ...
+
+
+Builder = Callable[..., Regularizer]
+REGULARIZERS: dict[str, Builder] = {}
+
+
+def register_regularizer(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering `builder(cfg, *, depth, prefix) -> Regularizer` under `name`."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in REGULARIZERS:
+            raise ValueError(f"regulariser {name!r} is registered twice")
+        REGULARIZERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+    """Raise a ValueError naming any config key under `prefix` that is not in `allowed`."""
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        names = ", ".join(f"{prefix}.{k}" for k in unknown)
+        raise ValueError(f"unknown config key(s) {names}; allowed under {prefix}: {', '.join(allowed)}")

@@ -1,0 +1,29 @@
+"""lsync-jax: training diffusion transformers faster with representation alignment."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lsync-jax",
+    version="0.1.0",
+    description="JAX/Flax LayerSync, REPA and related methods for diffusion transformers.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lsync_jax", "lsync_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.5",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "ml_collections",
+        "clu",
+        "tensorflow-datasets",
+        "einops",
+        "diffrax>=0.6",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "scipy"],
+    },
+)

@@ -23,10 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.objective = ml_collections.ConfigDict()
     config.objective.regularizers = ("layersync",)
-    # 'auto': the paper's 8 -> 16 of 28 scaled to the depth (1 -> 2 for depth 4).
-    config.objective.layersync = ml_collections.ConfigDict(
-        dict(pairs="auto", weight=0.2, stop_gradient=True)
-    )
+    # pairs=None: the paper's 8 -> 16 of 28 blocks scaled to the depth (1 -> 2 for depth 4), with
+    # weight auto_weight. Explicit pairs: --config.objective.layersync.pairs="((1, 3, 0.2),)".
+    config.objective.layersync = ml_collections.ConfigDict()
+    config.objective.layersync.pairs = ml_collections.config_dict.placeholder(tuple)
+    config.objective.layersync.auto_weight = 0.2
+    config.objective.layersync.stop_gradient = True
 
     config.sampler = ml_collections.ConfigDict(
         dict(method="euler", num_steps=32, cfg_scale=1.0, guidance_interval=(0.0, 1.0))

@@ -104,18 +104,18 @@ class LayerSync:
         return total, metrics
 
 
-CONFIG_KEYS = ("pairs", "weight", "stop_gradient")
+CONFIG_KEYS = ("pairs", "auto_weight", "stop_gradient")
 
 
 @register_regularizer("layersync")
 def build_layersync(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.layersync") -> LayerSync:
-    """From config: `pairs` is a list of (weak, strong, weight) or 'auto' (the paper's pair scaled
-    to `depth` by `default_pair`, with `weight`, default 0.2); `stop_gradient` defaults to True."""
+    """From config: `pairs` is a list of (weak, strong, weight), or None for the paper's pair scaled
+    to `depth` (`default_pair`) with weight `auto_weight` (default 0.2); `stop_gradient` defaults
+    to True."""
     check_keys(cfg, CONFIG_KEYS, prefix)
-    pairs = cfg.get("pairs", "auto")
-    if pairs == "auto":
+    pairs = cfg.get("pairs")
+    if pairs is None:
         weak, strong = default_pair(depth)
-        pairs = ((weak, strong, cfg.get("weight", PAPER_WEIGHT)),)
-    elif "weight" in cfg and cfg["weight"] is not None:
-        raise ValueError(f"{prefix}.weight applies only with {prefix}.pairs='auto'; give a weight per pair instead")
+        weight = cfg.get("auto_weight")
+        pairs = ((weak, strong, PAPER_WEIGHT if weight is None else weight),)
     return LayerSync(validate_pairs(pairs, depth, f"{prefix}.pairs"), bool(cfg.get("stop_gradient", True)))

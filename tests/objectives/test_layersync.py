@@ -1,0 +1,115 @@
+"""LayerSync: value, gradient flow (stop-gradient), every pair counted, bad pairs rejected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsync_jax.models import get_model
+from lsync_jax.objectives import LayerSync, build_objective, default_pair, layersync_loss, validate_pairs
+from lsync_jax.transport import create_transport
+
+
+def test_value_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    weak, strong = rng.standard_normal((2, 3, 5, 16)).astype(np.float32)
+    cos = np.sum(weak * strong, -1) / (np.linalg.norm(weak, axis=-1) * np.linalg.norm(strong, axis=-1))
+    np.testing.assert_allclose(layersync_loss(weak, strong), -cos.mean(), rtol=1e-5)
+    np.testing.assert_allclose(layersync_loss(weak, weak), -1.0, rtol=1e-6)
+    np.testing.assert_allclose(layersync_loss(weak, -weak), 1.0, rtol=1e-6)
+    # bfloat16 features are compared in float32
+    assert layersync_loss(weak.astype(jnp.bfloat16), strong.astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+DEPTH = 4
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = get_model("SiT-S/4", depth=DEPTH, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
+                      num_classes=3, learn_sigma=False)
+    params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
+    rng = np.random.default_rng(1)  # non-zero weights everywhere (adaLN-Zero makes blocks identities)
+    params = jax.tree.map(lambda l: np.asarray(l) + 0.1 * rng.standard_normal(l.shape).astype(np.float32), params)
+    x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+    t, y = jnp.linspace(0.1, 0.9, 4), jnp.array([0, 1, 2, 0])
+    return model, params, (x, t, y)
+
+
+def regulariser_grads(net, reg):
+    model, params, (x, t, y) = net
+
+    def term(p):
+        _, state = model.apply({"params": p}, x, t, y, mutable=["intermediates"])
+        features = {k: v[0] for k, v in state["intermediates"].items()}
+        return reg(features, {})[0]
+
+    return jax.jit(jax.grad(term))(params)
+
+
+def grad_norm(tree):
+    return float(sum(jnp.sum(jnp.abs(l)) for l in jax.tree.leaves(tree)))
+
+
+def test_gradient_reaches_the_weak_side_and_stops_at_the_strong_side(net):
+    grads = regulariser_grads(net, LayerSync(((2, 4, 1.0),), stop_gradient=True))
+    assert grad_norm(grads["blocks_0"]) > 0 and grad_norm(grads["blocks_1"]) > 0  # blocks 1, 2 feed h_2
+    assert grad_norm(grads["blocks_2"]) == 0 and grad_norm(grads["blocks_3"]) == 0  # blocks 3, 4 feed only h_4
+    assert grad_norm(grads["final_layer"]) == 0
+
+
+def test_without_stop_gradient_the_strong_side_is_pulled_too(net):
+    grads = regulariser_grads(net, LayerSync(((2, 4, 1.0),), stop_gradient=False))
+    assert grad_norm(grads["blocks_2"]) > 0 and grad_norm(grads["blocks_3"]) > 0
+
+
+def test_every_pair_contributes_with_its_weight(net):
+    model, params, (x, t, y) = net
+    _, state = jax.jit(lambda p: model.apply({"params": p}, x, t, y, mutable=["intermediates"]))(params)
+    f = {k: v[0] for k, v in state["intermediates"].items()}
+    reg = LayerSync(((1, 3, 0.5), (2, 4, 0.25)))
+    total, metrics = reg(f, {})
+    r13, r24 = layersync_loss(f["block_1"], f["block_3"]), layersync_loss(f["block_2"], f["block_4"])
+    np.testing.assert_allclose(total, 0.5 * r13 + 0.25 * r24, rtol=1e-6)
+    np.testing.assert_allclose(metrics["layersync/block1_block3"], r13)
+    np.testing.assert_allclose(metrics["layersync/block2_block4"], r24)
+    assert reg.features_needed == ("block_1", "block_2", "block_3", "block_4")
+    # the first pair is not dropped (the official multi-pair mode keeps only the last one)
+    grads = regulariser_grads(net, reg)
+    only_last = regulariser_grads(net, LayerSync(((2, 4, 0.25),)))
+    assert grad_norm(jax.tree.map(jnp.subtract, grads["blocks_0"], only_last["blocks_0"])) > 0
+
+
+@pytest.mark.parametrize(
+    "pairs,match",
+    [
+        (((0, 2, 0.2),), r"pairs\[0\]: weak block 0 is outside 1..4"),
+        (((1, 5, 0.2),), r"pairs\[0\]: strong block 5 is outside 1..4"),
+        (((2, 2, 0.2),), r"pairs\[0\]: weak block 2 must come before strong block 2"),
+        (((1, 2, 0.2), (3, 1, 0.2)), r"pairs\[1\]: weak block 3 must come before strong block 1"),
+        (((1, 2.5, 0.2),), r"pairs\[0\]: strong block 2.5 is not an integer"),
+        (((1, 2, -0.1),), r"pairs\[0\]: weight must be positive"),
+        (((1, 2),), r"pairs\[0\] must be \(weak_block, strong_block, weight\)"),
+        ((), r"must be a non-empty list"),
+        (((1, 2, 0.1), (1, 2, 0.3)), "same \\(weak, strong\\) pair twice"),
+    ],
+)
+def test_bad_pairs_raise_naming_the_config_key(pairs, match):
+    with pytest.raises(ValueError, match="objective.layersync.pairs"):
+        validate_pairs(pairs, DEPTH, "objective.layersync.pairs")
+    with pytest.raises(ValueError, match=match):
+        build_objective({"regularizers": ("layersync",), "layersync": {"pairs": pairs}},
+                        create_transport(), depth=DEPTH)
+
+
+def test_default_pair_scales_the_papers_choice():
+    assert default_pair(28) == (8, 16)  # SiT-XL/2, the paper
+    assert default_pair(24) == (7, 14)
+    assert default_pair(12) == (3, 7)
+    assert default_pair(4) == (1, 2)
+    assert default_pair(2) == (1, 2)
+    for depth in range(2, 40):
+        weak, strong = default_pair(depth)
+        assert 1 <= weak < strong <= depth
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        default_pair(1)

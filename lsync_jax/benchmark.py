@@ -1,0 +1,193 @@
+"""Speed and memory of the core on the present devices: train step (with and without LayerSync),
+attention implementations, and sampling. Prints a table and returns rows for JSON.
+
+Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
+result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
+usual MFU accounting, so rows compare across devices and frameworks; mem_gib is the
+compiled train step's device memory (arguments + outputs + temporaries - donated buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lsync_jax.models import get_model
+from lsync_jax.objectives import LayerSync, Objective, default_pair, objective_loss
+from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    models: Sequence[str] = ("SiT-B/2",)
+    batch_size: int = 32
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    dtype: str = "bfloat16"
+    steps: int = 10
+    sample_steps: int = 50
+    sample_batch: int = 64
+    attention: Sequence[str] = ("default",)
+    variants: Sequence[str] = ("baseline", "layersync")
+    sample_cfg: Sequence[float] = (1.0, 1.5)
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+
+
+def forward_flops(model, height: int, width: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one SiT forward pass on one H x W input.
+
+    DiT/SiT papers quote half of this ("118.6 GFLOPs" for XL/2 count multiply-adds). Elementwise
+    work (norms, activations, softmax) is left out, as in MFU accounting.
+    """
+    d, p, depth = model.hidden_size, model.patch_size, model.depth
+    tokens = (height // p) * (width // p)
+    mlp = int(d * model.mlp_ratio)
+    per_token = depth * 2 * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1, fc2
+    per_token += depth * 2 * 2 * tokens * d  # q k^T and attn v
+    per_token += 2 * p * p * model.in_channels * d + 2 * d * p * p * model.out_channels  # patchify, final
+    per_sample = depth * 2 * d * 6 * d + 2 * d * 2 * d + 2 * (256 * d + d * d)  # adaLN, t-embedder
+    return float(tokens * per_token + per_sample)
+
+
+def _program_memory_gib(compiled) -> float | None:
+    """Device memory one compiled program needs: arguments + outputs + temporaries - donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        return total / 2**30
+    except Exception:  # best effort: not every backend reports it
+        return None
+
+
+def time_compiled(fn: Callable, args: tuple, steps: int, carry: bool = False) -> tuple[float, Any, float]:
+    """(median seconds per call, compiled program, compile seconds) of jitted `fn` on `args`.
+
+    With `carry`, the first output replaces the first argument each call (a donated train state).
+    """
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if carry:
+        args = (out[0],) + tuple(args[1:])
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+        if carry:
+            args = (out[0],) + tuple(args[1:])
+    return float(np.median(times)), compiled, compile_s
+
+
+def _row(**kw) -> dict[str, Any]:
+    return kw
+
+
+def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: str) -> dict[str, Any]:
+    """Loss + gradient + AdamW update of one model, jitted with the state donated."""
+    impl = None if attention == "default" else attention
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), attention_impl=impl, **cfg.model_overrides)
+    transport = create_transport()
+    regs = (LayerSync((default_pair(model.depth) + (0.2,),)),) if layersync else ()
+    objective = Objective(transport, regs)
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+    params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
+    state = (params, tx.init(params))
+    batch = {
+        "x": jax.random.normal(jax.random.key(1), (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)),
+        "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes),
+    }
+
+    def step(state, batch, key):
+        params, opt_state = state
+        grads, metrics = jax.grad(lambda p: objective_loss(p, model.apply, batch, key, objective), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics["loss"]
+
+    fn = jax.jit(step, donate_argnums=0)
+    seconds, compiled, compile_s = time_compiled(fn, (state, batch, jax.random.key(3)), cfg.steps, carry=True)
+    n_params = sum(l.size for l in jax.tree.leaves(params))
+    return _row(
+        bench="train_step", model=name, variant="layersync" if layersync else "baseline", attention=attention,
+        dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
+        img_per_s=round(cfg.batch_size / seconds, 1),
+        tflops=round(3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds / 1e12, 1),
+        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)),
+    )
+
+
+def _round(x, n=2):
+    return None if x is None else round(x, n)
+
+
+def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) -> dict[str, Any]:
+    """Sampling throughput of a jitted sampler (random weights: speed does not depend on them)."""
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), **cfg.model_overrides)
+    variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))
+    sampler = SamplerConfig(method=method, num_steps=cfg.sample_steps)
+    sample_fn = make_sample_fn(model, create_transport(), sampler)
+    labels = jnp.arange(cfg.sample_batch) % cfg.num_classes
+    key = jax.random.key(0)
+    out = sample_fn(variables, key, labels, cfg_scale)  # compile + warm up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(max(1, cfg.steps // 5)):
+        start = time.perf_counter()
+        jax.block_until_ready(sample_fn(variables, key, labels, cfg_scale))
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return _row(
+        bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}", attention="default",
+        dtype=cfg.dtype, batch=cfg.sample_batch, params_m=None, ms=round(seconds * 1e3, 1),
+        img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, compile_s=None, mem_gib=None,
+    )
+
+
+COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
+           "compile_s", "mem_gib")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    cells = [COLUMNS] + [tuple("-" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every benchmark in `cfg`; print the table as rows arrive; return {'device', 'rows'}."""
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}"
+    print_fn(f"device: {device}")
+    rows = []
+    for name in cfg.models:
+        for attention in cfg.attention:
+            for variant in cfg.variants:
+                if variant not in ("baseline", "layersync"):
+                    raise ValueError(f"unknown benchmark variant {variant!r}; expected baseline or layersync")
+                rows.append(bench_train_step(name, cfg, variant == "layersync", attention))
+                print_fn(format_table(rows[-1:]))
+        if cfg.sample_steps > 0:
+            for scale in cfg.sample_cfg:
+                rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
+                print_fn(format_table(rows[-1:]))
+    print_fn("\n" + format_table(rows))
+    return {"device": device, "config": dataclasses.asdict(cfg), "rows": rows}
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)

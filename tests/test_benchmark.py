@@ -1,0 +1,38 @@
+"""The benchmark harness: FLOP accounting against the published numbers, table and JSON output."""
+
+import json
+
+import pytest
+
+from lsync_jax.benchmark import BenchConfig, format_table, forward_flops, run, write_json
+from lsync_jax.models import get_model
+
+
+@pytest.mark.parametrize("name,gflops", [("SiT-XL/2", 118.64), ("SiT-L/2", 80.71), ("SiT-B/2", 23.01),
+                                         ("SiT-S/2", 6.06)])
+def test_forward_flops_match_the_published_multiply_adds(name, gflops):
+    # The papers' "GFLOPs" count multiply-adds of a 256x256 image (32x32x4 latent).
+    assert forward_flops(get_model(name), 32, 32) / 2e9 == pytest.approx(gflops, rel=2e-3)
+
+
+def test_run_prints_a_table_and_writes_json(tmp_path):
+    cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=2,
+                      sample_batch=2, sample_cfg=(1.0,), model_overrides={"depth": 2})
+    lines = []
+    result = run(cfg, print_fn=lines.append)
+    rows = result["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [
+        ("train_step", "baseline"), ("train_step", "layersync"), ("sample", "euler_maruyama x2 cfg=1.0")]
+    assert all(r["ms"] > 0 and r["img_per_s"] > 0 for r in rows)
+    assert "img_per_s" in lines[-1] and lines[0].startswith("device: ")
+    path = tmp_path / "bench.json"
+    write_json(result, str(path))
+    assert json.loads(path.read_text())["rows"][0]["model"] == "SiT-S/8"
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        run(BenchConfig(models=("SiT-S/8",), variants=("repa",), sample_steps=0), print_fn=lambda s: None)
+
+
+def test_format_table_aligns_missing_values():
+    table = format_table([{"bench": "x", "ms": 1.5}])
+    header, rule, row = table.splitlines()
+    assert len(header) == len(rule) and "-" in row

@@ -17,7 +17,7 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (
 flags.DEFINE_integer("steps", 10, "Timed train steps per row (after one warm-up).")
 flags.DEFINE_integer("sample_steps", 50, "Sampler steps per row; 0 skips the sampler rows.")
 flags.DEFINE_integer("sample_batch", 64, "Sampler batch size.")
-flags.DEFINE_list("attention", ["default"], "Attention implementations: default (XLA's choice), xla, cudnn.")
+flags.DEFINE_list("attention", ["auto"], "Attention implementations: auto (cuDNN where supported), xla, cudnn.")
 flags.DEFINE_list("variants", ["baseline", "layersync"], "Train-step variants: baseline, layersync.")
 flags.DEFINE_list("sample_cfg", ["1.0", "1.5"], "Guidance scales of the sampler rows.")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from lsync_jax.models import get_model
+from lsync_jax.models.layers import resolve_attention_impl
 from lsync_jax.objectives import LayerSync, Objective, default_pair, objective_loss
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 
@@ -35,7 +36,7 @@ class BenchConfig:
     steps: int = 10
     sample_steps: int = 50
     sample_batch: int = 64
-    attention: Sequence[str] = ("default",)
+    attention: Sequence[str] = ("auto",)
     variants: Sequence[str] = ("baseline", "layersync")
     sample_cfg: Sequence[float] = (1.0, 1.5)
     model_overrides: dict = dataclasses.field(default_factory=dict)
@@ -90,15 +91,20 @@ def time_compiled(fn: Callable, args: tuple, steps: int, carry: bool = False) ->
     return float(np.median(times)), compiled, compile_s
 
 
-def _row(**kw) -> dict[str, Any]:
-    return kw
+def _round(x, n=2):
+    return None if x is None else round(x, n)
+
+
+def _attention_label(model) -> str:
+    resolved = resolve_attention_impl(model.attention_impl, jax.default_backend(), model.dtype,
+                                      model.hidden_size // model.num_heads)
+    return model.attention_impl if resolved == model.attention_impl else f"{model.attention_impl}->{resolved}"
 
 
 def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: str) -> dict[str, Any]:
     """Loss + gradient + AdamW update of one model, jitted with the state donated."""
-    impl = None if attention == "default" else attention
     model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                      dtype=jnp.dtype(cfg.dtype), attention_impl=impl, **cfg.model_overrides)
+                      dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **cfg.model_overrides)
     transport = create_transport()
     regs = (LayerSync((default_pair(model.depth) + (0.2,),)),) if layersync else ()
     objective = Objective(transport, regs)
@@ -119,17 +125,14 @@ def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: st
     fn = jax.jit(step, donate_argnums=0)
     seconds, compiled, compile_s = time_compiled(fn, (state, batch, jax.random.key(3)), cfg.steps, carry=True)
     n_params = sum(l.size for l in jax.tree.leaves(params))
-    return _row(
-        bench="train_step", model=name, variant="layersync" if layersync else "baseline", attention=attention,
+    return dict(
+        bench="train_step", model=name, variant="layersync" if layersync else "baseline",
+        attention=_attention_label(model),
         dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
         img_per_s=round(cfg.batch_size / seconds, 1),
         tflops=round(3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds / 1e12, 1),
         compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)),
     )
-
-
-def _round(x, n=2):
-    return None if x is None else round(x, n)
 
 
 def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) -> dict[str, Any]:
@@ -149,8 +152,9 @@ def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) ->
         jax.block_until_ready(sample_fn(variables, key, labels, cfg_scale))
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
-    return _row(
-        bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}", attention="default",
+    return dict(
+        bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}",
+        attention=_attention_label(model),
         dtype=cfg.dtype, batch=cfg.sample_batch, params_m=None, ms=round(seconds * 1e3, 1),
         img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, compile_s=None, mem_gib=None,
     )

@@ -6,9 +6,9 @@ overrides named as the official code names them.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from lsync_jax.models.layers import ATTENTION_IMPLS
 from lsync_jax.models.sit import SiT, block_name
 
 # depth / hidden_size / num_heads of the official sizes.
@@ -70,8 +70,9 @@ def get_model(name: str, **overrides: Any) -> SiT:
     prob = fields.get("class_dropout_prob", 0.1)
     if not 0.0 <= prob < 1.0:
         raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {prob}")
-    valid = {f.name for f in dataclasses.fields(SiT)}
-    return SiT(**{k: v for k, v in fields.items() if k in valid})
+    if fields.get("attention_impl", "auto") not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={fields['attention_impl']!r}; expected one of {ATTENTION_IMPLS}")
+    return SiT(**fields)
 
 
 __all__ = ["SiT", "get_model", "model_config", "block_name", "MODEL_NAMES", "SIZES"]

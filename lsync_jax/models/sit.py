@@ -43,7 +43,8 @@ class SiT(nn.Module):
     H x W that `patch_size` divides. With `learn_sigma` the final layer has 2 * in_channels
     outputs (for official checkpoints) and, as the official forward does, only the first half
     (the velocity) is returned. `dtype` is the compute dtype; parameters stay float32 and the
-    output is float32.
+    output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16),
+    'xla' or 'cudnn'.
     """
 
     input_size: int = 32
@@ -57,7 +58,7 @@ class SiT(nn.Module):
     num_classes: int = 1000
     learn_sigma: bool = True
     dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     remat: bool = False
 
     @property

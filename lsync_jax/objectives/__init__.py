@@ -1,6 +1,6 @@
 """Pure losses: the transport loss plus registered regularisers (one module per method)."""
 
-from lsync_jax.objectives import layersync  # noqa: F401  (registers 'layersync')
+# Importing a regulariser's module registers it.
 from lsync_jax.objectives.layersync import LayerSync, default_pair, layersync_loss, validate_pairs
 from lsync_jax.objectives.objective import Objective, build_objective, objective_loss
 from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, register_regularizer

@@ -9,6 +9,7 @@ pair contributes weight * reg to the loss.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -65,7 +66,7 @@ def validate_pairs(pairs: Sequence[Sequence[Any]], depth: int, key: str) -> tupl
             raise ValueError(f"{where} must be (weak_block, strong_block, weight), got {pair!r}")
         weak, strong, weight = pair
         for name, value in (("weak", weak), ("strong", strong)):
-            if isinstance(value, bool) or int(value) != value:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
                 raise ValueError(f"{where}: {name} block {value!r} is not an integer")
             if not 1 <= int(value) <= depth:
                 raise ValueError(f"{where}: {name} block {value} is outside 1..{depth} (blocks are 1-indexed)")
@@ -74,8 +75,8 @@ def validate_pairs(pairs: Sequence[Sequence[Any]], depth: int, key: str) -> tupl
                 f"{where}: weak block {weak} must come before strong block {strong} "
                 "(the strong, deeper block guides the weak one; a block aligned to itself is a no-op)"
             )
-        if not float(weight) > 0:
-            raise ValueError(f"{where}: weight must be positive, got {weight}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight > 0:
+            raise ValueError(f"{where}: weight must be a positive number, got {weight!r}")
         out.append((int(weak), int(strong), float(weight)))
     if len({(w, s) for w, s, _ in out}) != len(out):
         raise ValueError(f"{key} lists the same (weak, strong) pair twice: {pairs!r}")

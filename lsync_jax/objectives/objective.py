@@ -36,7 +36,7 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
     """Objective from a config section such as
 
         objective.regularizers = ('layersync',)
-        objective.layersync = {'pairs': 'auto', 'weight': 0.2, 'stop_gradient': True}
+        objective.layersync = {'pairs': ((8, 16, 0.2),), 'stop_gradient': True}
 
     Every name in `regularizers` must be registered and have its own section; sections of
     regularisers not listed are ignored (so a config can keep settings for a method it turns off).
@@ -66,8 +66,8 @@ def objective_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """Total loss and metrics for one batch {'x': (N, H, W, C) data, 'y': (N,) labels}.
 
-    Draws t and noise, runs the model once (collecting only the sown features the regularisers
-    need), and returns (loss, metrics) with metrics 'loss', 'loss/<prediction>', one
+    Draws t and noise, runs the model once (all blocks are sown; the regularisers read the ones
+    they need and XLA drops the rest), and returns (loss, metrics) with metrics 'loss', 'loss/<prediction>', one
     'loss/<regulariser>' per regulariser (its weighted term) and each regulariser's own metrics.
     `apply_fn(variables, x, t, y, train=..., rngs=..., mutable=...)` is a flax `Module.apply`.
     """

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lsync_jax.transport.paths import DIFFUSION_FORMS, expand_like
 from lsync_jax.transport.transport import Transport
@@ -37,20 +38,28 @@ LAST_STEPS = ("mean", "euler", "tweedie", None)
 
 # -- classifier-free guidance ---------------------------------------------------------------------------
 
-def cfg_combine(cond: Array, uncond: Array, scale) -> Array:
-    """uncond + scale * (cond - uncond) on every channel; scale 1 is the conditional output."""
-    return uncond + scale * (cond - uncond)
+def cfg_combine(cond: Array, uncond: Array, scale, channels: int | None = None) -> Array:
+    """uncond + scale * (cond - uncond); scale 1 is the conditional output.
+
+    On every channel by default; `channels=k` guides only the first k channels (last axis) and
+    keeps the rest conditional, as official SiT/LayerSync sampling does with k = 3.
+    """
+    guided = uncond + scale * (cond - uncond)
+    if channels is None:
+        return guided
+    return jnp.concatenate([guided[..., :channels], cond[..., channels:]], axis=-1)
 
 
 def guided_field(apply_fn: Callable[[Array, Array, Array], Array], labels: Array, *, null_label: int,
-                 cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -> ModelField:
+                 cfg_scale=1.0, guidance_interval=(0.0, 1.0), channels: int | None = None) -> ModelField:
     """Model field with classifier-free guidance on all channels inside a guidance interval.
 
     apply_fn(x, t, y) is the network on a batch ((N,) times, (N,) labels). Inside
     `low <= t <= high` (lsync-jax time) and with a scale other than 1, the conditional and null-label
     passes run as one doubled batch and combine as `cfg_combine`; elsewhere only the conditional
     pass runs (a real branch, not a masked one, so unguided steps cost one pass). `cfg_scale`
-    and the interval may be traced values: a sweep over them does not recompile.
+    and the interval may be traced values: a sweep over them does not recompile. `channels`: see
+    `cfg_combine`.
     """
     low, high = guidance_interval
     null = jnp.full_like(labels, null_label)
@@ -62,7 +71,7 @@ def guided_field(apply_fn: Callable[[Array, Array, Array], Array], labels: Array
         both = apply_fn(jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t, jnp.float32),
                         jnp.concatenate([labels, null]))
         cond, uncond = jnp.split(both, 2)
-        return cfg_combine(cond, uncond, cfg_scale)
+        return cfg_combine(cond, uncond, cfg_scale, channels)
 
     if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:
         return plain
@@ -186,7 +195,7 @@ class SamplerConfig:
     """How to sample. `method`: 'euler' | 'heun' | 'dopri5' | 'tsit5' | 'dopri8' | 'bosh3' | 'euler_maruyama'.
 
     Defaults are the paper protocol (REPA/SiT): Euler-Maruyama, 250 steps, 'sigma' diffusion,
-    a final mean step of 0.04.
+    a final mean step of 0.04, guidance on all channels.
     """
 
     method: str = "euler_maruyama"
@@ -198,6 +207,7 @@ class SamplerConfig:
     diffusion_norm: float = 1.0
     last_step: str | None = "mean"
     last_step_size: float = 0.04
+    guidance_channels: int | None = None  # None: guide all channels; 3: official SiT/LayerSync
 
     def __post_init__(self):
         methods = FIXED_ODE_METHODS + ADAPTIVE_ODE_METHODS + SDE_METHODS
@@ -209,6 +219,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.diffusion_form={self.diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
         if self.last_step not in LAST_STEPS:
             raise ValueError(f"sampler.last_step={self.last_step!r}; expected one of {LAST_STEPS}")
+        if self.guidance_channels is not None and self.guidance_channels < 1:
+            raise ValueError(f"sampler.guidance_channels must be None or >= 1, got {self.guidance_channels}")
 
 
 def sample(field: ModelField, transport: Transport, noise: Array, key: Array, config: SamplerConfig) -> Array:
@@ -243,7 +255,7 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
             return model.apply(variables, x, t, y, train=False)
 
         field = guided_field(apply_fn, labels, null_label=model.null_label, cfg_scale=cfg_scale,
-                             guidance_interval=guidance_interval)
+                             guidance_interval=guidance_interval, channels=config.guidance_channels)
         return sample(field, transport, noise, key_sde, config)
 
     def checked(variables, key, labels, cfg_scale=1.0, guidance_interval=(0.0, 1.0)):
@@ -253,6 +265,10 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
         low, high = guidance_interval
         if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= max(model.num_classes, 1))):
+            # an out-of-range label would read past the embedding table (NaN under jit), not fail
+            raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {labels}")
         return fn(variables, key, jnp.asarray(labels, jnp.int32), cfg_scale, guidance_interval)
 
     return checked

@@ -33,8 +33,8 @@ class Transport:
 
     `time_schedule='logit_normal'` draws t = sigmoid(n), n ~ N(logit_normal_mean, logit_normal_std)
     in lsync-jax time, so a positive mean favours times near the data.
-    `train_eps` / `sample_eps` default as in SiT: 0 for a velocity model on the Linear or GVP path,
-    1e-3 otherwise (1e-5 for training on VP).
+    `train_eps` / `sample_eps` = None take SiT's defaults (`default_eps`): 0 for a velocity model on
+    the Linear or GVP path, 1e-3 otherwise (1e-5 for training on VP).
     """
 
     path: Path = LinearPath()
@@ -55,19 +55,26 @@ class Transport:
             raise ValueError(f"transport.time_schedule={self.time_schedule!r}; expected one of {TIME_SCHEDULES}")
         if self.logit_normal_std <= 0:
             raise ValueError(f"transport.logit_normal_std must be positive, got {self.logit_normal_std}")
-        if isinstance(self.path, VPPath):
-            train, sample = 1e-5, 1e-3
-        elif self.prediction != "velocity":
-            train, sample = 1e-3, 1e-3
-        else:
-            train, sample = 0.0, 0.0
-        if self.train_eps is None:
-            object.__setattr__(self, "train_eps", train)
-        if self.sample_eps is None:
-            object.__setattr__(self, "sample_eps", sample)
         for key in ("train_eps", "sample_eps"):
-            if not 0.0 <= getattr(self, key) < 0.5:
-                raise ValueError(f"transport.{key} must be in [0, 0.5), got {getattr(self, key)}")
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 0.5:
+                raise ValueError(f"transport.{key} must be in [0, 0.5), got {value}")
+
+    def default_eps(self) -> tuple[float, float]:
+        """SiT's (train_eps, sample_eps) for this path and prediction, used where the field is None."""
+        if isinstance(self.path, VPPath):
+            return 1e-5, 1e-3
+        if self.prediction != "velocity":
+            return 1e-3, 1e-3
+        return 0.0, 0.0
+
+    @property
+    def resolved_train_eps(self) -> float:
+        return self.default_eps()[0] if self.train_eps is None else self.train_eps
+
+    @property
+    def resolved_sample_eps(self) -> float:
+        return self.default_eps()[1] if self.sample_eps is None else self.sample_eps
 
     # -- time intervals -----------------------------------------------------------------------------
     def interval(self, *, eps: float, sde: bool = False, diffusion_form: str = "sigma",
@@ -83,14 +90,23 @@ class Transport:
         return t0, t1
 
     def train_interval(self) -> tuple[float, float]:
-        return self.interval(eps=self.train_eps)
+        return self.interval(eps=self.resolved_train_eps)
 
     def sample_interval(self, *, sde: bool = False, diffusion_form: str = "sigma",
                         last_step_size: float = 0.0) -> tuple[float, float]:
+        """[t0, t1] for a sampler; raises where the SDE would start on a singularity or run backwards."""
         if diffusion_form not in DIFFUSION_FORMS:
             raise ValueError(f"unknown diffusion form {diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
-        return self.interval(eps=self.sample_eps, sde=sde, diffusion_form=diffusion_form,
-                             last_step_size=last_step_size)
+        t0, t1 = self.interval(eps=self.resolved_sample_eps, sde=sde, diffusion_form=diffusion_form,
+                               last_step_size=last_step_size)
+        if sde and diffusion_form == "SBDM" and t0 == 0.0 and not isinstance(self.path, VPPath):
+            # d alpha / alpha = 1 / t (linear) is infinite at t = 0; SiT has the same trap for velocity
+            # models, whose sample_eps defaults to 0.
+            raise ValueError("diffusion_form='SBDM' is singular at t = 0 on this path: "
+                             "set transport.sample_eps > 0 (e.g. 1e-3)")
+        if not t0 < t1:
+            raise ValueError(f"empty sampling interval [{t0}, {t1}]: check transport.sample_eps and last_step_size")
+        return t0, t1
 
     # -- training -----------------------------------------------------------------------------------
     def sample_time(self, key: jax.Array, batch_size: int) -> Array:

@@ -8,6 +8,7 @@ import pytest
 from lsync_jax.models import get_model
 from lsync_jax.objectives import LayerSync, build_objective, default_pair, layersync_loss, validate_pairs
 from lsync_jax.transport import create_transport
+from tests.helpers import perturbed
 
 
 def test_value_matches_a_direct_computation():
@@ -29,8 +30,7 @@ def net():
     model = get_model("SiT-S/4", depth=DEPTH, hidden_size=32, num_heads=2, input_size=8, in_channels=1,
                       num_classes=3, learn_sigma=False)
     params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
-    rng = np.random.default_rng(1)  # non-zero weights everywhere (adaLN-Zero makes blocks identities)
-    params = jax.tree.map(lambda l: np.asarray(l) + 0.1 * rng.standard_normal(l.shape).astype(np.float32), params)
+    params = perturbed(params, 1, 0.1)
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
     t, y = jnp.linspace(0.1, 0.9, 4), jnp.array([0, 1, 2, 0])
     return model, params, (x, t, y)
@@ -88,7 +88,9 @@ def test_every_pair_contributes_with_its_weight(net):
         (((2, 2, 0.2),), r"pairs\[0\]: weak block 2 must come before strong block 2"),
         (((1, 2, 0.2), (3, 1, 0.2)), r"pairs\[1\]: weak block 3 must come before strong block 1"),
         (((1, 2.5, 0.2),), r"pairs\[0\]: strong block 2.5 is not an integer"),
-        (((1, 2, -0.1),), r"pairs\[0\]: weight must be positive"),
+        (((1, 2, -0.1),), r"pairs\[0\]: weight must be a positive number"),
+        (((1, 2, None),), r"pairs\[0\]: weight must be a positive number, got None"),
+        ((("a", 2, 0.2),), r"pairs\[0\]: weak block 'a' is not an integer"),
         (((1, 2),), r"pairs\[0\] must be \(weak_block, strong_block, weight\)"),
         ((), r"must be a non-empty list"),
         (((1, 2, 0.1), (1, 2, 0.3)), "same \\(weak, strong\\) pair twice"),

@@ -10,6 +10,7 @@ from lsync_jax.models import get_model
 from lsync_jax.objectives import REGULARIZERS, Objective, build_objective, objective_loss
 from lsync_jax.objectives.layersync import LayerSync, layersync_loss
 from lsync_jax.transport import create_transport
+from tests.helpers import perturbed
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,7 @@ def setup():
     model = get_model(config.model.name, **config.model.overrides)
     transport = create_transport(**config.transport)
     params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda l: np.asarray(l) + 0.05 * rng.standard_normal(l.shape).astype(np.float32), params)
+    params = perturbed(params, 0)
     batch = {"x": jax.random.normal(jax.random.key(1), (8, 28, 28, 1)), "y": jnp.arange(8) % 10}
     return config, model, transport, params, batch
 

@@ -1,5 +1,7 @@
 """Interpolants, targets, conversions between predictions, time sampling, loss."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,11 +102,13 @@ def test_sit_epsilon_rules():
     assert create_transport().train_interval() == (0.0, 1.0)
     assert create_transport("linear", "noise").train_interval() == (1e-3, 1 - 1e-3)
     assert create_transport("vp").train_interval() == (0.0, 1 - 1e-5)
-    # SDE with a last step: integrate to 1 - last_step_size; SBDM avoids t = 0.
+    # SDE with a last step: integrate to 1 - last_step_size; SBDM starts at sample_eps.
     assert create_transport().sample_interval(sde=True, last_step_size=0.04) == (0.0, 0.96)
-    assert create_transport().sample_interval(sde=True, diffusion_form="SBDM", last_step_size=0.04) == (0.0, 0.96)
     assert create_transport(sample_eps=0.01).sample_interval(sde=True, diffusion_form="SBDM",
                                                              last_step_size=0.04) == (0.01, 0.96)
+    # defaults are resolved per path and prediction, also after dataclasses.replace
+    vp = dataclasses.replace(create_transport(), path=VPPath())
+    assert vp.train_interval() == (0.0, 1 - 1e-5) and vp.sample_interval() == (0.0, 1 - 1e-3)
 
 
 def test_bad_transport_settings_raise():

@@ -21,6 +21,7 @@ from lsync_jax.transport import (
     make_sample_fn,
     ode_sample,
 )
+from tests.helpers import perturbed
 from tests.transport import gaussian
 
 X0 = jax.random.normal(jax.random.key(0), (8192, 2))
@@ -81,17 +82,47 @@ def test_euler_maruyama_is_deterministic_for_a_key():
     assert not np.allclose(run(jax.random.key(3)), run(jax.random.key(4)))
 
 
-def test_last_step_variants_and_bad_settings():
+def test_last_steps_match_their_formulas():
+    """Each last step, applied to the same pre-final state (same key), is the formula it names."""
     tr = create_transport()
-    f = gaussian.field(tr)
-    key = jax.random.key(0)
-    for last in ("mean", "euler", "tweedie", None):
-        x = euler_maruyama_sample(f, tr, X0[:256], key, num_steps=50, last_step=last)
-        assert bool(jnp.all(jnp.isfinite(x)))
+    f, key, x0 = gaussian.field(tr), jax.random.key(0), X0[:256]
+    run = lambda last: euler_maruyama_sample(f, tr, x0, key, num_steps=20, last_step=last, last_step_size=0.04)
+    # Without a last step SiT integrates to 1 - sample_eps; with sample_eps = 0.04 that is the same
+    # grid, linspace(0, 0.96, 20), and the same noise: the state the last steps start from.
+    before = euler_maruyama_sample(f, create_transport(sample_eps=0.04), x0, key, num_steps=20, last_step=None)
+    t1, h = jnp.float32(0.96), 0.04
+    v, s = gaussian.velocity(tr.path, before, t1), gaussian.score(tr.path, before, t1)
+    w = 1 - t1  # the 'sigma' diffusion form on the linear path
+    np.testing.assert_allclose(run("mean"), before + (v + w * s) * h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run("euler"), before + v * h, rtol=1e-4, atol=1e-5)
+    # Tweedie: the posterior mean E[x1 | x_t], in closed form for Gaussian data
+    a, sig = t1, 1 - t1
+    cov = a**2 * gaussian.SIGMA + sig**2 * jnp.eye(2)
+    posterior_mean = gaussian.MU + a * jnp.linalg.solve(cov, (before - a * gaussian.MU).T).T @ gaussian.SIGMA.T
+    np.testing.assert_allclose(run("tweedie"), posterior_mean, rtol=1e-3, atol=1e-4)
+
+
+def test_sbdm_diffusion_needs_a_positive_sample_eps():
+    f_tr = create_transport()
+    with pytest.raises(ValueError, match="SBDM.*sample_eps"):
+        euler_maruyama_sample(gaussian.field(f_tr), f_tr, X0, jax.random.key(0), diffusion_form="SBDM")
+    tr = create_transport(sample_eps=1e-3)
+    x = jax.jit(lambda x: euler_maruyama_sample(gaussian.field(tr), tr, x, jax.random.key(1), num_steps=250,
+                                                diffusion_form="SBDM"))(X0)
+    mean_err, cov_err = moment_errors(x)
+    assert mean_err < 0.05 and cov_err < 0.1
+
+
+def test_bad_sampler_settings_raise():
+    tr = create_transport()
+    f, key = gaussian.field(tr), jax.random.key(0)
     with pytest.raises(ValueError, match="unknown last step"):
         euler_maruyama_sample(f, tr, X0, key, last_step="median")
     with pytest.raises(ValueError, match="unknown diffusion form"):
         euler_maruyama_sample(f, tr, X0, key, diffusion_form="cosine")
+    with pytest.raises(ValueError, match="empty sampling interval"):
+        euler_maruyama_sample(f, create_transport(sample_eps=0.3), X0, key, diffusion_form="SBDM",
+                              last_step_size=0.8)
     with pytest.raises(ValueError, match="sampler.method"):
         SamplerConfig(method="ddim")
 
@@ -128,6 +159,14 @@ def test_guided_field_inside_and_outside_the_interval():
         np.testing.assert_allclose(field(x, jnp.float32(t)), cond)
 
 
+def test_guidance_on_the_first_channels_only():
+    cond, uncond = jnp.ones((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4))
+    out = cfg_combine(cond, uncond, 2.0, channels=3)  # official SiT/LayerSync: eps[:, :3] only
+    np.testing.assert_allclose(out[..., :3], 2.0)
+    np.testing.assert_allclose(out[..., 3:], 1.0)
+    np.testing.assert_allclose(cfg_combine(cond, uncond, 2.0), 2.0)
+
+
 def test_guidance_scale_one_is_no_guidance():
     x, y = jnp.ones((3, 2)), jnp.array([0, 1, 2])
     unguided = guided_field(fake_apply, y, null_label=NULL)
@@ -147,9 +186,7 @@ def test_make_sample_fn_on_a_network_with_guidance():
     model = tiny_model()
     variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))
     # random non-zero weights so that labels change the output
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda l: np.asarray(l) + 0.1 * rng.standard_normal(l.shape).astype(np.float32),
-                             variables)
+    variables = perturbed(variables, 0, 0.1)
     labels = jnp.array([0, 1, 2, 3])
     key = jax.random.key(7)
     fn = make_sample_fn(model, create_transport(), SamplerConfig(method="euler_maruyama", num_steps=8))
@@ -164,6 +201,8 @@ def test_make_sample_fn_on_a_network_with_guidance():
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="guidance_interval"):
         fn(variables, key, labels, cfg_scale=2.0, guidance_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match=r"labels must be .* in \[0, 4\)"):
+        fn(variables, key, jnp.array([0, 4]))
 
 
 def test_guidance_needs_a_null_class():

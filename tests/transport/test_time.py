@@ -37,15 +37,26 @@ def test_data_at_zero_interpolant_maps_onto_ours():
         np.testing.assert_allclose(ut, to_lsync_velocity(eps - x, DATA_AT_ZERO), atol=1e-6)
 
 
-def test_wrapped_data_at_zero_model_gives_our_velocity():
-    path = LinearPath()
+class DataAtZeroLinear:
+    """REPA/ERW's interpolant in its own time: x_t' = (1 - t') x + t' eps (data at t' = 0)."""
 
-    def repa_model(x, t_repa):  # the exact velocity of the same data, in REPA time
-        return -gaussian.velocity(path, x, 1 - t_repa)
+    def alpha(self, t):
+        return 1 - t, -jnp.ones_like(t)
+
+    def sigma(self, t):
+        return t, jnp.ones_like(t)
+
+
+def test_wrapped_data_at_zero_model_gives_our_velocity():
+    # A REPA-convention model: the exact velocity d x_t' / dt' of the Gaussian data, derived in REPA
+    # time from REPA's own interpolant (not from ours).
+    def repa_model(x, t_repa):
+        return gaussian.velocity(DataAtZeroLinear(), x, t_repa)
 
     ours = velocity_model_to_lsync(repa_model, DATA_AT_ZERO)
     x = jax.random.normal(jax.random.key(0), (5, 2))
-    np.testing.assert_allclose(ours(x, 0.3), gaussian.velocity(path, x, 0.3), rtol=1e-5, atol=1e-6)
+    for t in (0.1, 0.3, 0.8):
+        np.testing.assert_allclose(ours(x, t), gaussian.velocity(LinearPath(), x, t), rtol=1e-5, atol=1e-6)
     assert velocity_model_to_lsync(repa_model, DATA_AT_ONE) is repa_model
 
 

@@ -98,7 +98,8 @@ def test_last_steps_match_their_formulas():
     # Tweedie: the posterior mean E[x1 | x_t], in closed form for Gaussian data
     a, sig = t1, 1 - t1
     cov = a**2 * gaussian.SIGMA + sig**2 * jnp.eye(2)
-    posterior_mean = gaussian.MU + a * jnp.linalg.solve(cov, (before - a * gaussian.MU).T).T @ gaussian.SIGMA.T
+    r = jnp.linalg.solve(cov, (before - a * gaussian.MU).T).T
+    posterior_mean = gaussian.MU + a * jnp.matmul(r, gaussian.SIGMA.T, precision=gaussian.HIGHEST)
     np.testing.assert_allclose(run("tweedie"), posterior_mean, rtol=1e-3, atol=1e-4)
 
 

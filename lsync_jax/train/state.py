@@ -1,0 +1,81 @@
+"""Train state (params, optimizer state, EMA params, step, RNG), optimizer, sharded initialisation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from lsync_jax.train.sharding import DEFAULT_RULES, tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
+    """Constant `lr` (the papers' setting), after an optional linear warmup from 0."""
+    if warmup_steps > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                    [warmup_steps])
+    return optax.constant_schedule(lr)
+
+
+OPTIMIZER_KEYS = ("lr", "b1", "b2", "eps", "weight_decay", "warmup_steps", "grad_clip")
+
+
+def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer") -> tuple[optax.GradientTransformation,
+                                                                                optax.Schedule]:
+    """AdamW as the papers use it (lr 1e-4, betas (0.9, 0.999), weight decay 0), with optional
+    warmup and global-norm gradient clipping (`grad_clip`: None or a positive max norm)."""
+    unknown = sorted(set(cfg) - set(OPTIMIZER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+                         f"allowed: {', '.join(OPTIMIZER_KEYS)}")
+    lr = float(cfg.get("lr", 1e-4))
+    if lr <= 0:
+        raise ValueError(f"{prefix}.lr must be positive, got {lr}")
+    schedule = learning_rate_schedule(lr, int(cfg.get("warmup_steps", 0)))
+    adamw = optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+                        weight_decay=cfg.get("weight_decay", 0.0))
+    clip = cfg.get("grad_clip")
+    if clip is not None:
+        if clip <= 0:
+            raise ValueError(f"{prefix}.grad_clip must be None or positive, got {clip}")
+        adamw = optax.chain(optax.clip_by_global_norm(clip), adamw)
+    return adamw, schedule
+
+
+def init_state_fn(model: Any, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+    """key -> TrainState; EMA starts equal to the parameters (as the official update_ema(decay=0))."""
+
+    def init(key: jax.Array) -> TrainState:
+        key_init, key_state = jax.random.split(key)
+        params = model.init(key_init, *model.init_inputs(1))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=key_state)
+
+    return init
+
+
+def state_shardings(model: Any, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> Any:
+    """Shardings of the whole train state, derived from its shapes (nothing is allocated)."""
+    abstract = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+    return tree_shardings(abstract, mesh, rules)
+
+
+def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Array, mesh: Mesh,
+                       rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> TrainState:
+    """The train state initialised directly in its sharded layout (no full copy on one device)."""
+    shardings = state_shardings(model, tx, mesh, rules)
+    return jax.jit(init_state_fn(model, tx), out_shardings=shardings)(key)

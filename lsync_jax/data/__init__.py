@@ -1,0 +1,12 @@
+"""Data: sources (Fashion-MNIST IDX files, tfds ArrayRecord, synthetic) and grain pipelines."""
+
+from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
+from lsync_jax.data.fashion_mnist import load_fashion_mnist, read_idx
+from lsync_jax.data.pipeline import LoaderSpec, global_batch, make_loader
+from lsync_jax.data.sources import ArraySource, SyntheticSource, TfdsSource
+
+__all__ = [
+    "FASHION_MNIST_DIR", "load_fashion_mnist", "read_idx",
+    "LoaderSpec", "make_loader", "global_batch",
+    "ArraySource", "SyntheticSource", "TfdsSource",
+]

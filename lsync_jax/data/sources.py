@@ -11,14 +11,18 @@ import numpy as np
 
 
 class ArraySource:
-    """Images and labels held in memory (e.g. Fashion-MNIST)."""
+    """Images and labels held in memory (e.g. Fashion-MNIST). `name` identifies the data in the
+    iterator checkpoints (grain checks a restored position against `repr(source)`)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"ArraySource wants uint8 NHWC images, got {images.dtype} {images.shape}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"ArraySource: {images.shape[0]} images but labels of shape {labels.shape}")
-        self.images, self.labels = images, labels.astype(np.int32)
+        self.images, self.labels, self.name = images, labels.astype(np.int32), name
+
+    def __repr__(self) -> str:
+        return f"ArraySource(name={self.name!r}, images={self.images.shape})"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -35,6 +39,9 @@ class SyntheticSource:
             raise ValueError(f"SyntheticSource: need size >= 1, an (H, W, C) shape and classes >= 1; "
                              f"got {size}, {shape}, {num_classes}")
         self.size, self.shape, self.num_classes, self.seed = size, tuple(shape), num_classes, seed
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource(size={self.size}, shape={self.shape}, classes={self.num_classes}, seed={self.seed})"
 
     def __len__(self) -> int:
         return self.size
@@ -67,6 +74,10 @@ class TfdsSource:
                 "dataset's files) and set --config.data.dir=DIR."
             ) from None
         self.image_key, self.label_key = image_key, label_key
+        self.description = f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r})"
+
+    def __repr__(self) -> str:
+        return self.description
 
     def __len__(self) -> int:
         return len(self.source)

@@ -15,11 +15,18 @@ from lsync_jax.train.sharding import DEFAULT_RULES, tree_shardings
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a run needs to continue exactly. `rng` holds raw key data (uint32), which
+    checkpoints store as a plain array; `key` wraps it."""
+
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.wrap_key_data(self.rng)
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
@@ -62,7 +69,7 @@ def init_state_fn(model: Any, tx: optax.GradientTransformation) -> Callable[[jax
         key_init, key_state = jax.random.split(key)
         params = model.init(key_init, *model.init_inputs(1))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=key_state)
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=jax.random.key_data(key_state))
 
     return init
 

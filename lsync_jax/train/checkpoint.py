@@ -1,0 +1,116 @@
+"""Orbax checkpoints of the train state, the data iterator and a description of the run.
+
+Each checkpoint holds three items: 'state' (the sharded TrainState, written by every process
+without gathering), 'data' (the grain iterator's position, per process) and 'meta' (the model
+config and parameter shapes, checked before a resume so that an incompatible workdir fails with a
+clear error instead of a shape error deep in a compile). Saves are asynchronous; the preservation
+policy keeps the latest `max_to_keep` plus every `keep_every`-th step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import grain.python as grain
+import jax
+import orbax.checkpoint as ocp
+
+from lsync_jax.train.sharding import path_name
+
+
+def param_shapes(params: Any) -> dict[str, list[int]]:
+    """{'/'-joined parameter path: shape} of a parameter tree (arrays or ShapeDtypeStructs)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {path_name(path): list(x.shape) for path, x in flat}
+
+
+def describe(model_config: Mapping[str, Any], params: Any) -> dict[str, Any]:
+    """The 'meta' item: what must match for a checkpoint to be resumed into this run."""
+    return {"model": {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
+                      for k, v in sorted(model_config.items())},
+            "param_shapes": param_shapes(params)}
+
+
+def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
+    """Raise ValueError naming what differs between a checkpoint's meta and this run's."""
+    problems = []
+    for key in sorted(set(saved.get("model", {})) | set(wanted["model"])):
+        a, b = saved.get("model", {}).get(key), wanted["model"].get(key)
+        if a != b and key not in ("dtype", "attention_impl", "remat"):  # compute options may change
+            problems.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
+    shapes_a, shapes_b = saved.get("param_shapes", {}), wanted["param_shapes"]
+    for key in sorted(set(shapes_a) | set(shapes_b)):
+        if shapes_a.get(key) != shapes_b.get(key):
+            problems.append(f"param {key}: checkpoint {shapes_a.get(key)}, config {shapes_b.get(key)}")
+    if problems:
+        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+        raise ValueError(f"the checkpoint in {where} is from an incompatible model ({shown}). Use another "
+                         "--workdir, or start from its weights where they fit with --config.train.init_from.")
+
+
+class Checkpointer:
+    """CheckpointManager over `directory` with the run's save/restore conventions."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every: int | None = None,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], data_iterator: Any = None,
+             force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
+        if data_iterator is not None:
+            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """Restore 'state' into the layout of `abstract_state` (ShapeDtypeStructs with shardings) and,
+        if given, the data iterator in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        has_data = data_iterator is not None and os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        if has_data:
+            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(path: str, abstract_params: Any) -> tuple[Any, Any]:
+    """(params, ema_params) from another run's checkpoint (a workdir's checkpoints/ dir or one step
+    dir), for --config.train.init_from; shapes must match this run's model."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"train.init_from={path!r} does not exist")
+    step_dir = path
+    if not os.path.isdir(os.path.join(path, "state")):
+        ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                        item_names=("state", "data", "meta"))
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"train.init_from={path!r} holds no checkpoint")
+        step_dir = os.path.join(ckpt_dir, str(step))
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        target=None,
+    )
+    params, ema = restored["params"], restored["ema_params"]
+    check_compatible({"model": {}, "param_shapes": param_shapes(params)},
+                     {"model": {}, "param_shapes": param_shapes(abstract_params)}, path)
+    put = lambda tree: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, abstract_params)
+    return put(params), put(ema)

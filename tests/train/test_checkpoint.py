@@ -1,0 +1,77 @@
+"""Orbax checkpoints: state and data iterator round trip, compatibility check, init_from."""
+
+import jax
+import numpy as np
+import pytest
+
+from lsync_jax.data import ArraySource, LoaderSpec, make_loader
+from lsync_jax.models import get_model
+from lsync_jax.train import create_train_state, make_mesh, make_optimizer, state_shardings
+from lsync_jax.train.checkpoint import Checkpointer, check_compatible, describe, restore_params
+from lsync_jax.train.state import init_state_fn
+
+
+def tiny(**kw):
+    cfg = dict(depth=1, hidden_size=32, num_heads=2, input_size=8, in_channels=1, num_classes=2, learn_sigma=False)
+    cfg.update(kw)
+    return get_model("SiT-S/4", **cfg), cfg
+
+
+def abstract(model, tx, mesh):
+    shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(model, tx, mesh))
+
+
+def loader():
+    images = np.random.default_rng(0).integers(0, 255, (32, 8, 8, 1), dtype=np.uint8)
+    return make_loader(ArraySource(images, np.arange(32) % 2), LoaderSpec(global_batch_size=4, seed=0),
+                       process_index=0, process_count=1)
+
+
+def test_state_and_iterator_round_trip(tmp_path):
+    (model, cfg), mesh = tiny(), make_mesh()
+    tx, _ = make_optimizer({})
+    state = create_train_state(model, tx, jax.random.key(0), mesh)
+    it = iter(loader())
+    next(it)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
+    ckpt.save(5, state, describe(cfg, state.params), it)
+    expected = next(it)["x"]
+    ckpt.wait()
+    assert ckpt.latest_step() == 5
+    it2 = iter(loader())
+    restored = ckpt.restore(5, abstract(model, tx, mesh), it2)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding == \
+        state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding
+    np.testing.assert_array_equal(next(it2)["x"], expected)
+    assert ckpt.read_meta(5)["model"]["depth"] == 1
+    ckpt.close()
+
+
+def test_incompatible_model_is_named(tmp_path):
+    (model, cfg), (other, other_cfg) = tiny(), tiny(hidden_size=64)
+    shapes = lambda m: jax.eval_shape(m.init, jax.random.key(0), *m.init_inputs(1))["params"]
+    with pytest.raises(ValueError, match="incompatible model.*model.hidden_size: checkpoint 32, config 64"):
+        check_compatible(describe(cfg, shapes(model)), describe(other_cfg, shapes(other)), "WORKDIR")
+    check_compatible(describe(cfg, shapes(model)), describe(dict(cfg, dtype="bfloat16"), shapes(model)), "W")
+
+
+def test_init_from_another_run(tmp_path):
+    (model, cfg), mesh = tiny(), make_mesh()
+    tx, _ = make_optimizer({})
+    state = create_train_state(model, tx, jax.random.key(1), mesh)
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    ckpt.save(3, state, describe(cfg, state.params))
+    ckpt.close()
+    target = abstract(model, tx, mesh).params
+    params, ema = restore_params(str(tmp_path / "run"), target)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        restore_params(str(tmp_path / "nothing"), target)
+    other, _ = tiny(hidden_size=64)
+    with pytest.raises(ValueError, match="incompatible"):
+        restore_params(str(tmp_path / "run"), jax.eval_shape(other.init, jax.random.key(0), *other.init_inputs(1))["params"])

@@ -1,36 +1,20 @@
-"""A tiny SiT with LayerSync on 28x28x1 images (Fashion-MNIST shaped): CPU tests and demos.
+"""A tiny SiT with LayerSync on 28x28x1 images: CPU tests (few steps, seconds per run).
 
-Usage: `--config=configs/tiny.py`, overridable as `--config.model.depth=6`.
+    python launch/train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-import ml_collections
+from configs.common import base_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-
-    config.model = ml_collections.ConfigDict()
+def get_config():
+    config = base_config()
     config.model.name = "SiT-S/4"
-    config.model.overrides = ml_collections.ConfigDict(
-        dict(depth=4, hidden_size=64, num_heads=4, input_size=28, in_channels=1, num_classes=10,
-             learn_sigma=False, class_dropout_prob=0.1)
-    )
-
-    # lsync-jax time: t = 0 noise, t = 1 data.
-    config.transport = ml_collections.ConfigDict(
-        dict(path_type="linear", prediction="velocity", time_schedule="uniform")
-    )
-
-    config.objective = ml_collections.ConfigDict()
-    config.objective.regularizers = ("layersync",)
-    # pairs=None: the paper's 8 -> 16 of 28 blocks scaled to the depth (1 -> 2 for depth 4), with
-    # weight auto_weight. Explicit pairs: --config.objective.layersync.pairs="((1, 3, 0.2),)".
-    config.objective.layersync = ml_collections.ConfigDict()
-    config.objective.layersync.pairs = ml_collections.config_dict.placeholder(tuple)
-    config.objective.layersync.auto_weight = 0.2
-    config.objective.layersync.stop_gradient = True
-
-    config.sampler = ml_collections.ConfigDict(
-        dict(method="euler", num_steps=32, cfg_scale=1.0, guidance_interval=(0.0, 1.0))
-    )
+    config.model.overrides.update(dict(depth=4, hidden_size=64, num_heads=4, input_size=28, in_channels=1,
+                                       num_classes=10, learn_sigma=False, class_dropout_prob=0.1))
+    config.optimizer.lr = 1e-3
+    config.data.update(dict(name="synthetic", synthetic_size=256, synthetic_shape=(28, 28, 1), num_classes=10,
+                            batch_size=8, flip=False))
+    config.sampler.update(dict(method="euler", num_steps=8, cfg_scale=1.0, guidance_interval=(0.0, 1.0)))
+    config.train.update(dict(num_steps=6, ema_decay=0.9, log_every=2, checkpoint_every=3, sample_every=0,
+                             num_grid_samples=10, async_checkpoints=False))
     return config

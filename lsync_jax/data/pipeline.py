@@ -1,8 +1,11 @@
-"""grain input pipelines: deterministic for a seed, sharded per process, checkpointable.
+"""grain input pipelines: deterministic for a seed, split per process, checkpointable.
 
-Each process reads its own shard of the records and yields its share of the global batch as
-{'x': float32 (B, H, W, C) in [-1, 1], 'y': int32 (B,)}; `global_batch` assembles the global array
-over the mesh. Label dropout is the model's job (it needs the null class), not the pipeline's.
+Batches are defined globally: every process walks the same seeded order of record indices (a fresh
+shuffle each epoch) cut into global batches, and loads only its own slice of each one. So the
+global batch at step s is the same whatever the number of processes, and a run on one host
+matches a run on many. Each process yields {'x': float32 (B/P, H, W, C) in [-1, 1],
+'y': int32 (B/P,)}; `global_batch` assembles the global array over the mesh. Label dropout is the
+model's job (it needs the null class), not the pipeline's.
 """
 
 from __future__ import annotations
@@ -10,26 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import grain.python as grain
+import grain
 import jax
 import numpy as np
-
-
-class ToFloat(grain.MapTransform):
-    """uint8 [0, 255] -> float32 [-1, 1]; 'image'/'label' -> 'x'/'y'."""
-
-    def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        x = np.asarray(record["image"], np.float32) / 127.5 - 1.0
-        return {"x": x, "y": np.int32(record["label"])}
-
-
-class RandomFlip(grain.RandomMapTransform):
-    """Horizontal flip with probability 1/2 (the per-record RNG comes from grain: deterministic)."""
-
-    def random_map(self, record: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        if rng.random() < 0.5:
-            record = dict(record, x=record["x"][:, ::-1])
-        return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,31 +23,45 @@ class LoaderSpec:
     global_batch_size: int
     seed: int = 0
     shuffle: bool = True
-    flip: bool = False
+    flip: bool = False  # random horizontal flips, p = 1/2
     num_epochs: int | None = None  # None: repeat forever
-    worker_count: int = 0
+
+
+class _LoadSlice:
+    """Global batch of indices -> this process's records, as float arrays (flip RNG from the global
+    batch number and position, so it too is independent of the process count)."""
+
+    def __init__(self, source: Any, spec: LoaderSpec, process_index: int, local_batch: int):
+        self.source, self.spec, self.start, self.local_batch = source, spec, process_index * local_batch, local_batch
+
+    def __call__(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        xs, ys = [], []
+        for j in range(self.start, self.start + self.local_batch):
+            record = self.source[int(indices[j])]
+            x = np.asarray(record["image"], np.float32) / 127.5 - 1.0
+            if self.spec.flip and np.random.default_rng((self.spec.seed, batch_number, j)).random() < 0.5:
+                x = x[:, ::-1]
+            xs.append(x)
+            ys.append(np.int32(record["label"]))
+        return {"x": np.stack(xs), "y": np.asarray(ys, np.int32)}
 
 
 def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = None,
-                process_count: int | None = None) -> grain.DataLoader:
-    """A grain DataLoader yielding this process's share of each global batch (drop remainder)."""
+                process_count: int | None = None) -> grain.IterDataset:
+    """An iterable of this process's share of each global batch; `iter()` gives a checkpointable iterator."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if spec.global_batch_size % process_count:
         raise ValueError(f"data.batch_size={spec.global_batch_size} is not divisible by the "
                          f"{process_count} processes")
+    if len(source) < spec.global_batch_size:
+        raise ValueError(f"the dataset has {len(source)} records: too few for a batch of {spec.global_batch_size}")
     local_batch = spec.global_batch_size // process_count
-    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-    if len(source) // process_count < local_batch:
-        raise ValueError(f"the dataset has {len(source)} records: too few for a per-process batch of {local_batch}")
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=spec.shuffle,
-                                 num_epochs=spec.num_epochs, seed=spec.seed)
-    operations = [ToFloat()]
-    if spec.flip:
-        operations.append(RandomFlip())
-    operations.append(grain.Batch(local_batch, drop_remainder=True))
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=spec.worker_count)
+    indices = grain.MapDataset.range(len(source))
+    if spec.shuffle:
+        indices = indices.shuffle(seed=spec.seed)
+    batches = indices.repeat(spec.num_epochs).batch(spec.global_batch_size, drop_remainder=True)
+    return batches.map_with_index(_LoadSlice(source, spec, process_index, local_batch)).to_iter_dataset()
 
 
 def global_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

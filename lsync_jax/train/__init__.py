@@ -9,3 +9,7 @@ __all__ = [
     "TrainState", "create_train_state", "make_optimizer", "state_shardings",
     "make_train_step", "train_step",
 ]
+
+from lsync_jax.train.loop import train_and_evaluate  # noqa: E402
+
+__all__.append("train_and_evaluate")

@@ -265,10 +265,12 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
         low, high = guidance_interval
         if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= max(model.num_classes, 1))):
+        host = np.asarray(labels)
+        if host.ndim != 1 or (host.size and (host.min() < 0 or host.max() >= max(model.num_classes, 1))):
             # an out-of-range label would read past the embedding table (NaN under jit), not fail
-            raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {labels}")
-        return fn(variables, key, jnp.asarray(labels, jnp.int32), cfg_scale, guidance_interval)
+            raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {host}")
+        # a jax.Array keeps its sharding: labels split over devices split the sampling batch
+        labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else jnp.asarray(host, jnp.int32)
+        return fn(variables, key, labels, cfg_scale, guidance_interval)
 
     return checked

@@ -31,15 +31,23 @@ def test_batches_are_float_in_range_and_deterministic():
     assert not np.array_equal(other["y"], a[0]["y"])
 
 
-def test_processes_read_disjoint_shards():
-    seen = []
-    for p in range(2):
-        loader = make_loader(source(), LoaderSpec(global_batch_size=8, num_epochs=1, shuffle=False),
-                             process_index=p, process_count=2)
-        batches = list(loader)
-        assert all(b["x"].shape[0] == 4 for b in batches)
-        seen.append(set(np.concatenate([np.round(ids(b)).astype(int) for b in batches])))
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 64
+def test_processes_split_the_same_global_batches():
+    spec = LoaderSpec(global_batch_size=8, num_epochs=1, flip=True, seed=2)
+    single = list(make_loader(source(), spec, process_index=0, process_count=1))
+    halves = [list(make_loader(source(), spec, process_index=p, process_count=2)) for p in range(2)]
+    assert len(single) == len(halves[0]) == 8 and all(b["x"].shape[0] == 4 for b in halves[1])
+    for whole, a, b in zip(single, *halves):  # process 0 holds the first half of each global batch
+        np.testing.assert_array_equal(whole["x"], np.concatenate([a["x"], b["x"]]))
+        np.testing.assert_array_equal(whole["y"], np.concatenate([a["y"], b["y"]]))
+    seen = np.concatenate([np.round(ids(b)).astype(int) for b in single])
+    assert sorted(seen) == list(range(64))  # one epoch visits every record once
+
+
+def test_each_epoch_is_a_new_order():
+    batches = list(make_loader(source(16), LoaderSpec(global_batch_size=16, num_epochs=2), process_index=0,
+                               process_count=1))
+    assert not np.array_equal(batches[0]["y"], batches[1]["y"]) or not np.array_equal(batches[0]["x"],
+                                                                                      batches[1]["x"])
 
 
 def test_flip_flips_about_half_of_the_images():

@@ -1,0 +1,50 @@
+"""Sections every training config shares, with the papers' values (LayerSync / SiT official training)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "SiT-XL/2"
+    config.model.overrides = ml_collections.ConfigDict()
+
+    # lsync-jax time: t = 0 noise, t = 1 data.
+    config.transport = ml_collections.ConfigDict(dict(path_type="linear", prediction="velocity",
+                                                      time_schedule="uniform"))
+
+    config.objective = ml_collections.ConfigDict()
+    config.objective.regularizers = ("layersync",)
+    # pairs=None: the paper's block 8 -> 16 of 28 scaled to the depth, weight auto_weight.
+    # Explicit: --config.objective.layersync.pairs="((8, 16, 0.2),)"
+    config.objective.layersync = ml_collections.ConfigDict()
+    config.objective.layersync.pairs = ml_collections.config_dict.placeholder(tuple)
+    config.objective.layersync.auto_weight = 0.2
+    config.objective.layersync.stop_gradient = True
+
+    # AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, constant LR, no clipping (LayerSync/SiT).
+    config.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                                      warmup_steps=0))
+    config.optimizer.grad_clip = ml_collections.config_dict.placeholder(float)
+
+    config.sampler = ml_collections.ConfigDict(dict(method="euler_maruyama", num_steps=250, cfg_scale=1.0,
+                                                    guidance_interval=(0.0, 1.0)))
+
+    config.data = ml_collections.ConfigDict(dict(name="fashion_mnist", dir="", split="train", batch_size=256,
+                                                 flip=True))
+
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=400_000, ema_decay=0.9999, log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
+        sample_every=10_000, num_grid_samples=64, async_checkpoints=True))
+    config.train.keep_every = ml_collections.config_dict.placeholder(int)
+    config.train.init_from = ""
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
+
+    # Multi-host: enabled=True calls jax.distributed.initialize(); empty/-1 values are auto-detected
+    # (TPU pods, SLURM, ...). cpu_collectives='gloo' lets CPU processes talk (tests, CPU clusters).
+    config.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="", num_processes=-1,
+                                                        process_id=-1, cpu_collectives=""))
+    return config

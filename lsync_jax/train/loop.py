@@ -1,0 +1,201 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One code path for one CPU, a GPU node or a TPU pod: the state lives sharded over a (data, fsdp)
+mesh, each process feeds its share of the global batch, checkpoints are written by every process
+without gathering. The loop itself only sequences hooks: log, check for NaN, sample, checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from lsync_jax.data import LoaderSpec, global_batch, make_loader
+from lsync_jax.objectives import build_objective
+from lsync_jax.train import checkpoint as ckpt_lib
+from lsync_jax.train.config import (
+    build_model,
+    build_sampler,
+    build_source,
+    build_transport,
+    check_data_matches_model,
+    model_fields,
+    validate_config,
+)
+from lsync_jax.train.images import make_grid, save_png, to_uint8
+from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, gather_to_host, make_mesh
+from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
+from lsync_jax.train.step import make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; the message names the step and the term."""
+
+
+def check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None) -> None:
+    bad = [k for k, v in metrics.items() if (k == "loss" or k.startswith("loss/") or k == "grad_norm")
+           and not np.all(np.isfinite(v))]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite values at step {step}: " + ", ".join(f"{k} = {float(np.asarray(metrics[k]))}" for k in bad)
+            + f". The last good checkpoint (step {last_saved}) is kept; nothing later was saved.")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption saves
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint before exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def initialize_distributed(dist: Mapping[str, Any]) -> None:
+    """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call)."""
+    if not dist.get("enabled", False):
+        return
+    if dist.get("cpu_collectives"):
+        jax.config.update("jax_cpu_collectives_implementation", dist["cpu_collectives"])
+    num, pid = dist.get("num_processes", -1), dist.get("process_id", -1)
+    jax.distributed.initialize(coordinator_address=dist.get("coordinator_address") or None,
+                               num_processes=None if num is None or num < 0 else num,
+                               process_id=None if pid is None or pid < 0 else pid)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics."""
+    validate_config(config)
+    initialize_distributed(config.get("distributed", {}))
+    model = build_model(config)
+    transport = build_transport(config)
+    objective = build_objective(config.objective, transport, depth=model.depth)
+    tx, schedule = make_optimizer(dict(config.optimizer))
+    sampler_cfg, cfg_scale, interval = build_sampler(config)
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
+    mesh = make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
+    batch_size = int(config.data.batch_size)
+    if batch_size % jax.device_count():
+        raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
+    source = build_source(config.data)
+    check_data_matches_model(source, model, config.data)
+    loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
+                                            flip=bool(config.data.get("flip", False))))
+    data_iter = iter(loader)
+    num_steps = int(config.train.num_steps)
+
+    # -- state: resume, else init (optionally from another run's weights) -----------------------------
+    shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            state_shardings(model, tx, mesh, rules))
+    meta = ckpt_lib.describe(model_fields(config), shapes.params)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=int(config.train.get("keep_checkpoints", 3)),
+                                         keep_every=config.train.get("keep_every"),
+                                         async_save=bool(config.train.get("async_checkpoints", True)))
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        ckpt_lib.check_compatible(checkpointer.read_meta(latest), meta, checkpointer.directory)
+        state = checkpointer.restore(latest, abstract, data_iter)
+        logging.info("resumed from %s step %d", checkpointer.directory, latest)
+    else:
+        state = create_train_state(model, tx, jax.random.key(int(config.seed)), mesh, rules)
+        if config.train.get("init_from"):
+            params, ema = ckpt_lib.restore_params(config.train.init_from, abstract.params)
+            state = state.replace(params=params, ema_params=ema)
+    start = int(state.step)
+
+    step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
+                              rules=rules)
+    from lsync_jax.transport import make_sample_fn  # after the model: the sampler closes over it
+
+    sample_fn = make_sample_fn(model, transport, sampler_cfg)
+    writer, report = _writers(workdir, num_steps)
+    sharding = batch_sharding(mesh)
+    log_every = int(config.train.get("log_every", 50))
+    ckpt_every = int(config.train.get("checkpoint_every", 1000))
+    sample_every = int(config.train.get("sample_every", 0))
+    pending: list[tuple[int, dict]] = []
+    last_saved = latest
+    last_metrics: dict[str, float] = {}
+    timer = (time.perf_counter(), start)
+
+    def flush_metrics(step: int) -> None:
+        nonlocal last_metrics, timer
+        for s, m in jax.device_get(pending):
+            check_finite(s, m, last_saved)
+        if pending:
+            last_metrics = {k: float(np.mean([np.asarray(m[k]) for _, m in pending])) for k in pending[-1][1]}
+            elapsed = time.perf_counter() - timer[0]
+            last_metrics["images_per_second"] = (step - timer[1]) * batch_size / max(elapsed, 1e-9)
+            timer = (time.perf_counter(), step)
+            writer.write_scalars(step, last_metrics)
+        pending.clear()
+
+    def save(step: int, force: bool = False) -> None:
+        nonlocal last_saved
+        flush_metrics(step)  # never save a state whose loss was not finite
+        checkpointer.save(step, state, meta, data_iter, force=force)
+        last_saved = step
+
+    def sample_grid(step: int) -> None:
+        labels = np.arange(int(config.train.get("num_grid_samples", 64))) % max(model.num_classes, 1)
+        images = sample_fn({"params": state.ema_params}, jax.random.key(int(config.seed) + 1), labels,
+                           cfg_scale, interval)
+        grid = make_grid(to_uint8(gather_to_host(images)), columns=max(model.num_classes, 8))
+        if jax.process_index() == 0:
+            save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+        writer.write_images(step, {"samples_ema": grid[None].astype(np.float32) / 255.0})
+
+    with _Preemption() as preemption:
+        step = start
+        for step in range(start + 1, num_steps + 1):
+            batch = global_batch(next(data_iter), sharding)
+            state, metrics = step_fn(state, batch)
+            pending.append((step, metrics))
+            report(step)
+            if step % log_every == 0 or step == num_steps:
+                flush_metrics(step)
+            if sample_every and step % sample_every == 0:
+                sample_grid(step)
+            if step % ckpt_every == 0 or step == num_steps:
+                save(step)
+            if preemption.requested:
+                if last_saved != step:
+                    save(step, force=True)
+                logging.warning("preempted at step %d; checkpoint saved", step)
+                break
+        flush_metrics(step)
+        if step == num_steps and num_steps > start and not (sample_every and step % sample_every == 0):
+            sample_grid(step)
+    checkpointer.close()
+    writer.flush()
+    return last_metrics
+
+
+def _writers(workdir: str, num_steps: int):
+    """clu's TensorBoard + console writer and ReportProgress (steps/s, ETA); clu imports TensorFlow."""
+    from clu import metric_writers, periodic_actions
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_secs=30)
+    return writer, report

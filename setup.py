@@ -22,6 +22,10 @@ setup(
         "einops",
         "diffrax>=0.6",
         "numpy",
+        "pillow",
+        # clu's metric writers import TensorFlow; TensorBoard reads the event files.
+        "tensorflow-cpu",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "scipy"],

@@ -14,7 +14,7 @@ def get_config(variant: str = "layersync"):
         raise ValueError(f"configs/fashion_mnist.py:{variant}: expected ':layersync' or ':baseline'")
     config = base_config()
     config.model.name = "SiT-S/4"
-    config.model.overrides.update(dict(depth=6, hidden_size=192, num_heads=3, input_size=28, in_channels=1,
+    config.model.overrides.update(dict(depth=6, hidden_size=128, num_heads=2, input_size=28, in_channels=1,
                                        num_classes=10, learn_sigma=False, class_dropout_prob=0.1))
     # 6 blocks: the paper's 8 -> 16 of 28 scales to block 2 guided by block 3 (weight 0.2).
     if variant == "baseline":

@@ -1,13 +1,22 @@
 """Benchmark the core on the present devices; prints a table and writes JSON.
 
     python launch/benchmark.py --models=SiT-XL/2,SiT-B/2 --batch_size=32 --out=bench.json
+    python launch/benchmark.py --config=configs/imagenet256.py --config.data.batch_size=32
 """
 
-from absl import app, flags
+import os
+import sys
 
-from lsync_jax.benchmark import BenchConfig, run, write_json
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
+
+from lsync_jax.benchmark import BenchConfig, bench_config_from, run, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Optional training config: benchmark its model, batch and "
+                                "LayerSync pairs (overrides --models, --batch_size, --dtype, shapes).")
 flags.DEFINE_list("models", ["SiT-B/2"], "Model names, e.g. SiT-XL/2,SiT-B/2.")
 flags.DEFINE_integer("batch_size", 32, "Train-step batch size.")
 flags.DEFINE_integer("input_size", 32, "Spatial size of the (latent) input.")
@@ -25,11 +34,14 @@ flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 def main(argv):
     del argv
-    cfg = BenchConfig(models=tuple(FLAGS.models), batch_size=FLAGS.batch_size, input_size=FLAGS.input_size,
-                      in_channels=FLAGS.in_channels, num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
-                      steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
-                      attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
-                      sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg))
+    common = dict(steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
+                  attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
+                  sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg))
+    if FLAGS.config is not None:
+        cfg = bench_config_from(FLAGS.config, **common)
+    else:
+        cfg = BenchConfig(models=tuple(FLAGS.models), batch_size=FLAGS.batch_size, input_size=FLAGS.input_size,
+                          in_channels=FLAGS.in_channels, num_classes=FLAGS.num_classes, dtype=FLAGS.dtype, **common)
     write_json(run(cfg), FLAGS.out)
     print(f"wrote {FLAGS.out}")
 

@@ -40,6 +40,19 @@ class BenchConfig:
     variants: Sequence[str] = ("baseline", "layersync")
     sample_cfg: Sequence[float] = (1.0, 1.5)
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    layersync_pairs: tuple = ()  # () : the paper's pair scaled to the depth, weight 0.2
+
+
+def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
+    """A BenchConfig for a training config's model, batch and LayerSync pairs (other fields from `kw`)."""
+    overrides = dict(config.model.get("overrides", {}))
+    arch = {k: overrides.pop(k) for k in ("input_size", "in_channels", "num_classes") if k in overrides}
+    dtype = str(overrides.pop("dtype", "float32"))
+    overrides.pop("attention_impl", None)
+    pairs = config.objective.get("layersync", {}).get("pairs") or ()
+    return BenchConfig(models=(config.model.name,), batch_size=int(config.data.batch_size), dtype=dtype,
+                       model_overrides=overrides, layersync_pairs=tuple(tuple(p) for p in pairs),
+                       **{k: arch[k] for k in arch}, **kw)
 
 
 def forward_flops(model, height: int, width: int) -> float:
@@ -106,7 +119,8 @@ def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: st
     model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
                       dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **cfg.model_overrides)
     transport = create_transport()
-    regs = (LayerSync((default_pair(model.depth) + (0.2,),)),) if layersync else ()
+    pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
+    regs = (LayerSync(tuple(pairs)),) if layersync else ()
     objective = Objective(transport, regs)
     tx = optax.adamw(1e-4, weight_decay=0.0)
     params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lsync_jax.benchmark import BenchConfig, format_table, forward_flops, run, write_json
+from lsync_jax.benchmark import BenchConfig, bench_config_from, format_table, forward_flops, run, write_json
 from lsync_jax.models import get_model
 
 
@@ -36,3 +36,14 @@ def test_format_table_aligns_missing_values():
     table = format_table([{"bench": "x", "ms": 1.5}])
     header, rule, row = table.splitlines()
     assert len(header) == len(rule) and "-" in row
+
+
+def test_bench_config_from_a_training_config():
+    from configs import imagenet256, tiny
+
+    cfg = bench_config_from(imagenet256.get_config(), steps=3)
+    assert cfg.models == ("SiT-XL/2",) and cfg.batch_size == 256 and cfg.dtype == "bfloat16"
+    assert cfg.layersync_pairs == ((8, 16, 0.2),) and cfg.input_size == 32 and cfg.in_channels == 4
+    assert cfg.model_overrides == {"learn_sigma": True, "class_dropout_prob": 0.1} and cfg.steps == 3
+    small = bench_config_from(tiny.get_config())
+    assert small.model_overrides["depth"] == 4 and small.input_size == 28 and small.layersync_pairs == ()

@@ -166,29 +166,31 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
         writer.write_images(step, {"samples_ema": grid[None].astype(np.float32) / 255.0})
 
-    with _Preemption() as preemption:
-        step = start
-        for step in range(start + 1, num_steps + 1):
-            batch = global_batch(next(data_iter), sharding)
-            state, metrics = step_fn(state, batch)
-            pending.append((step, metrics))
-            report(step)
-            if step % log_every == 0 or step == num_steps:
-                flush_metrics(step)
-            if sample_every and step % sample_every == 0:
+    try:
+        with _Preemption() as preemption:
+            step = start
+            for step in range(start + 1, num_steps + 1):
+                batch = global_batch(next(data_iter), sharding)
+                state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                report(step)
+                if step % log_every == 0 or step == num_steps:
+                    flush_metrics(step)
+                if sample_every and step % sample_every == 0:
+                    sample_grid(step)
+                if step % ckpt_every == 0 or step == num_steps:
+                    save(step)
+                if preemption.requested:
+                    if last_saved != step:
+                        save(step, force=True)
+                    logging.warning("preempted at step %d; checkpoint saved", step)
+                    break
+            flush_metrics(step)
+            if step == num_steps and num_steps > start and not (sample_every and step % sample_every == 0):
                 sample_grid(step)
-            if step % ckpt_every == 0 or step == num_steps:
-                save(step)
-            if preemption.requested:
-                if last_saved != step:
-                    save(step, force=True)
-                logging.warning("preempted at step %d; checkpoint saved", step)
-                break
-        flush_metrics(step)
-        if step == num_steps and num_steps > start and not (sample_every and step % sample_every == 0):
-            sample_grid(step)
-    checkpointer.close()
-    writer.flush()
+    finally:
+        checkpointer.close()  # waits for asynchronous saves: an error must not cut the last good one short
+        writer.flush()
     return last_metrics
 
 

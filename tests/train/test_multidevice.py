@@ -38,7 +38,17 @@ SCRIPT = textwrap.dedent(
 
     multi = run(make_mesh(data=4, fsdp=2))
     single = run(make_mesh(data=1, fsdp=1, devices=jax.devices()[:1]))
-    print(json.dumps({"multi": multi[0], "single": single[0], "spec": multi[2],
+
+    from configs import tiny
+    from lsync_jax.train import train_and_evaluate
+    config = tiny.get_config()
+    config.data.batch_size = 12
+    try:
+        train_and_evaluate(config, "/nonexistent/never-created")
+        batch_error = ""
+    except ValueError as e:
+        batch_error = str(e)
+    print(json.dumps({"multi": multi[0], "single": single[0], "spec": multi[2], "batch_error": batch_error,
                       "param_diff": float(np.abs(multi[1] - single[1]).max())}))
     """
 )
@@ -56,3 +66,4 @@ def test_four_by_two_mesh_matches_one_device():
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise moves that weight by a
     # fraction of a step (lr 1e-3); the three updates agree to well within one step.
     assert result["param_diff"] < 3e-4
+    assert "config.data.batch_size=12 is not divisible by the 8 devices" in result["batch_error"]

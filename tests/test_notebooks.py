@@ -12,6 +12,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert len(cells) >= 5
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("LSYNC_QUICK", "1")  # the demo cells train the tiny config
     namespace: dict = {"__name__": "__main__"}
     for i, source in enumerate(cells):
         # drop IPython magics and shell escapes (e.g. a commented Colab install line is kept as is)
@@ -20,3 +21,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert namespace["plain"].shape == namespace["guided"].shape == (10, 28, 28, 1)
     # the short training run learns: the final batch loss is below the loss at initialisation
     assert float(namespace["metrics"]["loss"]) < float(namespace["loss"])
+    # the training-system demo cells: a real run with checkpoints and a sample grid
+    workdir = pathlib.Path(namespace["workdir"])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+    assert namespace["grids"] == ["step_0000006.png"] and "loss/layersync" in namespace["final"]

@@ -17,6 +17,7 @@ from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.config import build_model
 from lsync_jax.train.state import init_state_fn, make_optimizer
 from lsync_jax.train.loop import NonFiniteLossError
+from lsync_jax.train.sample import sample_from_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,3 +134,27 @@ def test_sigterm_saves_before_exiting(tmp_path):
     steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 50000
     assert "preempted at step" in err
+
+
+def test_sample_cli_writes_an_adm_batch_and_a_grid(tmp_path):
+    config = tiny.get_config()
+    config.train.num_steps = 2
+    train_and_evaluate(config, str(tmp_path))
+    out = sample_from_workdir(tiny.get_config(), str(tmp_path), str(tmp_path / "out"), num_samples=12,
+                              batch_size=8)
+    batch = np.load(out["npz"])
+    assert batch["arr_0"].shape == (12, 28, 28, 1) and batch["arr_0"].dtype == np.uint8
+    assert batch["arr_1"].shape == (12,) and batch["arr_1"].max() < 10
+    assert os.path.getsize(out["png"]) > 0
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sample_from_workdir(tiny.get_config(), str(tmp_path / "empty"), str(tmp_path / "o2"), 4, 4)
+
+
+def test_fashion_mnist_config_and_its_baseline():
+    from configs import fashion_mnist
+
+    with_ls, base = fashion_mnist.get_config(), fashion_mnist.get_config("baseline")
+    assert with_ls.objective.regularizers == ("layersync",) and base.objective.regularizers == ()
+    assert with_ls.data.name == "fashion_mnist" and with_ls.model.overrides.input_size == 28
+    with pytest.raises(ValueError, match="baseline"):
+        fashion_mnist.get_config("repa")

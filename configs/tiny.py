@@ -16,5 +16,5 @@ def get_config():
                             batch_size=8, flip=False))
     config.sampler.update(dict(method="euler", num_steps=8, cfg_scale=1.0, guidance_interval=(0.0, 1.0)))
     config.train.update(dict(num_steps=6, ema_decay=0.9, log_every=2, checkpoint_every=3, sample_every=0,
-                             num_grid_samples=10, async_checkpoints=False))
+                             num_grid_samples=10))
     return config

@@ -25,6 +25,8 @@ class LoaderSpec:
     shuffle: bool = True
     flip: bool = False  # random horizontal flips, p = 1/2
     num_epochs: int | None = None  # None: repeat forever
+    read_threads: int = 2
+    prefetch_batches: int = 4
 
 
 class _LoadSlice:
@@ -61,7 +63,10 @@ def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = No
     if spec.shuffle:
         indices = indices.shuffle(seed=spec.seed)
     batches = indices.repeat(spec.num_epochs).batch(spec.global_batch_size, drop_remainder=True)
-    return batches.map_with_index(_LoadSlice(source, spec, process_index, local_batch)).to_iter_dataset()
+    # A few reader threads and a short prefetch: grain's defaults (16 threads, 500 batches) would hold
+    # hundreds of batches in host memory for large images.
+    read = grain.ReadOptions(num_threads=spec.read_threads, prefetch_buffer_size=spec.prefetch_batches)
+    return batches.map_with_index(_LoadSlice(source, spec, process_index, local_batch)).to_iter_dataset(read)
 
 
 def global_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

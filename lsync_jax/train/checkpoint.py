@@ -9,6 +9,7 @@ policy keeps the latest `max_to_keep` plus every `keep_every`-th step.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -25,11 +26,21 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
     return {path_name(path): list(x.shape) for path, x in flat}
 
 
-def describe(model_config: Mapping[str, Any], params: Any) -> dict[str, Any]:
-    """The 'meta' item: what must match for a checkpoint to be resumed into this run."""
-    return {"model": {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
-                      for k, v in sorted(model_config.items())},
-            "param_shapes": param_shapes(params)}
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
+
+
+def describe(model_config: Mapping[str, Any], params: Any, state: Any = None,
+             objective: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The 'meta' item: what must match for a checkpoint to be resumed into this run: the model, the
+    parameter shapes, the shapes of the whole train state (optimizer structure, PRNG key) and the
+    objective (resuming a LayerSync run as a baseline, say, is refused)."""
+    meta = {"model": {k: _plain(v) for k, v in sorted(model_config.items())}, "param_shapes": param_shapes(params)}
+    if state is not None:
+        meta["state_shapes"] = param_shapes(state)
+    if objective is not None:
+        meta["objective"] = _plain(repr(objective))
+    return meta
 
 
 def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
@@ -43,6 +54,13 @@ def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where:
     for key in sorted(set(shapes_a) | set(shapes_b)):
         if shapes_a.get(key) != shapes_b.get(key):
             problems.append(f"param {key}: checkpoint {shapes_a.get(key)}, config {shapes_b.get(key)}")
+    for key in ("state_shapes", "objective"):
+        if key in saved and key in wanted and saved[key] != wanted[key]:
+            if key == "objective":
+                problems.append(f"objective: checkpoint {saved[key]}, config {wanted[key]}")
+            else:
+                diff = sorted(k for k in set(saved[key]) | set(wanted[key]) if saved[key].get(k) != wanted[key].get(k))
+                problems.append(f"train state (optimizer settings or PRNG implementation) differs at {diff[:3]}")
     if problems:
         shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
         raise ValueError(f"the checkpoint in {where} is from an incompatible model ({shown}). Use another "
@@ -53,10 +71,11 @@ class Checkpointer:
     """CheckpointManager over `directory` with the run's save/restore conventions."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every,
-                                               enable_async_checkpointing=async_save, create=True)
+                                               enable_async_checkpointing=async_save, create=not read_only,
+                                               read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
 
@@ -77,8 +96,10 @@ class Checkpointer:
         """Restore 'state' into the layout of `abstract_state` (ShapeDtypeStructs with shardings) and,
         if given, the data iterator in place."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = data_iterator is not None and os.path.isdir(os.path.join(self.directory, str(step), "data"))
-        if has_data:
+        if data_iterator is not None:
+            if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+                raise FileNotFoundError(f"checkpoint {step} in {self.directory} has no data-iterator position; "
+                                        "resuming would replay the data from the start")
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
@@ -105,12 +126,16 @@ def restore_params(path: str, abstract_params: Any) -> tuple[Any, Any]:
         if step is None:
             raise FileNotFoundError(f"train.init_from={path!r} holds no checkpoint")
         step_dir = os.path.join(ckpt_dir, str(step))
-    restored = ocp.StandardCheckpointer().restore(
+    meta_file = os.path.join(step_dir, "meta", "metadata")
+    if os.path.exists(meta_file):
+        with open(meta_file) as f:
+            saved_shapes = json.load(f).get("param_shapes", {})
+        check_compatible({"model": {}, "param_shapes": saved_shapes},
+                         {"model": {}, "param_shapes": param_shapes(abstract_params)}, path)
+    # Only params and EMA params, restored straight into this run's layout (any device count).
+    target = {"params": abstract_params, "ema_params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(step_dir, "state"),
-        target=None,
-    )
-    params, ema = restored["params"], restored["ema_params"]
-    check_compatible({"model": {}, "param_shapes": param_shapes(params)},
-                     {"model": {}, "param_shapes": param_shapes(abstract_params)}, path)
-    put = lambda tree: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, abstract_params)
-    return put(params), put(ema)
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+    return restored["params"], restored["ema_params"]

@@ -32,6 +32,7 @@ from lsync_jax.train.images import make_grid, save_png, to_uint8
 from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, gather_to_host, make_mesh
 from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
 from lsync_jax.train.step import make_train_step
+from lsync_jax.transport.samplers import validate_guidance
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,6 +66,15 @@ class _Preemption:
         logging.warning("SIGTERM: saving a checkpoint before exiting")
         self.requested = True
 
+    def any_process(self) -> bool:
+        """With several processes all must stop at the same step: they agree at log boundaries
+        (every process runs this at the same steps), so a preempted pod saves at the next one."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -91,6 +101,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     objective = build_objective(config.objective, transport, depth=model.depth)
     tx, schedule = make_optimizer(dict(config.optimizer))
     sampler_cfg, cfg_scale, interval = build_sampler(config)
+    validate_guidance(model, cfg_scale, interval)  # now, not at the first sample grid hours later
+    for key in ("num_steps", "log_every", "checkpoint_every", "num_grid_samples"):
+        if int(config.train.get(key, 1)) < 1:
+            raise ValueError(f"config.train.{key} must be >= 1, got {config.train.get(key)}")
+    if int(config.train.get("sample_every", 0)) < 0:
+        raise ValueError(f"config.train.sample_every must be >= 0 (0: only at the end)")
     rules = tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
     mesh = make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
     batch_size = int(config.data.batch_size)
@@ -107,7 +123,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             state_shardings(model, tx, mesh, rules))
-    meta = ckpt_lib.describe(model_fields(config), shapes.params)
+    meta = ckpt_lib.describe(model_fields(config), shapes.params, shapes, objective)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                          keep_every=config.train.get("keep_every"),
@@ -117,6 +133,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         ckpt_lib.check_compatible(checkpointer.read_meta(latest), meta, checkpointer.directory)
         state = checkpointer.restore(latest, abstract, data_iter)
         logging.info("resumed from %s step %d", checkpointer.directory, latest)
+        if config.train.get("init_from"):
+            logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence",
+                            latest)
+        if latest >= num_steps:
+            logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", latest, num_steps)
     else:
         state = create_train_state(model, tx, jax.random.key(int(config.seed)), mesh, rules)
         if config.train.get("init_from"):
@@ -176,11 +197,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                 report(step)
                 if step % log_every == 0 or step == num_steps:
                     flush_metrics(step)
-                if sample_every and step % sample_every == 0:
-                    sample_grid(step)
                 if step % ckpt_every == 0 or step == num_steps:
                     save(step)
-                if preemption.requested:
+                if sample_every and step % sample_every == 0:
+                    sample_grid(step)
+                if (preemption.requested if jax.process_count() == 1
+                        else step % log_every == 0 and preemption.any_process()):
                     if last_saved != step:
                         save(step, force=True)
                     logging.warning("preempted at step %d; checkpoint saved", step)

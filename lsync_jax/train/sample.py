@@ -18,14 +18,18 @@ from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, gather_to_ho
 def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
     """(model, EMA params laid out over `mesh`, step) of the latest checkpoint in `workdir`."""
     model = build_model(config)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (launch/train.py --workdir=...)")
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
                                 "(launch/train.py --workdir=...)")
     shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
-    ckpt_lib.check_compatible(checkpointer.read_meta(step), ckpt_lib.describe(model_fields(config), shapes),
-                              checkpointer.directory)
+    saved = checkpointer.read_meta(step)
+    ckpt_lib.check_compatible({k: saved[k] for k in ("model", "param_shapes") if k in saved},
+                              ckpt_lib.describe(model_fields(config), shapes), checkpointer.directory)
     checkpointer.close()
     rules = tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -37,8 +41,11 @@ def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
 def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: int, batch_size: int,
                         seed: int = 0) -> dict[str, str]:
     """Draw `num_samples` class-conditional samples (labels cycle over the classes) in batches sharded
-    over every device; write samples_<N>.npz and a grid PNG of the first 100 into `out_dir`."""
+    over every device; write samples_step<S>_seed<K>_<N>.npz and a grid PNG of the first 100 into `out_dir`."""
     validate_config(config)
+    from lsync_jax.train.loop import initialize_distributed
+
+    initialize_distributed(config.get("distributed", {}))
     mesh = make_mesh()
     if batch_size % jax.device_count():
         raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
@@ -59,8 +66,8 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     images = np.concatenate(images)[:num_samples]
     labels = np.concatenate(labels)[:num_samples]
     os.makedirs(out_dir, exist_ok=True)
-    npz = os.path.join(out_dir, f"samples_{num_samples}.npz")
-    png = os.path.join(out_dir, f"samples_step{step}.png")
+    npz = os.path.join(out_dir, f"samples_step{step}_seed{seed}_{num_samples}.npz")
+    png = os.path.join(out_dir, f"samples_step{step}_seed{seed}.png")
     if jax.process_index() == 0:
         np.savez(npz, arr_0=images, arr_1=labels)
         order = np.argsort(labels[:100], kind="stable")

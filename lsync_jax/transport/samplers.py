@@ -235,6 +235,16 @@ def sample(field: ModelField, transport: Transport, noise: Array, key: Array, co
                                  last_step=config.last_step, last_step_size=config.last_step_size)
 
 
+def validate_guidance(model: Any, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -> None:
+    """Raise ValueError for guidance a model cannot do or an interval outside [0, 1] (concrete values only)."""
+    if (not isinstance(cfg_scale, (int, float)) or cfg_scale != 1.0) and model.class_dropout_prob <= 0:
+        raise ValueError("classifier-free guidance needs a model trained with label dropout "
+                         "(model.class_dropout_prob > 0 gives it a null class)")
+    low, high = guidance_interval
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
+
+
 def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
                    shape: tuple[int, int, int] | None = None) -> Callable[..., Array]:
     """A jitted `fn(variables, key, labels, cfg_scale=1.0, guidance_interval=(0., 1.)) -> samples`.
@@ -259,18 +269,14 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
         return sample(field, transport, noise, key_sde, config)
 
     def checked(variables, key, labels, cfg_scale=1.0, guidance_interval=(0.0, 1.0)):
-        if (not isinstance(cfg_scale, (int, float)) or cfg_scale != 1.0) and model.class_dropout_prob <= 0:
-            raise ValueError("classifier-free guidance needs a model trained with label dropout "
-                             "(model.class_dropout_prob > 0 gives it a null class)")
-        low, high = guidance_interval
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-        host = np.asarray(labels)
-        if host.ndim != 1 or (host.size and (host.min() < 0 or host.max() >= max(model.num_classes, 1))):
-            # an out-of-range label would read past the embedding table (NaN under jit), not fail
-            raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {host}")
+        validate_guidance(model, cfg_scale, guidance_interval)
+        if not isinstance(labels, jax.Array) or labels.is_fully_addressable:
+            host = np.asarray(labels)
+            if host.ndim != 1 or (host.size and (host.min() < 0 or host.max() >= max(model.num_classes, 1))):
+                # an out-of-range label would read past the embedding table (NaN under jit), not fail
+                raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {host}")
         # a jax.Array keeps its sharding: labels split over devices split the sampling batch
-        labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else jnp.asarray(host, jnp.int32)
+        labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else jnp.asarray(labels, jnp.int32)
         return fn(variables, key, labels, cfg_scale, guidance_interval)
 
     return checked

@@ -93,6 +93,20 @@ def test_bad_input_fails_before_compiling_and_keeps_the_workdir(tmp_path):
         train_and_evaluate(other, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
+    baseline = tiny.get_config()  # the same model, but LayerSync off: not a resume of this run
+    baseline.objective.regularizers = ()
+    with pytest.raises(ValueError, match="incompatible model.*objective: checkpoint"):
+        train_and_evaluate(baseline, str(tmp_path))
+    clipped = tiny.get_config()  # another optimizer state structure
+    clipped.optimizer.grad_clip = 1.0
+    with pytest.raises(ValueError, match="optimizer settings or PRNG implementation"):
+        train_and_evaluate(clipped, str(tmp_path))
+    zero = tiny.get_config()
+    zero.train.log_every = 0
+    with pytest.raises(ValueError, match="config.train.log_every must be >= 1"):
+        train_and_evaluate(zero, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
     bad = tiny.get_config()
     with bad.unlocked():
         bad.train.num_stepz = 5

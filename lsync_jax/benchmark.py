@@ -4,7 +4,8 @@ attention implementations, and sampling. Prints a table and returns rows for JSO
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
 result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
 usual MFU accounting, so rows compare across devices and frameworks; mem_gib is the
-compiled train step's device memory (arguments + outputs + temporaries - donated buffers).
+compiled train step's device memory (arguments + outputs + temporaries - donated buffers), peak_gib
+the allocator's peak so far (GPU/TPU), mfu the model TFLOP/s over the bf16 peak of known devices.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lsync_jax.models import get_model
 from lsync_jax.models.layers import resolve_attention_impl
-from lsync_jax.objectives import LayerSync, Objective, default_pair, objective_loss
+from lsync_jax.objectives import LayerSync, Objective, default_pair
+from lsync_jax.train import batch_sharding, create_train_state, make_mesh, make_optimizer, make_train_step
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 
 
@@ -71,6 +72,12 @@ def forward_flops(model, height: int, width: int) -> float:
     return float(tokens * per_token + per_sample)
 
 
+def _peak_gib() -> float | None:
+    """The process's peak device memory so far (allocator statistics; absent on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return None if "peak_bytes_in_use" not in stats else stats["peak_bytes_in_use"] / 2**30
+
+
 def _program_memory_gib(compiled) -> float | None:
     """Device memory one compiled program needs: arguments + outputs + temporaries - donated aliases."""
     try:
@@ -114,38 +121,48 @@ def _attention_label(model) -> str:
     return model.attention_impl if resolved == model.attention_impl else f"{model.attention_impl}->{resolved}"
 
 
+# Dense bf16 peak FLOP/s per device, for model-FLOPs utilisation (MFU); other kinds print no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name in kind:
+            return flops * jax.device_count()
+    return None
+
+
 def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: str) -> dict[str, Any]:
-    """Loss + gradient + AdamW update of one model, jitted with the state donated."""
+    """The library's train step (loss + gradient + AdamW + EMA, state donated), sharded over every
+    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`."""
     model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
                       dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **cfg.model_overrides)
-    transport = create_transport()
     pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
-    regs = (LayerSync(tuple(pairs)),) if layersync else ()
-    objective = Objective(transport, regs)
-    tx = optax.adamw(1e-4, weight_decay=0.0)
-    params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
-    state = (params, tx.init(params))
-    batch = {
-        "x": jax.random.normal(jax.random.key(1), (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)),
-        "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes),
-    }
-
-    def step(state, batch, key):
-        params, opt_state = state
-        grads, metrics = jax.grad(lambda p: objective_loss(p, model.apply, batch, key, objective), has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), metrics["loss"]
-
-    fn = jax.jit(step, donate_argnums=0)
-    seconds, compiled, compile_s = time_compiled(fn, (state, batch, jax.random.key(3)), cfg.steps, carry=True)
+    objective = Objective(create_transport(), (LayerSync(tuple(pairs)),) if layersync else ())
+    tx, schedule = make_optimizer({"lr": 1e-4})
+    mesh = make_mesh()
+    if cfg.batch_size % jax.device_count():
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {jax.device_count()} devices")
+    state = create_train_state(model, tx, jax.random.key(0), mesh)
+    params = state.params
+    shape = (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)
+    batch = jax.device_put({"x": jax.random.normal(jax.random.key(1), shape),
+                            "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)},
+                           batch_sharding(mesh))
+    fn = make_train_step(model, objective, tx, schedule, mesh)
+    seconds, compiled, compile_s = time_compiled(fn, (state, batch), cfg.steps, carry=True)
     n_params = sum(l.size for l in jax.tree.leaves(params))
+    flops = 3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds
+    peak = peak_flops()
     return dict(
         bench="train_step", model=name, variant="layersync" if layersync else "baseline",
         attention=_attention_label(model),
         dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
         img_per_s=round(cfg.batch_size / seconds, 1),
-        tflops=round(3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds / 1e12, 1),
-        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)),
+        tflops=round(flops / 1e12, 1), mfu=None if peak is None else round(flops / peak, 3),
+        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
     )
 
 
@@ -170,12 +187,13 @@ def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) ->
         bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}",
         attention=_attention_label(model),
         dtype=cfg.dtype, batch=cfg.sample_batch, params_m=None, ms=round(seconds * 1e3, 1),
-        img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, compile_s=None, mem_gib=None,
+        img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, mfu=None, compile_s=None, mem_gib=None,
+        peak_gib=_round(_peak_gib()),
     )
 
 
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
-           "compile_s", "mem_gib")
+           "mfu", "compile_s", "mem_gib", "peak_gib")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

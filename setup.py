@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint",
         "grain",
         "ml_collections",
+        "absl-py",
         "clu",
         "tensorflow-datasets",
         "einops",
@@ -28,6 +29,6 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scipy"],
+        "test": ["pytest", "pytest-xdist"],
     },
 )

@@ -14,6 +14,7 @@ from lsync_jax.data import ArraySource, SyntheticSource, TfdsSource, load_fashio
 from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from lsync_jax.models import get_model
 from lsync_jax.objectives.registry import check_keys
+from lsync_jax.train.sharding import DEFAULT_RULES
 from lsync_jax.transport import SamplerConfig, Transport, create_transport
 
 SECTIONS = {
@@ -44,6 +45,11 @@ def validate_config(config: Mapping[str, Any]) -> None:
         check_keys(config[section], keys, f"config.{section}")
     if "data" in config and config.data.get("name") not in DATA_NAMES:
         raise ValueError(f"config.data.name={config.data.get('name')!r}; expected one of {DATA_NAMES}")
+
+
+def mesh_rules(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """config.mesh.rules as (regex, rule) pairs, or the default placement when empty."""
+    return tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
 
 
 def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,13 +25,15 @@ from lsync_jax.train.config import (
     build_source,
     build_transport,
     check_data_matches_model,
+    mesh_rules,
     model_fields,
     validate_config,
 )
 from lsync_jax.train.images import make_grid, save_png, to_uint8
-from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, gather_to_host, make_mesh
+from lsync_jax.train.sharding import batch_sharding, gather_to_host, make_mesh, with_shardings
 from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
 from lsync_jax.train.step import make_train_step
+from lsync_jax.transport import make_sample_fn
 from lsync_jax.transport.samplers import validate_guidance
 
 
@@ -107,7 +109,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             raise ValueError(f"config.train.{key} must be >= 1, got {config.train.get(key)}")
     if int(config.train.get("sample_every", 0)) < 0:
         raise ValueError(f"config.train.sample_every must be >= 0 (0: only at the end)")
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
+    rules = mesh_rules(config)
     mesh = make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
     batch_size = int(config.data.batch_size)
     if batch_size % jax.device_count():
@@ -121,8 +123,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     # -- state: resume, else init (optionally from another run's weights) -----------------------------
     shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            state_shardings(model, tx, mesh, rules))
+    abstract = with_shardings(shapes, state_shardings(model, tx, mesh, rules))
     meta = ckpt_lib.describe(model_fields(config), shapes.params, shapes, objective)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=int(config.train.get("keep_checkpoints", 3)),
@@ -147,8 +148,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
                               rules=rules)
-    from lsync_jax.transport import make_sample_fn  # after the model: the sampler closes over it
-
     sample_fn = make_sample_fn(model, transport, sampler_cfg)
     writer, report = _writers(workdir, num_steps)
     sharding = batch_sharding(mesh)

@@ -10,9 +10,17 @@ import numpy as np
 from absl import logging
 
 from lsync_jax.train import checkpoint as ckpt_lib
-from lsync_jax.train.config import build_model, build_sampler, build_transport, model_fields, validate_config
+from lsync_jax.train.config import (
+    build_model,
+    build_sampler,
+    build_transport,
+    mesh_rules,
+    model_fields,
+    validate_config,
+)
 from lsync_jax.train.images import make_grid, save_png, to_uint8
-from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, gather_to_host, make_mesh, tree_shardings
+from lsync_jax.train.sharding import batch_sharding, gather_to_host, make_mesh, tree_shardings, with_shardings
+from lsync_jax.transport import make_sample_fn
 
 
 def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
@@ -31,9 +39,8 @@ def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
     ckpt_lib.check_compatible({k: saved[k] for k in ("model", "param_shapes") if k in saved},
                               ckpt_lib.describe(model_fields(config), shapes), checkpointer.directory)
     checkpointer.close()
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", ())) or DEFAULT_RULES
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            tree_shardings(shapes, mesh, rules))
+    # placed as in training: the rules match paths of the whole state ('params/...')
+    abstract = with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
     _, ema = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)), abstract)
     return model, ema, step
 
@@ -51,8 +58,6 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
         raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
     model, ema, step = load_ema_params(config, workdir, mesh)
     sampler_cfg, cfg_scale, interval = build_sampler(config)
-    from lsync_jax.transport import make_sample_fn
-
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
     rng = np.random.default_rng(seed)
     images, labels = [], []

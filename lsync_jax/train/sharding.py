@@ -87,6 +87,11 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = DEF
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target shardings: the layout an Orbax restore fills in."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The batch's leading axis split over every device (data and fsdp)."""
     return NamedSharding(mesh, P(BATCH_AXES))

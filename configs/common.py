@@ -41,6 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.keep_every = ml_collections.config_dict.placeholder(int)
     config.train.init_from = ""
 
+    # FID-N of EMA samples every `every` steps (0: off) against the training data's reference split
+    # (first reference_size images) or an ADM reference batch (`reference`: path to its .npz).
+    # The paper protocol (FID-50K vs VIRTUAL_imagenet256_labeled.npz) is launch/sample.py + launch/evaluate.py.
+    config.eval = ml_collections.ConfigDict(dict(every=0, num_samples=10_000, batch_size=250, reference="",
+                                                 reference_split="test", reference_size=10_000,
+                                                 inception_weights=""))
+
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
 
     # Multi-host: enabled=True calls jax.distributed.initialize(); empty/-1 values are auto-detected

@@ -30,6 +30,8 @@ SECTIONS = {
     "optimizer": None,  # checked by make_optimizer
     "train": ("num_steps", "ema_decay", "log_every", "checkpoint_every", "keep_checkpoints", "keep_every",
               "sample_every", "num_grid_samples", "init_from", "async_checkpoints"),
+    "eval": ("every", "num_samples", "batch_size", "reference", "reference_split", "reference_size",
+             "inception_weights"),
     "distributed": ("enabled", "coordinator_address", "num_processes", "process_id", "cpu_collectives"),
     "mesh": ("data", "fsdp", "rules"),
 }

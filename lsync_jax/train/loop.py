@@ -149,6 +149,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
                               rules=rules)
     sample_fn = make_sample_fn(model, transport, sampler_cfg)
+    fid = None
+    if int(config.get("eval", {}).get("every", 0)):
+        from lsync_jax.train.fid import TrainingFID  # Inception weights are needed only when FID is on
+
+        fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir)
     writer, report = _writers(workdir, num_steps)
     sharding = batch_sharding(mesh)
     log_every = int(config.train.get("log_every", 50))
@@ -177,6 +182,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         checkpointer.save(step, state, meta, data_iter, force=force)
         last_saved = step
 
+    def evaluate(step: int) -> None:
+        scalars = fid(step, state.ema_params)
+        writer.write_scalars(step, scalars)
+        last_metrics.update(scalars)
+
     def sample_grid(step: int) -> None:
         labels = np.arange(int(config.train.get("num_grid_samples", 64))) % max(model.num_classes, 1)
         images = sample_fn({"params": state.ema_params}, jax.random.key(int(config.seed) + 1), labels,
@@ -200,6 +210,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                     save(step)
                 if sample_every and step % sample_every == 0:
                     sample_grid(step)
+                if fid is not None and fid.due(step, num_steps):
+                    evaluate(step)  # after the save: a failing evaluation never costs training
                 if (preemption.requested if jax.process_count() == 1
                         else step % log_every == 0 and preemption.any_process()):
                     if last_saved != step:

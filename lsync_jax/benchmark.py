@@ -1,5 +1,5 @@
-"""Speed and memory of the core on the present devices: train step (with and without LayerSync),
-attention implementations, and sampling. Prints a table and returns rows for JSON.
+"""Speed and memory on the present devices: train step (with and without LayerSync), attention
+implementations, sampling, the FID Inception pass and a whole FID-N evaluation. Prints a table and returns rows for JSON.
 
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
 result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
@@ -42,6 +42,9 @@ class BenchConfig:
     sample_cfg: Sequence[float] = (1.0, 1.5)
     model_overrides: dict = dataclasses.field(default_factory=dict)
     layersync_pairs: tuple = ()  # () : the paper's pair scaled to the depth, weight 0.2
+    inception_batch: int = 0  # > 0: time the FID Inception pass on batches of this many images
+    fid_samples: int = 0  # > 0: time a whole FID-N evaluation (features, statistics, five metrics)
+    image_size: int = 256  # pixel size of the images the evaluator rows feed (resized to 299 inside)
 
 
 def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
@@ -192,6 +195,65 @@ def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) ->
     )
 
 
+def _inception_evaluator(cfg: BenchConfig, batch: int):
+    from flax import traverse_util
+
+    from lsync_jax.eval.evaluator import InceptionEvaluator
+    from lsync_jax.eval.weights import expected_shapes
+
+    # Random weights drawn on the host: compiling Inception's init would cost more than the benchmark.
+    rng = np.random.default_rng(0)
+    flat = {tuple(k.split("/")): (rng.uniform(0.5, 1.5, shape) if k.endswith("var") else
+                                  rng.normal(0.0, 0.05, shape)).astype(np.float32)
+            for k, shape in expected_shapes().items()}
+    return InceptionEvaluator(batch_size=batch, params=traverse_util.unflatten_dict(flat))
+
+
+def _random_images(n: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def bench_inception(cfg: BenchConfig) -> dict[str, Any]:
+    """The FID Inception pass (TF-style resize to 299, float32 at highest precision, logits on),
+    sharded over every device; random weights, uint8 host images in and features out."""
+    evaluator = _inception_evaluator(cfg, cfg.inception_batch)
+    images = _random_images(evaluator.batch_size, cfg.image_size, 0)
+    placed = evaluator._place(images)  # time the device pass; host transfer is in the FID row
+    seconds, compiled, compile_s = time_compiled(evaluator._apply, (evaluator.params, placed), cfg.steps)
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = (analysis or {}).get("flops")
+    return dict(
+        bench="inception", model="InceptionV3-FID", variant=f"{cfg.image_size}px->299", attention=None,
+        dtype="float32", batch=evaluator.batch_size, params_m=23.9, ms=round(seconds * 1e3, 1),
+        img_per_s=round(evaluator.batch_size / seconds, 1),
+        tflops=None if not flops else round(flops / seconds / 1e12, 3), mfu=None, compile_s=round(compile_s, 1),
+        mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
+def bench_fid(cfg: BenchConfig) -> dict[str, Any]:
+    """A whole FID-N evaluation of N host images against a precomputed reference: Inception
+    features, float64 statistics, FID and sFID (eigh route) and precision/recall (k=3)."""
+    from lsync_jax.eval.evaluator import compute_metrics
+
+    batch = cfg.inception_batch or 256
+    evaluator = _inception_evaluator(cfg, batch)
+    n = cfg.fid_samples
+    reference = evaluator.statistics([_random_images(n, cfg.image_size, 1)])  # also compiles
+    samples = _random_images(n, cfg.image_size, 2)
+    start = time.perf_counter()
+    stats = evaluator.statistics(samples[i:i + batch] for i in range(0, n, batch))
+    compute_metrics(reference, stats, fid_method="eigh")
+    seconds = time.perf_counter() - start
+    return dict(
+        bench="fid", model="InceptionV3-FID", variant=f"FID-{n} {cfg.image_size}px", attention=None,
+        dtype="float32", batch=evaluator.batch_size, params_m=None, ms=round(seconds * 1e3, 1),
+        img_per_s=round(n / seconds, 1), tflops=None, mfu=None, compile_s=None, mem_gib=None,
+        peak_gib=_round(_peak_gib()),
+    )
+
+
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
            "mfu", "compile_s", "mem_gib", "peak_gib")
 
@@ -220,6 +282,12 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
             for scale in cfg.sample_cfg:
                 rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
                 print_fn(format_table(rows[-1:]))
+    if cfg.inception_batch > 0:
+        rows.append(bench_inception(cfg))
+        print_fn(format_table(rows[-1:]))
+    if cfg.fid_samples > 0:
+        rows.append(bench_fid(cfg))
+        print_fn(format_table(rows[-1:]))
     print_fn("\n" + format_table(rows))
     return {"device": device, "config": dataclasses.asdict(cfg), "rows": rows}
 

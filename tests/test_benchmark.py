@@ -47,3 +47,11 @@ def test_bench_config_from_a_training_config():
     assert cfg.model_overrides == {"learn_sigma": True, "class_dropout_prob": 0.1} and cfg.steps == 3
     small = bench_config_from(tiny.get_config())
     assert small.model_overrides["depth"] == 4 and small.input_size == 28 and small.layersync_pairs == ()
+
+
+def test_evaluator_rows_time_the_inception_pass_and_a_whole_fid():
+    cfg = BenchConfig(models=(), steps=1, sample_steps=0, inception_batch=2, fid_samples=5, image_size=16)
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [("inception", "16px->299"), ("fid", "FID-5 16px")]
+    assert all(r["ms"] > 0 and r["img_per_s"] > 0 for r in rows)
+    assert rows[0]["batch"] == 2 and (rows[0]["tflops"] is None or rows[0]["tflops"] > 0)

@@ -1,5 +1,6 @@
 """Speed and memory on the present devices: train step (with and without LayerSync), attention
-implementations, sampling, the FID Inception pass and a whole FID-N evaluation. Prints a table and returns rows for JSON.
+implementations, sampling, the FID Inception pass and a whole FID-N evaluation. Prints a table
+and returns rows for JSON.
 
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
 result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
@@ -218,16 +219,18 @@ def bench_inception(cfg: BenchConfig) -> dict[str, Any]:
     sharded over every device; random weights, uint8 host images in and features out."""
     evaluator = _inception_evaluator(cfg, cfg.inception_batch)
     images = _random_images(evaluator.batch_size, cfg.image_size, 0)
-    placed = evaluator._place(images)  # time the device pass; host transfer is in the FID row
-    seconds, compiled, compile_s = time_compiled(evaluator._apply, (evaluator.params, placed), cfg.steps)
+    placed = evaluator.place(images)  # time the device pass; host transfer is in the FID row
+    seconds, compiled, compile_s = time_compiled(evaluator.apply, (evaluator.params, placed), cfg.steps)
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     flops = (analysis or {}).get("flops")
     return dict(
         bench="inception", model="InceptionV3-FID", variant=f"{cfg.image_size}px->299", attention=None,
-        dtype="float32", batch=evaluator.batch_size, params_m=23.9, ms=round(seconds * 1e3, 1),
+        dtype="float32", batch=evaluator.batch_size,
+        params_m=round(sum(x.size for x in jax.tree.leaves(evaluator.params)) / 1e6, 1), ms=round(seconds * 1e3, 1),
         img_per_s=round(evaluator.batch_size / seconds, 1),
-        tflops=None if not flops else round(flops / seconds / 1e12, 3), mfu=None, compile_s=round(compile_s, 1),
+        tflops=None if not flops else round(flops * evaluator.mesh.size / seconds / 1e12, 3), mfu=None,
+        compile_s=round(compile_s, 1),
         mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
     )
 

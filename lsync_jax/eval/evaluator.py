@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import time
 import zipfile
@@ -25,9 +24,9 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lsync_jax.eval import inception, metrics, weights
+from lsync_jax.host import all_processes, gather_to_host, save_npz_atomic, write_json_atomic
 
-# ADM keeps all reference pool features (10K) and all sample pool features for precision/recall.
-DEFAULT_KEEP = 50_000
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 @dataclasses.dataclass
@@ -50,13 +49,7 @@ class FeatureStats:
             arrays["pool"] = self.pool
         if self.probs is not None:
             arrays["probs"] = self.probs
-        target = epath.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        tmp = target.parent / (target.name + ".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.rename(target)
+        save_npz_atomic(path, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "FeatureStats":
@@ -81,23 +74,24 @@ class InceptionEvaluator:
         if params is None:
             self.weights_path = weights.resolve_weights(weights_path)
             params, self.has_logits = weights.load_weights(self.weights_path)
+            # cached statistics are keyed by the weights' content, not just their file name
+            digest = hashlib.sha1(epath.Path(self.weights_path).read_bytes()).hexdigest()[:10]
+            self.weights_id = f"{os.path.splitext(os.path.basename(self.weights_path))[0]}-{digest}"
         else:  # given weights (benchmarks time random ones: speed does not depend on them)
             self.weights_path, self.has_logits = "given", "logits_kernel" in params
+            self.weights_id = "given"
         devices = list(devices or jax.devices())
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
         self.batch_size = max(n, -(-int(batch_size) // n) * n)
         self._batch = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        self._apply = jax.jit(functools.partial(inception.features, with_logits=self.has_logits),
-                              out_shardings=self._batch)
+        # (params, placed uint8 batch) -> features on device, sharded like the batch
+        self.apply = jax.jit(functools.partial(inception.features, with_logits=self.has_logits),
+                             out_shardings=self._batch)
 
-    @property
-    def weights_id(self) -> str:
-        """Names the weights in cache keys: statistics from other weights are never reused."""
-        return os.path.splitext(os.path.basename(self.weights_path))[0]
-
-    def _place(self, images: np.ndarray) -> jax.Array:
+    def place(self, images: np.ndarray) -> jax.Array:
+        """A host batch (the same on every process) as a global array split over the mesh."""
         return jax.make_array_from_callback(images.shape, self._batch, lambda index: images[index])
 
     def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -113,9 +107,9 @@ class InceptionEvaluator:
             valid = len(chunk)
             if valid < self.batch_size:  # pad the last batch: one compiled shape, any N
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid, *chunk.shape[1:]), np.uint8)])
-            result = self._apply(self.params, self._place(chunk))
+            result = self.apply(self.params, self.place(chunk))
             for key, value in result.items():
-                value = _to_host(value)[:valid]
+                value = gather_to_host(value)[:valid]
                 if key == "logits":
                     key, value = "probs", _softmax(value)
                 out.setdefault(key, []).append(value)
@@ -123,9 +117,11 @@ class InceptionEvaluator:
             raise ValueError("no images to evaluate")
         return {k: np.concatenate(v) for k, v in out.items()}
 
-    def statistics(self, batches: Iterable[np.ndarray], keep: int = DEFAULT_KEEP,
+    def statistics(self, batches: Iterable[np.ndarray], keep: int | None = None,
                    progress: Callable[[int], None] | None = None) -> FeatureStats:
-        """Stream image batches into FID/sFID statistics, keeping up to `keep` pool/prob rows."""
+        """Stream image batches into FID/sFID statistics, keeping the pool features and softmax
+        outputs of the first `keep` images (None: all, as ADM does) for precision/recall and IS."""
+        keep = np.inf if keep is None else keep
         pool_stats, spatial_stats = metrics.RunningStats(), metrics.RunningStats()
         kept_pool: list[np.ndarray] = []
         kept_probs: list[np.ndarray] = []
@@ -134,7 +130,7 @@ class InceptionEvaluator:
             feats = self.features(batch)
             pool_stats.update(feats["pool"])
             spatial_stats.update(feats["spatial"])
-            take = max(0, min(keep - kept, len(batch)))
+            take = int(max(0, min(keep - kept, len(batch))))
             if take:
                 kept_pool.append(feats["pool"][:take])
                 if "probs" in feats:
@@ -150,14 +146,6 @@ class InceptionEvaluator:
                             probs=np.concatenate(kept_probs) if kept_probs else None)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -169,7 +157,8 @@ def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = 3, split_s
     """FID, sFID, IS, precision and recall as ADM's evaluator reports them.
 
     `fid_method` 'sqrtm' is ADM's own square root (~40 s per 2048-d FID on 2 CPU cores), 'eigh'
-    the equivalent symmetric route (a few seconds). IS is None when the weights have no classifier; precision/recall are None when either side
+    the equivalent symmetric route (a few seconds). IS is None when the weights have no
+    classifier; precision/recall are None when either side
     kept no pool features (an ADM reference with statistics but no images).
     """
     result: dict[str, float | None] = {
@@ -196,13 +185,13 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def npz_keys(path: str) -> list[str]:
-    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
         return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
 
 
 def iter_npz_batches(path: str, key: str = "arr_0", batch_size: int = 1000) -> Iterator[np.ndarray]:
     """Stream rows of one array of an .npz without loading it whole (ADM's 50K x 256^2 batches are ~10 GB)."""
-    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
         name = f"{key}.npy"
         if name not in archive.namelist():
             raise KeyError(f"{path} has no array {key!r} (has {npz_keys(path)})")
@@ -215,15 +204,18 @@ def iter_npz_batches(path: str, key: str = "arr_0", batch_size: int = 1000) -> I
             while remaining:
                 rows = min(batch_size, remaining)
                 data = f.read(rows * row_bytes)
+                if len(data) != rows * row_bytes:
+                    raise EOFError(f"{path}:{key} is truncated: expected {shape[0]} rows of {shape[1:]}")
                 yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
                 remaining -= rows
 
 
-def npz_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
-    with zipfile.ZipFile(epath.Path(path).open("rb")) as archive:
+def npz_header(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one array of an .npz, from its header alone."""
+    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
         with archive.open(f"{key}.npy") as f:
-            shape, _, _ = _read_npy_header(f)
-    return tuple(shape)
+            shape, _, dtype = _read_npy_header(f)
+    return tuple(shape), dtype
 
 
 def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
@@ -233,36 +225,41 @@ def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
     keys = npz_keys(path)
     if key not in keys:
         raise ValueError(f"{path} has no {key!r} image array (arrays: {keys})")
-    shape = npz_shape(path, key)
-    first = next(iter_npz_batches(path, key, 1), None)
-    if len(shape) != 4 or shape[-1] not in (1, 3) or first is None or first.dtype != np.uint8:
+    shape, dtype = npz_header(path, key)
+    if len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] < 1 or dtype != np.uint8:
         raise ValueError(f"{path}:{key} must be uint8 NHWC images with 1 or 3 channels (ADM layout), got "
-                         f"shape {shape}" + ("" if first is None else f", dtype {first.dtype}"))
-    return shape
+                         f"shape {tuple(shape)}, dtype {dtype}")
+    return tuple(shape)
 
 
 def _file_key(path: str) -> str:
-    stat = os.stat(path) if os.path.exists(path) else None
-    raw = f"{os.path.abspath(path)}:{stat.st_size if stat else ''}:{stat.st_mtime_ns if stat else ''}"
+    """A replaced file (other size or modification time) gets another key."""
+    stat = epath.Path(path).stat()
+    raw = f"{os.path.abspath(path) if '://' not in path else path}:{stat.length}:{stat.mtime}"
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
 def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], FeatureStats],
            cache_dir: str | None = None) -> FeatureStats:
-    """Statistics stored under the cache directory by key and Inception weights, computed once."""
+    """Statistics stored under the cache directory by key and Inception weights, computed once.
+
+    All processes load only if every one of them has the file (the Inception pass is a collective:
+    either all run it or none); each then writes its own copy, atomically, so a cache on a shared
+    disk or on each host's own disk both work.
+    """
     directory = cache_dir or os.path.join(weights.cache_dir(), "fid_stats")
     path = os.path.join(directory, f"{key}__{evaluator.weights_id}.npz")
-    if os.path.exists(path):
+    if all_processes(os.path.exists(path)):
         return FeatureStats.load(path)
     stats = compute()
-    if jax.process_index() == 0:  # every process computed the same; one writes
-        stats.save(path)
+    stats.save(path)
     return stats
 
 
 def batch_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int = 1000,
-                     keep: int = DEFAULT_KEEP, log: Callable[[str], None] = print) -> FeatureStats:
-    """Statistics of an ADM sample batch (`arr_0`)."""
+                     keep: int | None = None, log: Callable[[str], None] = print) -> FeatureStats:
+    """Statistics of an ADM batch's `arr_0` images; stored `mu`/`sigma`/`mu_s`/`sigma_s` in the
+    file replace the computed Gaussians, as ADM's `read_statistics` does."""
     shape = check_image_batch(path)
     start = time.time()
 
@@ -271,7 +268,16 @@ def batch_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int =
         log(f"{os.path.basename(path)}: {done}/{shape[0]} images, {rate:.1f} img/s, "
             f"ETA {(shape[0] - done) / max(rate, 1e-9):.0f} s")
 
-    return evaluator.statistics(iter_npz_batches(path, "arr_0", batch_size), keep=keep, progress=progress)
+    stats = evaluator.statistics(iter_npz_batches(path, "arr_0", batch_size), keep=keep, progress=progress)
+    stored = _stored_statistics(path)
+    return stats if stored is None else dataclasses.replace(stats, **stored)
+
+
+def _stored_statistics(path: str) -> dict[str, np.ndarray] | None:
+    if not all(k in npz_keys(path) for k in STAT_KEYS):
+        return None
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
+        return {k: data[k] for k in STAT_KEYS}
 
 
 def reference_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int = 1000,
@@ -283,42 +289,41 @@ def reference_statistics(evaluator: InceptionEvaluator, path: str, batch_size: i
     if keys is None:
         raise FileNotFoundError(f"reference batch {path} not found")
     has_images = "arr_0" in keys
-    has_stats = all(k in keys for k in ("mu", "sigma", "mu_s", "sigma_s"))
+    has_stats = all(k in keys for k in STAT_KEYS)
     if not has_images and not has_stats:
         raise ValueError(f"{path} is not an ADM reference batch: needs arr_0 images or mu/sigma/mu_s/sigma_s "
                          f"(has {keys})")
-    computed = None
     if has_images:
         check_image_batch(path)
-        computed = cached(f"ref_{os.path.splitext(os.path.basename(path))[0]}_{_file_key(path)}", evaluator,
-                          lambda: batch_statistics(evaluator, path, batch_size, log=log))
-    if not has_stats:
-        return computed
-    with np.load(epath.Path(path).open("rb")) as data:
-        stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
-    return FeatureStats(**stored, count=computed.count if computed else -1,
-                        pool=computed.pool if computed else None, probs=None)
+        name = os.path.splitext(os.path.basename(path))[0]
+        return cached(f"ref_{name}_{_file_key(path)}", evaluator,
+                      lambda: batch_statistics(evaluator, path, batch_size, log=log))
+    return FeatureStats(**_stored_statistics(path), count=-1)
 
 
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def source_statistics(evaluator: InceptionEvaluator, source: Any, num_images: int, batch_size: int = 1000,
-                      keep: int = DEFAULT_KEEP, log: Callable[[str], None] = print) -> FeatureStats:
-    """Reference statistics of the first `num_images` of a data source (`len` and `[i]['image']`,
-    as every lsync-jax source has), computed once and cached by the source's name and size."""
+                      keep: int | None = None, log: Callable[[str], None] = print) -> FeatureStats:
+    """Reference statistics of the first `num_images` (0: all) of a data source (`len` and
+    `[i]['image']`, as every lsync-jax source has), computed once and cached by the images'
+    content: other data under the same name never reuses them."""
     total = len(source)
     num = min(int(num_images), total) if num_images else total
-    name = getattr(source, "name", None) or repr(source)
-    key = "src_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in str(name))
-    key += f"_{num}of{total}_{hashlib.sha1(repr(source).encode()).hexdigest()[:8]}"
+    if num < 1:
+        raise ValueError(f"the reference data source {source!r} has no images")
 
     def batches() -> Iterator[np.ndarray]:
         for start in range(0, num, batch_size):
-            yield np.stack([np.asarray(source[i]["image"], np.uint8) for i in range(start, min(start + batch_size, num))])
+            stop = min(start + batch_size, num)
+            yield np.stack([np.asarray(source[i]["image"], np.uint8) for i in range(start, stop)])
+
+    digest = hashlib.sha1()
+    for batch in batches():  # reading is cheap next to the Inception pass
+        digest.update(np.ascontiguousarray(batch).tobytes())
+    name = str(getattr(source, "name", None) or type(source).__name__)
+    key = "src_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    key += f"_{num}_{digest.hexdigest()[:12]}_keep{keep or 'all'}"
 
     def compute() -> FeatureStats:
         log(f"computing FID reference statistics of {name} ({num} images); cached for later runs")
@@ -355,7 +360,7 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
     if result["inception_score"] is None:
         log("inception_score: the Inception weights have no classifier (fid-helper's file); convert "
             "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for IS")
-    if output:
-        write_json(output, payload)
+    if output and jax.process_index() == 0:
+        write_json_atomic(output, payload)
         log(f"wrote {output}")
     return payload

@@ -28,6 +28,7 @@ from etils import epath
 from flax import traverse_util
 
 from lsync_jax.eval.inception import INPUT_SIZE, InceptionV3
+from lsync_jax.host import save_npz_atomic
 
 CACHE_ENV = "LSYNC_JAX_CACHE"
 CACHED_NAME = "inception_fid_2015-12-05.npz"
@@ -168,13 +169,7 @@ def save_weights(flat: Mapping[str, np.ndarray], path: str, source: str) -> None
     check_params(flat, source)
     meta = json.dumps({"format": "lsync_jax.inception_fid.v1", "source": os.path.basename(source),
                        "with_logits": "logits_kernel" in flat})
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(meta), **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-    tmp = target.parent / (target.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.rename(target)
+    save_npz_atomic(path, __meta__=np.array(meta), **{k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def load_weights(path: str) -> tuple[dict[str, Any], bool]:

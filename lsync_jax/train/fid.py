@@ -3,8 +3,9 @@
 The reference is the training data's `eval.reference_split` (first `reference_size` images, the
 statistics cached on disk once) or an ADM reference batch (`eval.reference`, e.g.
 VIRTUAL_imagenet256_labeled.npz). Labels and noise are the same at every evaluation, so the
-curve moves only with the weights. Everything that can be wrong (weights, reference, sizes) is
-checked when the hook is built, before the first train step compiles.
+curve moves only with the weights. The hook is built before the first train step compiles:
+weights, sizes and the model's image channels are checked and the reference statistics are
+loaded (or computed and cached) then, so nothing fails hours into a run.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from lsync_jax.eval.evaluator import (FeatureStats, InceptionEvaluator, compute_metrics, reference_statistics,
-                                      source_statistics, write_json)
+from lsync_jax.eval.evaluator import (InceptionEvaluator, check_image_batch, compute_metrics, npz_keys,
+                                      reference_statistics, source_statistics)
+from lsync_jax.host import all_processes, gather_to_host, write_json_atomic
 from lsync_jax.train.config import build_source
 from lsync_jax.train.images import to_uint8
-from lsync_jax.train.sharding import batch_sharding, gather_to_host
+from lsync_jax.train.sharding import batch_sharding
+
+# precision/recall's k-NN radii need k + 1 = 4 images on each side
+MIN_IMAGES = 4
 
 
 class TrainingFID:
@@ -35,8 +40,11 @@ class TrainingFID:
         self.batch_size = int(ev.get("batch_size", 250))
         if self.every < 0:
             raise ValueError(f"config.eval.every must be >= 0 (0: no FID), got {self.every}")
-        if self.num_samples < 2:
-            raise ValueError(f"config.eval.num_samples must be >= 2, got {self.num_samples}")
+        if self.num_samples < MIN_IMAGES:
+            raise ValueError(f"config.eval.num_samples must be >= {MIN_IMAGES}, got {self.num_samples}")
+        if model.in_channels not in (1, 3):
+            raise ValueError(f"config.eval: the model makes {model.in_channels}-channel samples; FID needs images "
+                             "(1 or 3 channels); latent models need the VAE decoder, not part of lsync-jax yet")
         if self.batch_size < 1 or self.batch_size % jax.device_count():
             raise ValueError(f"config.eval.batch_size={self.batch_size} must be a positive multiple of the "
                              f"{jax.device_count()} devices")
@@ -49,18 +57,29 @@ class TrainingFID:
         if reference:
             if not epath.Path(reference).exists():
                 raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
-            self._load_reference = lambda: reference_statistics(self.evaluator, reference, self.batch_size,
-                                                                log=logging.info)
+            if "arr_0" in npz_keys(reference):
+                check_image_batch(reference)
+            self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
         else:
-            split = ev.get("reference_split", "test")
-            source = build_source(config.data, split=split)  # a missing split fails now, not after hours
+            source = build_source(config.data, split=ev.get("reference_split", "test"))
             size = int(ev.get("reference_size", 10_000))
-            self._load_reference = lambda: source_statistics(self.evaluator, source, size, self.batch_size,
-                                                             log=logging.info)
-        self._reference: FeatureStats | None = None
+            if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
+                raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
+                                 f"needs >= {MIN_IMAGES} images (0: the whole split)")
+            self.reference = source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info)
+        if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
+            raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
 
     def due(self, step: int, num_steps: int) -> bool:
-        return bool(self.every) and (step % self.every == 0 or step == num_steps)
+        """A periodic evaluation inside the run; the loop adds the final one (`done` tells)."""
+        return bool(self.every) and step % self.every == 0 and step < num_steps
+
+    def result_path(self, step: int) -> str:
+        return os.path.join(self.out_dir, f"metrics_step{step:07d}.json")
+
+    def done(self, step: int) -> bool:
+        """Whether step's evaluation was written (on every process's view of the workdir)."""
+        return all_processes(os.path.exists(self.result_path(step)))
 
     def _samples(self, ema_params: Any) -> Iterator[np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -73,15 +92,13 @@ class TrainingFID:
             yield to_uint8(gather_to_host(images))[: self.num_samples - start]
 
     def __call__(self, step: int, ema_params: Any) -> dict[str, float]:
-        if self._reference is None:
-            self._reference = self._load_reference()
         stats = self.evaluator.statistics(self._samples(ema_params))
-        result = compute_metrics(self._reference, stats, fid_method="eigh")
+        result = compute_metrics(self.reference, stats, fid_method="eigh")
         n = self.num_samples
         scalars = {f"eval/{name}_{n}": float(v) for name, v in result.items() if v is not None}
         if jax.process_index() == 0:
-            write_json(os.path.join(self.out_dir, f"metrics_step{step:07d}.json"),
-                       {"step": step, "num_samples": n, "num_reference": self._reference.count,
-                        "metrics": result, "inception_weights": self.evaluator.weights_path})
+            write_json_atomic(self.result_path(step),
+                              {"step": step, "num_samples": n, "num_reference": self.reference.count,
+                               "metrics": result, "inception_weights": self.evaluator.weights_path})
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         return scalars

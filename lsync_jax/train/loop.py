@@ -30,7 +30,8 @@ from lsync_jax.train.config import (
     validate_config,
 )
 from lsync_jax.train.images import make_grid, save_png, to_uint8
-from lsync_jax.train.sharding import batch_sharding, gather_to_host, make_mesh, with_shardings
+from lsync_jax.host import gather_to_host
+from lsync_jax.train.sharding import batch_sharding, make_mesh, with_shardings
 from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
 from lsync_jax.train.step import make_train_step
 from lsync_jax.transport import make_sample_fn
@@ -108,7 +109,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         if int(config.train.get(key, 1)) < 1:
             raise ValueError(f"config.train.{key} must be >= 1, got {config.train.get(key)}")
     if int(config.train.get("sample_every", 0)) < 0:
-        raise ValueError(f"config.train.sample_every must be >= 0 (0: only at the end)")
+        raise ValueError("config.train.sample_every must be >= 0 (0: only at the end)")
     rules = mesh_rules(config)
     mesh = make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
     batch_size = int(config.data.batch_size)
@@ -116,6 +117,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
     source = build_source(config.data)
     check_data_matches_model(source, model, config.data)
+    sample_fn = make_sample_fn(model, transport, sampler_cfg)
+    fid = None
+    if int(config.get("eval", {}).get("every", 0)):
+        # before the state exists: bad weights, sizes or reference fail before any model compile
+        from lsync_jax.train.fid import TrainingFID  # Inception weights are needed only when FID is on
+
+        fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir)
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.get("flip", False))))
     data_iter = iter(loader)
@@ -148,12 +156,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
                               rules=rules)
-    sample_fn = make_sample_fn(model, transport, sampler_cfg)
-    fid = None
-    if int(config.get("eval", {}).get("every", 0)):
-        from lsync_jax.train.fid import TrainingFID  # Inception weights are needed only when FID is on
-
-        fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir)
     writer, report = _writers(workdir, num_steps)
     sharding = batch_sharding(mesh)
     log_every = int(config.train.get("log_every", 50))
@@ -183,9 +185,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         last_saved = step
 
     def evaluate(step: int) -> None:
+        nonlocal timer
+        if last_saved != step:
+            save(step)  # the evaluation can take minutes and can fail: never at the cost of training
         scalars = fid(step, state.ema_params)
         writer.write_scalars(step, scalars)
         last_metrics.update(scalars)
+        timer = (time.perf_counter(), step)  # evaluation time is not training throughput
 
     def sample_grid(step: int) -> None:
         labels = np.arange(int(config.train.get("num_grid_samples", 64))) % max(model.num_classes, 1)
@@ -210,8 +216,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                     save(step)
                 if sample_every and step % sample_every == 0:
                     sample_grid(step)
-                if fid is not None and fid.due(step, num_steps):
-                    evaluate(step)  # after the save: a failing evaluation never costs training
+                if fid is not None and fid.due(step, num_steps) and not (
+                        jax.process_count() == 1 and preemption.requested):  # no minutes-long pass when asked to stop
+                    evaluate(step)  # the final one runs after the loop
                 if (preemption.requested if jax.process_count() == 1
                         else step % log_every == 0 and preemption.any_process()):
                     if last_saved != step:
@@ -221,6 +228,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             flush_metrics(step)
             if step == num_steps and num_steps > start and not (sample_every and step % sample_every == 0):
                 sample_grid(step)
+            if fid is not None and step == num_steps and not fid.done(step) and not (
+                    preemption.requested if jax.process_count() == 1 else preemption.any_process()):
+                evaluate(step)  # the final FID, also when a resumed run finds training finished without it
     finally:
         checkpointer.close()  # waits for asynchronous saves: an error must not cut the last good one short
         writer.flush()

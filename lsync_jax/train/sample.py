@@ -19,7 +19,8 @@ from lsync_jax.train.config import (
     validate_config,
 )
 from lsync_jax.train.images import make_grid, save_png, to_uint8
-from lsync_jax.train.sharding import batch_sharding, gather_to_host, make_mesh, tree_shardings, with_shardings
+from lsync_jax.host import gather_to_host
+from lsync_jax.train.sharding import batch_sharding, make_mesh, tree_shardings, with_shardings
 from lsync_jax.transport import make_sample_fn
 
 

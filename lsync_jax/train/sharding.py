@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 DEFAULT_RULES: tuple[tuple[str, str], ...] = ((r".*", "auto"),)
@@ -99,12 +100,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def gather_to_host(x: jax.Array) -> np.ndarray:
-    """The whole value of a (possibly multi-process) array as numpy, on every process."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

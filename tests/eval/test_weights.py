@@ -363,3 +363,26 @@ def test_evaluator_grayscale_like_single_images_and_tiled_rgb(evaluator):
 def test_evaluator_rejects_bad_batches(evaluator, images, message):
     with pytest.raises(ValueError, match=message):
         evaluator.features(images)
+
+
+def test_torchscript_state_with_classifier_keeps_its_weights_without_bias():
+    """NVlabs' full TorchScript also holds `output` (1008 x 2048): it becomes the IS classifier."""
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, shape in weights.expected_shapes(with_logits=False).items():
+        module, param = name.rsplit("/", 1)
+        key = "layers." + module.replace("/", ".")
+        if param == "kernel":
+            state[key + ".weight"] = rng.normal(size=shape).transpose(3, 2, 0, 1).astype(np.float32)  # HWIO -> OIHW
+        elif param != "scale":
+            state[f"{key}.{ {'bias': 'beta', 'mean': 'mean', 'var': 'var'}[param]}"] = rng.normal(size=shape)
+    state["output.weight"] = rng.normal(size=(1008, 2048)).astype(np.float32)
+    state["output.bias"] = rng.normal(size=(1008,)).astype(np.float32)
+    flat = weights.from_torchscript_state(state)
+    assert weights.check_params(flat, "synthetic NVlabs layout")  # has the classifier
+    np.testing.assert_array_equal(flat["logits_kernel"], state["output.weight"].T)
+    np.testing.assert_array_equal(flat["mixed_6/conv/kernel"],
+                                  state["layers.mixed_6.conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(flat["mixed_6/conv/scale"], np.ones(192, np.float32))
+    with pytest.raises(ValueError, match="not the FID Inception TorchScript"):
+        weights.from_torchscript_state({"conv.weight": np.zeros((32, 3, 3, 3))})

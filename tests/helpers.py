@@ -1,7 +1,38 @@
 """Helpers shared by the tests."""
 
+import sys
+
 import jax
 import numpy as np
+
+_TORCHVISION_OPS = []  # keeps the placeholder op library of `import_torchvision` alive
+
+
+def import_torchvision():
+    """Import torchvision where PyPI's wheel (a CUDA build) sits next to CPU torch.
+
+    Its compiled ops (_C.so) do not load there, and importing it fails registering fake kernels
+    for two of them; declaring those two op schemas lets the pure-Python parts (the model
+    definitions pytorch-fid, diffusers and timm import) load. Returns None without torchvision.
+    """
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        import torch
+
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        if not _TORCHVISION_OPS:
+            library = torch.library.Library("torchvision", "FRAGMENT")
+            library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+            _TORCHVISION_OPS.append(library)
+        import torchvision
+    return torchvision
 
 
 def perturbed(tree, seed: int, scale: float = 0.05):

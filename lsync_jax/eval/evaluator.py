@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import special
 
 from lsync_jax.eval import inception, metrics, weights
 from lsync_jax.host import all_processes, gather_to_host, save_npz_atomic, write_json_atomic
@@ -74,9 +75,9 @@ class InceptionEvaluator:
         if params is None:
             self.weights_path = weights.resolve_weights(weights_path)
             params, self.has_logits = weights.load_weights(self.weights_path)
-            # cached statistics are keyed by the weights' content, not just their file name
-            digest = hashlib.sha1(epath.Path(self.weights_path).read_bytes()).hexdigest()[:10]
-            self.weights_id = f"{os.path.splitext(os.path.basename(self.weights_path))[0]}-{digest}"
+            # cached statistics are keyed by the weights file (path, size, time), not just its name
+            stem = os.path.splitext(os.path.basename(self.weights_path))[0]
+            self.weights_id = f"{stem}-{_file_key(self.weights_path)}"
         else:  # given weights (benchmarks time random ones: speed does not depend on them)
             self.weights_path, self.has_logits = "given", "logits_kernel" in params
             self.weights_id = "given"
@@ -111,7 +112,7 @@ class InceptionEvaluator:
             for key, value in result.items():
                 value = gather_to_host(value)[:valid]
                 if key == "logits":
-                    key, value = "probs", _softmax(value)
+                    key, value = "probs", special.softmax(value.astype(np.float64), axis=1).astype(np.float32)
                 out.setdefault(key, []).append(value)
         if not out:
             raise ValueError("no images to evaluate")
@@ -144,12 +145,6 @@ class InceptionEvaluator:
                             sigma_s=spatial_stats.cov(), count=pool_stats.count,
                             pool=np.concatenate(kept_pool) if kept_pool else None,
                             probs=np.concatenate(kept_probs) if kept_probs else None)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = 3, split_size: int = 5000,

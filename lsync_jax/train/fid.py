@@ -11,19 +11,16 @@ loaded (or computed and cached) then, so nothing fails hours into a run.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
-import numpy as np
 from absl import logging
 from etils import epath
 
-from lsync_jax.eval.evaluator import (InceptionEvaluator, check_image_batch, compute_metrics, npz_keys,
-                                      reference_statistics, source_statistics)
-from lsync_jax.host import all_processes, gather_to_host, write_json_atomic
+from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
+from lsync_jax.host import all_processes, write_json_atomic
 from lsync_jax.train.config import build_source
-from lsync_jax.train.images import to_uint8
-from lsync_jax.train.sharding import batch_sharding
+from lsync_jax.train.sample import sample_batches
 
 # precision/recall's k-NN radii need k + 1 = 4 images on each side
 MIN_IMAGES = 4
@@ -57,8 +54,6 @@ class TrainingFID:
         if reference:
             if not epath.Path(reference).exists():
                 raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
-            if "arr_0" in npz_keys(reference):
-                check_image_batch(reference)
             self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
         else:
             source = build_source(config.data, split=ev.get("reference_split", "test"))
@@ -81,18 +76,10 @@ class TrainingFID:
         """Whether step's evaluation was written (on every process's view of the workdir)."""
         return all_processes(os.path.exists(self.result_path(step)))
 
-    def _samples(self, ema_params: Any) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-        classes = max(self.model.num_classes, 1)
-        for start in range(0, self.num_samples, self.batch_size):
-            labels = rng.integers(0, classes, self.batch_size).astype(np.int32)
-            labels = jax.device_put(labels, batch_sharding(self.mesh))
-            key = jax.random.fold_in(jax.random.key(self.seed), start)
-            images = self.sample_fn({"params": ema_params}, key, labels, self.cfg_scale, self.interval)
-            yield to_uint8(gather_to_host(images))[: self.num_samples - start]
-
     def __call__(self, step: int, ema_params: Any) -> dict[str, float]:
-        stats = self.evaluator.statistics(self._samples(ema_params))
+        batches = sample_batches(self.sample_fn, {"params": ema_params}, self.mesh, self.model.num_classes,
+                                 self.num_samples, self.batch_size, self.seed, self.cfg_scale, self.interval)
+        stats = self.evaluator.statistics(images for images, _ in batches)
         result = compute_metrics(self.reference, stats, fid_method="eigh")
         n = self.num_samples
         scalars = {f"eval/{name}_{n}": float(v) for name, v in result.items() if v is not None}

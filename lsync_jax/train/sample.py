@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -46,6 +46,21 @@ def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
     return model, ema, step
 
 
+def sample_batches(sample_fn: Any, variables: Any, mesh: Any, num_classes: int, num_samples: int,
+                   batch_size: int, seed: int, cfg_scale: float,
+                   interval: tuple[float, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images, labels) batches of class-conditional samples, labels uniform over the
+    classes; split over every device; the same for the same seed (keys folded by batch start)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, num_samples, batch_size):
+        labels = rng.integers(0, max(num_classes, 1), batch_size).astype(np.int32)
+        placed = jax.device_put(labels, batch_sharding(mesh))  # the batch is split over every device
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        images = sample_fn(variables, key, placed, cfg_scale, interval)
+        keep = num_samples - start
+        yield to_uint8(gather_to_host(images))[:keep], labels[:keep]
+
+
 def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: int, batch_size: int,
                         seed: int = 0) -> dict[str, str]:
     """Draw `num_samples` class-conditional samples (labels cycle over the classes) in batches sharded
@@ -60,17 +75,14 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     model, ema, step = load_ema_params(config, workdir, mesh)
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
-    rng = np.random.default_rng(seed)
     images, labels = [], []
-    for i in range(0, num_samples, batch_size):
-        y = rng.integers(0, max(model.num_classes, 1), batch_size).astype(np.int32)
-        y_sharded = jax.device_put(y, batch_sharding(mesh))  # the batch is split over every device
-        x = sample_fn({"params": ema}, jax.random.fold_in(jax.random.key(seed), i), y_sharded, cfg_scale, interval)
-        images.append(to_uint8(gather_to_host(x)))
+    for x, y in sample_batches(sample_fn, {"params": ema}, mesh, model.num_classes, num_samples, batch_size, seed,
+                               cfg_scale, interval):
+        images.append(x)
         labels.append(y)
-        logging.info("sampled %d / %d", min(i + batch_size, num_samples), num_samples)
-    images = np.concatenate(images)[:num_samples]
-    labels = np.concatenate(labels)[:num_samples]
+        logging.info("sampled %d / %d", sum(map(len, images)), num_samples)
+    images = np.concatenate(images)
+    labels = np.concatenate(labels)
     os.makedirs(out_dir, exist_ok=True)
     npz = os.path.join(out_dir, f"samples_step{step}_seed{seed}_{num_samples}.npz")
     png = os.path.join(out_dir, f"samples_step{step}_seed{seed}.png")

@@ -11,3 +11,46 @@ import jax  # noqa: E402
 # Threefry inlines a large graph per random call, and CPU compiles of model inits dominate the
 # suite's time; the 'rbg' generator compiles about twice as fast. Tests assert no random stream.
 jax.config.update("jax_default_prng_impl", "rbg")
+
+
+import pytest  # noqa: E402
+
+# A small SD-VAE-shaped AutoencoderKL (3 blocks: 4x downsampling), random weights, saved as diffusers saves.
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32], layers_per_block=1,
+                latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A diffusers directory (config.json + safetensors) of a tiny random AutoencoderKL."""
+    torch = pytest.importorskip("torch", reason="diffusers writes the reference VAE files")
+    from tests.helpers import import_torchvision
+
+    import_torchvision()
+    diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference VAE files")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**TINY_VAE)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("tiny-vae")
+    vae.save_pretrained(str(directory), safe_serialization=True)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory, tiny_vae_dir):
+    """(image tree, latent dir, spec, summary): 18 generated images in 3 classes, preprocessed at 32 px
+    (8x8x4 latents) into 3 shards with flipped encodings and crops."""
+    from lsync_jax.data import ImageFolderSource
+    from lsync_jax.data.preprocess import PreprocessSpec, preprocess_latents
+    from tests.helpers import make_image_tree
+
+    root = tmp_path_factory.mktemp("imagenet")
+    source = ImageFolderSource(make_image_tree(str(root / "train")))
+    spec = PreprocessSpec(image_size=32, shard_size=8, batch_size=4, store_flip=True, store_images=True,
+                          num_workers=2)
+    info = {"kind": "folder", "path": source.root, "num_classes": 3}
+    summary = preprocess_latents(source, str(root / "latents"), tiny_vae_dir, spec, info, log=lambda s: None)
+    return source.root, str(root / "latents"), spec, summary

@@ -40,3 +40,26 @@ def perturbed(tree, seed: int, scale: float = 0.05):
     identities and every parameter matters."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda l: np.asarray(l) + scale * rng.standard_normal(l.shape).astype(np.float32), tree)
+
+
+IMAGE_SIZES = [(40, 50), (70, 33), (32, 32), (100, 64), (45, 45), (90, 130)]  # (H, W), some >= 2x a 32 crop
+
+
+def make_image_tree(root: str, classes=("n01", "n02", "n03"), per_class: int = 6) -> str:
+    """Generated JPEG/PNG images of assorted sizes in ImageNet-style class folders (one nested one),
+    plus a non-image file in each; returns `root`."""
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        folder = os.path.join(root, name, "sub") if c == 1 else os.path.join(root, name)
+        os.makedirs(folder)
+        for i in range(per_class):
+            h, w = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.{'png' if i % 2 else 'JPEG'}"))
+        with open(os.path.join(folder, "notes.txt"), "w") as f:
+            f.write("not an image")
+    return root

@@ -1,12 +1,14 @@
-"""Data: sources (Fashion-MNIST IDX files, tfds ArrayRecord, synthetic) and grain pipelines."""
+"""Data: sources (Fashion-MNIST IDX files, tfds ArrayRecord, class folders, VAE latent shards,
+synthetic) and grain pipelines; offline latent preprocessing in `lsync_jax.data.preprocess`."""
 
 from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from lsync_jax.data.fashion_mnist import load_fashion_mnist, read_idx
+from lsync_jax.data.latents import LatentSource
 from lsync_jax.data.pipeline import LoaderSpec, global_batch, make_loader
-from lsync_jax.data.sources import ArraySource, SyntheticSource, TfdsSource
+from lsync_jax.data.sources import ArraySource, ImageFolderSource, SyntheticSource, TfdsSource
 
 __all__ = [
     "FASHION_MNIST_DIR", "load_fashion_mnist", "read_idx",
     "LoaderSpec", "make_loader", "global_batch",
-    "ArraySource", "SyntheticSource", "TfdsSource",
+    "ArraySource", "ImageFolderSource", "LatentSource", "SyntheticSource", "TfdsSource",
 ]

@@ -3,8 +3,8 @@
 Batches are defined globally: every process walks the same seeded order of record indices (a fresh
 shuffle each epoch) cut into global batches, and loads only its own slice of each one. So the
 global batch at step s is the same whatever the number of processes, and a run on one host
-matches a run on many. Each process yields {'x': float32 (B/P, H, W, C) in [-1, 1],
-'y': int32 (B/P,)}; `global_batch` assembles the global array over the mesh. Label dropout is the
+matches a run on many. Each process yields {'x': float32 (B/P, H, W, C) (images in [-1, 1], or
+scaled VAE latents), 'y': int32 (B/P,)}; `global_batch` assembles the global array over the mesh. Label dropout is the
 model's job (it needs the null class), not the pipeline's.
 """
 
@@ -29,9 +29,25 @@ class LoaderSpec:
     prefetch_batches: int = 4
 
 
+def image_example(record: Mapping[str, Any], rng: np.random.Generator, flip: bool) -> tuple[np.ndarray, np.int32]:
+    """(float32 image in [-1, 1], label) of an image record, mirrored with p = 1/2 when `flip`."""
+    x = np.asarray(record["image"], np.float32) / 127.5 - 1.0
+    if flip and rng.random() < 0.5:
+        x = x[:, ::-1]
+    return x, np.int32(record["label"])
+
+
+def to_example(source: Any, record: Mapping[str, Any], rng: np.random.Generator,
+               flip: bool) -> tuple[np.ndarray, np.int32]:
+    """A record as a training example: the source's own `example` (latents draw a posterior sample)
+    or, for image sources, `image_example`."""
+    return getattr(source, "example", image_example)(record, rng, flip)
+
+
 class _LoadSlice:
-    """Global batch of indices -> this process's records, as float arrays (flip RNG from the global
-    batch number and position, so it too is independent of the process count)."""
+    """Global batch of indices -> this process's records, as float arrays. Each record's RNG (flip,
+    latent noise) comes from the seed, the global batch number and the position in the batch, so it
+    too is independent of the process count."""
 
     def __init__(self, source: Any, spec: LoaderSpec, process_index: int, local_batch: int):
         self.source, self.spec, self.start, self.local_batch = source, spec, process_index * local_batch, local_batch
@@ -39,12 +55,10 @@ class _LoadSlice:
     def __call__(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         xs, ys = [], []
         for j in range(self.start, self.start + self.local_batch):
-            record = self.source[int(indices[j])]
-            x = np.asarray(record["image"], np.float32) / 127.5 - 1.0
-            if self.spec.flip and np.random.default_rng((self.spec.seed, batch_number, j)).random() < 0.5:
-                x = x[:, ::-1]
+            rng = np.random.default_rng((self.spec.seed, batch_number, j))
+            x, y = to_example(self.source, self.source[int(indices[j])], rng, self.spec.flip)
             xs.append(x)
-            ys.append(np.int32(record["label"]))
+            ys.append(y)
         return {"x": np.stack(xs), "y": np.asarray(ys, np.int32)}
 
 

@@ -1,11 +1,14 @@
-"""Random-access data sources for grain: in-memory arrays, tfds ArrayRecord datasets, synthetic data.
+"""Random-access data sources for grain: in-memory arrays, tfds ArrayRecord datasets, class-folder
+image trees, synthetic data. (Preprocessed VAE latents: `lsync_jax.data.latents`.)
 
-Every source yields records {'image': uint8 (H, W, C), 'label': int32}.
+Every source here yields records {'image': uint8 (H, W, C), 'label': int32}.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import os
 
 import numpy as np
 
@@ -74,6 +77,8 @@ class TfdsSource:
                 "dataset's files) and set --config.data.dir=DIR."
             ) from None
         self.image_key, self.label_key = image_key, label_key
+        label_feature = builder.info.features[label_key] if label_key in builder.info.features else None
+        self.classes = tuple(getattr(label_feature, "names", None) or ())
         self.description = f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r})"
 
     def __repr__(self) -> str:
@@ -86,3 +91,40 @@ class TfdsSource:
         record = self.source[index]
         return {"image": np.asarray(record[self.image_key], np.uint8),
                 "label": np.int32(record[self.label_key])}
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderSource:
+    """An ImageNet-style tree `root/<class>/**/<image>` (the `train/` of ILSVRC2012), read as
+    torchvision's ImageFolder reads it: classes are the sorted sub-directory names (for ImageNet the
+    sorted WordNet ids, the standard label order), files sorted within each class. Images are
+    decoded to RGB at their own size."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} not found (expected root/<class>/<images>)")
+        self.root = os.path.abspath(root)
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for folder, dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                dirs.sort()
+                self.files += [(os.path.join(folder, f), label) for f in sorted(files)
+                               if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root!r}")
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        path, label = self.files[index]
+        with Image.open(path) as image:
+            return {"image": np.asarray(image.convert("RGB")), "label": np.int32(label)}

@@ -1,0 +1,161 @@
+"""VAE latents of an image dataset in ArrayRecord shards: the format, its metadata and the grain source.
+
+`launch/preprocess.py` writes a directory of
+
+    metadata.json                               what the shards hold (checked by the reader)
+    latents-00000-of-01252.array_record         `shard_size` records each, in dataset order
+
+Each record is the fixed-layout concatenation of the fields named in the metadata (raw
+little-endian bytes, no pickling): the posterior `mean` and `std` of the VAE encoding of the
+centre crop (float32, latent H x W x 4, unscaled), the `label` (int32), the `index` of the image in
+the source (int64) and optionally `mean_flip`/`std_flip` (the encoding of the mirrored crop) and
+`image` (the uint8 crop itself, for REPA's encoder and for FID references).
+
+`LatentSource` reads them for grain. Training draws a fresh posterior sample every time a record
+is used, z = (mean + std * eps) * scale_factor (0.18215), as REPA does with its stored moments; the
+noise comes from the loader's per-record RNG, so it is deterministic and independent of the
+process count. A random horizontal flip takes the stored encoding of the mirrored crop; without
+one it mirrors the latent itself, an approximation (the VAE is not exactly flip-equivariant),
+which is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+FORMAT = "lsync_jax.latents"
+VERSION = 1
+METADATA = "metadata.json"
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"latents-{index:05d}-of-{count:05d}.array_record"
+
+
+def record_fields(latent_shape: tuple[int, int, int], image_size: int, store_flip: bool,
+                  store_images: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{field: (dtype, shape)} in record order."""
+    fields = {"mean": ("float32", tuple(latent_shape)), "std": ("float32", tuple(latent_shape)),
+              "label": ("int32", ()), "index": ("int64", ())}
+    if store_flip:
+        fields.update(mean_flip=("float32", tuple(latent_shape)), std_flip=("float32", tuple(latent_shape)))
+    if store_images:
+        fields["image"] = ("uint8", (image_size, image_size, 3))
+    return fields
+
+
+class RecordCodec:
+    """Fixed-layout record <-> dict of arrays, from the metadata's field list."""
+
+    def __init__(self, fields: Mapping[str, tuple[str, tuple[int, ...]]]):
+        self.fields = {k: (np.dtype(d).newbyteorder("<"), tuple(s)) for k, (d, s) in fields.items()}
+        self.offsets, offset = {}, 0
+        for name, (dtype, shape) in self.fields.items():
+            size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            self.offsets[name] = (offset, size)
+            offset += size
+        self.nbytes = offset
+
+    def encode(self, values: Mapping[str, Any]) -> bytes:
+        parts = []
+        for name, (dtype, shape) in self.fields.items():
+            array = np.asarray(values[name])
+            if array.shape != shape:
+                raise ValueError(f"record field {name!r} has shape {array.shape}, the format says {shape}")
+            parts.append(np.ascontiguousarray(array, dtype).tobytes())
+        return b"".join(parts)
+
+    def decode(self, data: bytes) -> dict[str, np.ndarray]:
+        if len(data) != self.nbytes:
+            raise ValueError(f"a latent record has {len(data)} bytes; the metadata's fields need {self.nbytes}")
+        out = {}
+        for name, (dtype, shape) in self.fields.items():
+            offset, size = self.offsets[name]
+            array = np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
+            out[name] = array[()] if shape == () else array
+        return out
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+    """The metadata of a preprocessed directory; a clear error when it is not one."""
+    path = os.path.join(directory, METADATA)
+    if not directory or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no preprocessed latents in {directory!r} ({METADATA} missing). Make them with "
+            "`python launch/preprocess.py --images=ILSVRC2012/train --vae=PATH --image_size=256 --out=DIR` "
+            "and pass --config.data.dir=DIR.")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path} is not lsync-jax latent metadata version {VERSION} "
+                         f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+    return meta
+
+
+class LatentSource:
+    """Random access to preprocessed latent records (grain MapDataset source).
+
+    Checks the metadata and that every shard is there and complete before anything trains. Records
+    are dicts of arrays (`mean`, `std`, `label`, `index`, and `image`/`mean_flip`/`std_flip` where
+    stored); `example` turns one into a training example.
+    """
+
+    def __init__(self, directory: str):
+        from grain.python import ArrayRecordDataSource  # grain reads the shards with array_record
+
+        if not directory:
+            raise FileNotFoundError("no latent directory given: set --config.data.dir to the output of "
+                                    "launch/preprocess.py")
+        self.directory = os.path.abspath(directory)
+        self.meta = read_metadata(self.directory)
+        names = self.meta["shards"]
+        missing = [n for n in names if not os.path.isfile(os.path.join(self.directory, n))]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(names)} latent shards are missing in {self.directory} (first: {missing[0]}): "
+                "preprocessing did not finish. Run launch/preprocess.py again with the same flags; it resumes.")
+        self.codec = RecordCodec({k: (d, tuple(s)) for k, d, s in self.meta["fields"]})
+        self.records = ArrayRecordDataSource([os.path.join(self.directory, n) for n in names])
+        if len(self.records) != self.meta["num_records"]:
+            raise ValueError(f"{self.directory} holds {len(self.records)} records; its metadata says "
+                             f"{self.meta['num_records']}")
+        self.scale_factor = float(self.meta["scale_factor"])
+        self.latent_shape = tuple(self.meta["latent_shape"])
+        self.image_size = int(self.meta["image_size"])
+        self.num_classes = int(self.meta["source"]["num_classes"])
+        self.has_flip = "mean_flip" in self.codec.fields
+        self.name = f"latents/{os.path.basename(self.directory)}"
+        self._warned_flip = False
+
+    def __repr__(self) -> str:
+        return f"LatentSource(directory={self.directory!r}, records={len(self)})"
+
+    def __len__(self) -> int:
+        return int(self.meta["num_records"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.codec.decode(self.records[int(index)])
+
+    def example(self, record: Mapping[str, np.ndarray], rng: np.random.Generator,
+                flip: bool) -> tuple[np.ndarray, np.int32]:
+        """(scaled posterior sample float32 (h, w, 4), label): fresh noise from `rng` at each use."""
+        mean, std = record["mean"], record["std"]
+        if flip and rng.random() < 0.5:
+            if self.has_flip:
+                mean, std = record["mean_flip"], record["std_flip"]
+            else:
+                if not self._warned_flip:
+                    logging.warning("%s stores no flipped encodings: flips mirror the latent (approximate); "
+                                    "preprocess with --store_flip for exact flips", self.directory)
+                    self._warned_flip = True
+                mean, std = mean[:, ::-1], std[:, ::-1]
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        return (mean + std * eps) * np.float32(self.scale_factor), np.int32(record["label"])
+
+    def element_shape(self) -> tuple[int, ...]:
+        return self.latent_shape

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(name="fashion_mnist", dir="", split="train", batch_size=256,
                                                  flip=True))
+    config.data.image_size = ml_collections.config_dict.placeholder(int)  # latents: the crop size they came from
 
     config.train = ml_collections.ConfigDict(dict(
         num_steps=400_000, ema_decay=0.9999, log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
@@ -47,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(every=0, num_samples=10_000, batch_size=250, reference="",
                                                  reference_split="test", reference_size=10_000,
                                                  inception_weights=""))
+
+    # Latent data: the SD-VAE that decodes samples (sample grids, FID, launch/sample.py). Empty: the one
+    # the latents were encoded with (their metadata records its path). decode_chunk: latents decoded at
+    # a time per device (bounds decoder memory).
+    config.vae = ml_collections.ConfigDict(dict(path="", decode_chunk=8))
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
 

@@ -4,7 +4,7 @@ The latent space of every ImageNet SiT/REPA/LayerSync result: `stabilityai/sd-va
 (or `-mse`), images in [-1, 1] -> a diagonal Gaussian posterior over 4-channel latents at 1/8
 resolution; latents are used times 0.18215. Module and parameter names follow diffusers'
 (`encoder.down_blocks.0.resnets.1.conv2` is `encoder/down_blocks_0/resnets_1/conv2`), so the
-converter in `lsync_jax.models.vae_weights` is a rename and a transpose.
+converter in `lsync_jax.checkpoints.vae` is a rename and a transpose.
 """
 
 from __future__ import annotations
@@ -160,3 +160,34 @@ class AutoencoderKL(nn.Module):
         """Reconstruction through the posterior mean (also what `init` traces)."""
         mean, _ = self.encode(images)
         return self.decode(mean)
+
+
+def downsampling_factor(config: VAEConfig) -> int:
+    """Pixels per latent cell along each side (8 for SD's VAE)."""
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
+def encode_images(module: AutoencoderKL, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 NHWC images -> the posterior (mean, std), unscaled, float32. Pure: jit and shard it."""
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    return module.apply({"params": params}, x, method=AutoencoderKL.encode)
+
+
+def decode_latents(module: AutoencoderKL, params: Any, latents: jax.Array, scale_factor: float = SCALE_FACTOR,
+                   chunk: int | None = None) -> jax.Array:
+    """Scaled latents (the diffusion model's space) -> images in [-1, 1] (clipped), float32.
+
+    `chunk`: decode at most `chunk` latents at a time (a `lax.map` over the batch), which bounds
+    the decoder's activations whatever the batch. Run it per device (`shard_map`) on sharded
+    batches, so that every chunk is local.
+    """
+    def decode(z: jax.Array) -> jax.Array:
+        return jnp.clip(module.apply({"params": params}, z / scale_factor, method=AutoencoderKL.decode), -1.0, 1.0)
+
+    n = latents.shape[0]
+    if not chunk or chunk >= n:
+        return decode(latents)
+    chunk = max(d for d in range(1, chunk + 1) if n % d == 0)  # the largest chunk that divides the batch
+    z = latents.reshape(n // chunk, chunk, *latents.shape[1:])
+    images = jax.lax.map(decode, z)
+    return images.reshape(n, *images.shape[2:])

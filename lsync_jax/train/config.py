@@ -6,11 +6,14 @@ seconds with the config key named.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
-from lsync_jax.data import ArraySource, SyntheticSource, TfdsSource, load_fashion_mnist
+from lsync_jax.data import ArraySource, LatentSource, SyntheticSource, TfdsSource, load_fashion_mnist
+from lsync_jax.data.latents import read_metadata
 from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from lsync_jax.models import get_model
 from lsync_jax.objectives.registry import check_keys
@@ -26,7 +29,8 @@ SECTIONS = {
     "sampler": ("method", "num_steps", "rtol", "atol", "max_steps", "diffusion_form", "diffusion_norm",
                 "last_step", "last_step_size", "guidance_channels", "cfg_scale", "guidance_interval"),
     "data": ("name", "dir", "split", "tfds_name", "batch_size", "flip", "synthetic_size",
-             "synthetic_shape", "num_classes"),
+             "synthetic_shape", "num_classes", "image_size"),
+    "vae": ("path", "decode_chunk"),
     "optimizer": None,  # checked by make_optimizer
     "train": ("num_steps", "ema_decay", "log_every", "checkpoint_every", "keep_checkpoints", "keep_every",
               "sample_every", "num_grid_samples", "init_from", "async_checkpoints"),
@@ -91,23 +95,52 @@ def build_source(data: Mapping[str, Any], split: str | None = None):
         return SyntheticSource(int(data.get("synthetic_size", 1024)), tuple(data.get("synthetic_shape")),
                                int(data.get("num_classes", 10)), seed=0)
     if name == "imagenet_latents":
-        raise FileNotFoundError(
-            "config.data.name='imagenet_latents' needs VAE latents of ImageNet preprocessed with "
-            "launch/preprocess.py into --config.data.dir, and that latent pipeline is not part of lsync-jax "
-            f"yet (data.dir={data.get('dir')!r}). Train on fashion_mnist, tfds or synthetic data meanwhile."
-        )
+        source = LatentSource(data.get("dir") or "")
+        wanted = int(data.get("image_size") or source.image_size)
+        if wanted != source.image_size:
+            raise ValueError(f"config.data.image_size={wanted} but the latents in {source.directory} were made from "
+                             f"{source.image_size} px crops (latents {source.latent_shape})")
+        return source
     raise ValueError(f"config.data.name={name!r}; expected one of {DATA_NAMES}")
 
 
 def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -> None:
-    """The records' image shape and label range must fit the model (before any compile)."""
+    """The examples' shape and label range must fit the model (before any compile)."""
+    from lsync_jax.data.pipeline import to_example
+
     record = source[0]
-    h, w, c = record["image"].shape
+    x, label = to_example(source, record, np.random.default_rng(0), False)
+    h, w, c = x.shape
+    kind = "latents" if hasattr(source, "latent_shape") else "images"
     if c != model.in_channels or h % model.patch_size or w % model.patch_size:
-        raise ValueError(f"config.data ({data.get('name')}) gives {h}x{w}x{c} images but the model takes "
+        raise ValueError(f"config.data ({data.get('name')}) gives {h}x{w}x{c} {kind} but the model takes "
                          f"in_channels={model.in_channels} with patch_size={model.patch_size}")
     if h != model.input_size or w != model.input_size:
-        raise ValueError(f"config.data ({data.get('name')}) gives {h}x{w} images but "
+        raise ValueError(f"config.data ({data.get('name')}) gives {h}x{w} {kind} but "
                          f"config.model.overrides.input_size={model.input_size}")
-    if model.num_classes and not 0 <= int(record["label"]) < model.num_classes:
-        raise ValueError(f"label {record['label']} is outside the model's {model.num_classes} classes")
+    classes = getattr(source, "num_classes", 0)
+    if model.num_classes and classes and classes > model.num_classes:
+        raise ValueError(f"config.data ({data.get('name')}) has {classes} classes but the model "
+                         f"num_classes={model.num_classes}")
+    if model.num_classes and not 0 <= int(label) < model.num_classes:
+        raise ValueError(f"label {label} is outside the model's {model.num_classes} classes")
+
+
+def vae_path(config: Mapping[str, Any]) -> str | None:
+    """The SD-VAE that decodes a latent model's samples: config.vae.path, else the one the latents in
+    config.data.dir were encoded with (their metadata records it); None for pixel data."""
+    if config.get("data", {}).get("name") != "imagenet_latents":
+        return None
+    path = config.get("vae", {}).get("path") or ""
+    if not path and config.data.get("dir"):
+        try:
+            path = read_metadata(config.data.dir)["vae"]["path"]
+        except FileNotFoundError:
+            path = ""
+    if not path:
+        raise FileNotFoundError("a latent model's samples are decoded by the SD-VAE: set --config.vae.path to the "
+                                "diffusers AutoencoderKL weights (file or directory), or --config.data.dir to "
+                                "latents whose metadata names them")
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"the SD-VAE weights {path!r} (config.vae.path or the latents' metadata) not found")
+    return path

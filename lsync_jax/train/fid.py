@@ -30,7 +30,7 @@ class TrainingFID:
     """The periodic FID hook: `due(step)` and `__call__(step, ema_params) -> scalars`."""
 
     def __init__(self, config: Any, model: Any, sample_fn: Callable, mesh: Any, cfg_scale: float,
-                 interval: tuple[float, float], workdir: str):
+                 interval: tuple[float, float], workdir: str, decode: Callable | None = None):
         ev: Mapping[str, Any] = config.eval
         self.every = int(ev.get("every", 0))
         self.num_samples = int(ev.get("num_samples", 10_000))
@@ -39,13 +39,14 @@ class TrainingFID:
             raise ValueError(f"config.eval.every must be >= 0 (0: no FID), got {self.every}")
         if self.num_samples < MIN_IMAGES:
             raise ValueError(f"config.eval.num_samples must be >= {MIN_IMAGES}, got {self.num_samples}")
-        if model.in_channels not in (1, 3):
+        if decode is None and model.in_channels not in (1, 3):
             raise ValueError(f"config.eval: the model makes {model.in_channels}-channel samples; FID needs images "
-                             "(1 or 3 channels); latent models need the VAE decoder, not part of lsync-jax yet")
+                             "(1 or 3 channels) or, for latents, the VAE decoder (config.data.name='imagenet_latents' "
+                             "and config.vae.path)")
         if self.batch_size < 1 or self.batch_size % jax.device_count():
             raise ValueError(f"config.eval.batch_size={self.batch_size} must be a positive multiple of the "
                              f"{jax.device_count()} devices")
-        self.model, self.sample_fn, self.mesh = model, sample_fn, mesh
+        self.model, self.sample_fn, self.mesh, self.decode = model, sample_fn, mesh, decode
         self.cfg_scale, self.interval = cfg_scale, interval
         self.seed = int(config.seed) + 2
         self.out_dir = os.path.join(workdir, "eval")
@@ -57,6 +58,10 @@ class TrainingFID:
             self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
         else:
             source = build_source(config.data, split=ev.get("reference_split", "test"))
+            if "image" not in source[0]:
+                raise ValueError(f"config.eval: the training data ({source!r}) holds no images to compute an FID "
+                                 "reference from: set config.eval.reference to an ADM reference batch (e.g. "
+                                 "VIRTUAL_imagenet256_labeled.npz) or preprocess with --store_images")
             size = int(ev.get("reference_size", 10_000))
             if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
                 raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
@@ -78,7 +83,8 @@ class TrainingFID:
 
     def __call__(self, step: int, ema_params: Any) -> dict[str, float]:
         batches = sample_batches(self.sample_fn, {"params": ema_params}, self.mesh, self.model.num_classes,
-                                 self.num_samples, self.batch_size, self.seed, self.cfg_scale, self.interval)
+                                 self.num_samples, self.batch_size, self.seed, self.cfg_scale, self.interval,
+                                 self.decode)
         stats = self.evaluator.statistics(images for images, _ in batches)
         result = compute_metrics(self.reference, stats, fid_method="eigh")
         n = self.num_samples

@@ -33,6 +33,7 @@ from lsync_jax.train.images import make_grid, save_png, to_uint8
 from lsync_jax.host import gather_to_host
 from lsync_jax.train.sharding import batch_sharding, make_mesh, with_shardings
 from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
+from lsync_jax.train.sample import make_decoder
 from lsync_jax.train.step import make_train_step
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.transport.samplers import validate_guidance
@@ -118,12 +119,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     source = build_source(config.data)
     check_data_matches_model(source, model, config.data)
     sample_fn = make_sample_fn(model, transport, sampler_cfg)
+    decode = make_decoder(config, mesh)  # latent models: the SD-VAE turns samples into images
     fid = None
     if int(config.get("eval", {}).get("every", 0)):
         # before the state exists: bad weights, sizes or reference fail before any model compile
         from lsync_jax.train.fid import TrainingFID  # Inception weights are needed only when FID is on
 
-        fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir)
+        fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir, decode)
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.get("flip", False))))
     data_iter = iter(loader)
@@ -197,7 +199,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         labels = np.arange(int(config.train.get("num_grid_samples", 64))) % max(model.num_classes, 1)
         images = sample_fn({"params": state.ema_params}, jax.random.key(int(config.seed) + 1), labels,
                            cfg_scale, interval)
-        grid = make_grid(to_uint8(gather_to_host(images)), columns=max(model.num_classes, 8))
+        if decode is not None:
+            images = decode(images)
+        grid = make_grid(to_uint8(gather_to_host(images)), columns=min(max(model.num_classes, 8), 16))
         if jax.process_index() == 0:
             save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
         writer.write_images(step, {"samples_ema": grid[None].astype(np.float32) / 255.0})

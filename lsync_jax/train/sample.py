@@ -1,9 +1,12 @@
-"""EMA samples from a run's workdir: a PNG grid and an ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels)."""
+"""EMA samples from a run's workdir: a PNG grid and an ADM-style .npz (arr_0: uint8 NHWC, arr_1: labels).
+
+Latent models' samples are decoded to images by the SD-VAE (`make_decoder`), on every device.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -16,11 +19,12 @@ from lsync_jax.train.config import (
     build_transport,
     mesh_rules,
     model_fields,
+    vae_path,
     validate_config,
 )
 from lsync_jax.train.images import make_grid, save_png, to_uint8
 from lsync_jax.host import gather_to_host
-from lsync_jax.train.sharding import batch_sharding, make_mesh, tree_shardings, with_shardings
+from lsync_jax.train.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, tree_shardings, with_shardings
 from lsync_jax.transport import make_sample_fn
 
 
@@ -46,17 +50,55 @@ def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
     return model, ema, step
 
 
+def make_decoder(config: Any, mesh: Any) -> Callable[[jax.Array], jax.Array] | None:
+    """For a latent model: scaled latents (sharded over the batch) -> images in [-1, 1], decoded by the
+    SD-VAE on every device, `config.vae.decode_chunk` latents at a time per device. None for pixel models.
+    The weights are loaded now, so a missing VAE fails before any model compiles."""
+    path = vae_path(config)
+    if path is None:
+        return None
+    from jax.sharding import PartitionSpec as P
+
+    from lsync_jax.checkpoints.vae import load_vae
+    from lsync_jax.models.vae import decode_latents
+
+    module, params = load_vae(path)
+    params = jax.device_put(params, replicated(mesh))
+    chunk = int(config.get("vae", {}).get("decode_chunk", 8))
+    if chunk < 1:
+        raise ValueError(f"config.vae.decode_chunk must be >= 1, got {chunk}")
+    logging.info("latent samples are decoded by the SD-VAE in %s", path)
+
+    @jax.jit
+    def decode(params: Any, latents: jax.Array) -> jax.Array:
+        local = jax.shard_map(lambda p, z: decode_latents(module, p, z, chunk=chunk), mesh=mesh,
+                              in_specs=(P(), P(BATCH_AXES)), out_specs=P(BATCH_AXES))
+        return local(params, latents)
+
+    def run(latents: jax.Array) -> jax.Array:
+        n, pad = latents.shape[0], -latents.shape[0] % mesh.size  # shard_map needs whole shards
+        if pad:
+            latents = jax.numpy.concatenate([latents, jax.numpy.zeros((pad, *latents.shape[1:]), latents.dtype)])
+        images = decode(params, latents)
+        return images[:n] if pad else images
+
+    return run
+
+
 def sample_batches(sample_fn: Any, variables: Any, mesh: Any, num_classes: int, num_samples: int,
-                   batch_size: int, seed: int, cfg_scale: float,
-                   interval: tuple[float, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   batch_size: int, seed: int, cfg_scale: float, interval: tuple[float, float],
+                   decode: Callable[[jax.Array], jax.Array] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(uint8 images, labels) batches of class-conditional samples, labels uniform over the
-    classes; split over every device; the same for the same seed (keys folded by batch start)."""
+    classes; split over every device; the same for the same seed (keys folded by batch start).
+    `decode` maps model outputs to images (the VAE decoder of latent models)."""
     rng = np.random.default_rng(seed)
     for start in range(0, num_samples, batch_size):
         labels = rng.integers(0, max(num_classes, 1), batch_size).astype(np.int32)
         placed = jax.device_put(labels, batch_sharding(mesh))  # the batch is split over every device
         key = jax.random.fold_in(jax.random.key(seed), start)
         images = sample_fn(variables, key, placed, cfg_scale, interval)
+        if decode is not None:
+            images = decode(images)
         keep = num_samples - start
         yield to_uint8(gather_to_host(images))[:keep], labels[:keep]
 
@@ -75,9 +117,10 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     model, ema, step = load_ema_params(config, workdir, mesh)
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
+    decode = make_decoder(config, mesh)
     images, labels = [], []
     for x, y in sample_batches(sample_fn, {"params": ema}, mesh, model.num_classes, num_samples, batch_size, seed,
-                               cfg_scale, interval):
+                               cfg_scale, interval, decode):
         images.append(x)
         labels.append(y)
         logging.info("sampled %d / %d", sum(map(len, images)), num_samples)

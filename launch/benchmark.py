@@ -3,6 +3,7 @@
     python launch/benchmark.py --models=SiT-XL/2,SiT-B/2 --batch_size=32 --out=bench.json
     python launch/benchmark.py --config=configs/imagenet256.py --config.data.batch_size=32
     python launch/benchmark.py --models= --sample_steps=0 --inception_batch=256 --fid_samples=10000  # evaluator only
+    python launch/benchmark.py --models= --sample_steps=0 --vae_batch=64 --image_size=256  # SD-VAE only
 """
 
 import os
@@ -32,7 +33,8 @@ flags.DEFINE_list("variants", ["baseline", "layersync"], "Train-step variants: b
 flags.DEFINE_list("sample_cfg", ["1.0", "1.5"], "Guidance scales of the sampler rows.")
 flags.DEFINE_integer("inception_batch", 0, "> 0: time the FID Inception pass on batches of this size.")
 flags.DEFINE_integer("fid_samples", 0, "> 0: time a whole FID-N evaluation of this many images.")
-flags.DEFINE_integer("image_size", 256, "Pixel size of the images fed to the evaluator rows.")
+flags.DEFINE_integer("vae_batch", 0, "> 0: time SD-VAE encode and decode on batches of this size.")
+flags.DEFINE_integer("image_size", 256, "Pixel size of the images fed to the evaluator and VAE rows.")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 
@@ -41,7 +43,7 @@ def main(argv):
     common = dict(steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
                   attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
                   sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg), inception_batch=FLAGS.inception_batch,
-                  fid_samples=FLAGS.fid_samples, image_size=FLAGS.image_size)
+                  fid_samples=FLAGS.fid_samples, image_size=FLAGS.image_size, vae_batch=FLAGS.vae_batch)
     if FLAGS.config is not None:
         cfg = bench_config_from(FLAGS.config, **common)
     else:

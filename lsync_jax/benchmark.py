@@ -1,5 +1,5 @@
 """Speed and memory on the present devices: train step (with and without LayerSync), attention
-implementations, sampling, the FID Inception pass and a whole FID-N evaluation. Prints a table
+implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a whole FID-N evaluation. Prints a table
 and returns rows for JSON.
 
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
@@ -45,7 +45,9 @@ class BenchConfig:
     layersync_pairs: tuple = ()  # () : the paper's pair scaled to the depth, weight 0.2
     inception_batch: int = 0  # > 0: time the FID Inception pass on batches of this many images
     fid_samples: int = 0  # > 0: time a whole FID-N evaluation (features, statistics, five metrics)
-    image_size: int = 256  # pixel size of the images the evaluator rows feed (resized to 299 inside)
+    image_size: int = 256  # pixel size of the images the evaluator and VAE rows feed (resized to 299 inside)
+    vae_batch: int = 0  # > 0: time SD-VAE encode (preprocessing) and decode (sampling) on batches of this size
+    vae_channels: Sequence[int] = (128, 256, 512, 512)  # SD's VAE (smaller only in tests)
 
 
 def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
@@ -257,6 +259,46 @@ def bench_fid(cfg: BenchConfig) -> dict[str, Any]:
     )
 
 
+def bench_vae(cfg: BenchConfig, direction: str) -> dict[str, Any]:
+    """SD-VAE (sd-vae-ft-* architecture, random weights drawn on the host) encode of uint8 images to the
+    posterior moments, as launch/preprocess.py runs it, or decode of latents to images, as sampling
+    runs it; float32, the batch split over every device."""
+    from flax import traverse_util
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lsync_jax.models.vae import AutoencoderKL, VAEConfig, decode_latents, downsampling_factor, encode_images
+
+    module = AutoencoderKL(VAEConfig(block_out_channels=tuple(cfg.vae_channels)))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    rng = np.random.default_rng(0)
+    flat = {k: rng.normal(0.0, 0.02, v.shape).astype(np.float32) for k, v in traverse_util.flatten_dict(shapes).items()}
+    mesh = make_mesh()
+    params = jax.device_put(traverse_util.unflatten_dict(flat), NamedSharding(mesh, P()))
+    n, size = cfg.vae_batch, cfg.image_size
+    if n % jax.device_count():
+        raise ValueError(f"vae_batch={n} is not divisible by the {jax.device_count()} devices")
+    if direction == "encode":
+        fn = jax.jit(lambda p, x: encode_images(module, p, x))
+        inputs = jax.device_put(_random_images(n, size, 0), batch_sharding(mesh))
+    else:
+        fn = jax.jit(lambda p, z: decode_latents(module, p, z))
+        latent = size // downsampling_factor(module.config)
+        inputs = jax.device_put(np.random.default_rng(1).normal(size=(n, latent, latent, 4)).astype(np.float32),
+                                batch_sharding(mesh))
+    seconds, compiled, compile_s = time_compiled(fn, (params, inputs), cfg.steps)
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = (analysis or {}).get("flops")
+    return dict(
+        bench=f"vae_{direction}", model="SD-VAE" if tuple(cfg.vae_channels) == VAEConfig.block_out_channels
+        else f"VAE{tuple(cfg.vae_channels)}", variant=f"{size}px", attention=None,
+        dtype="float32", batch=n, params_m=round(sum(x.size for x in flat.values()) / 1e6, 1),
+        ms=round(seconds * 1e3, 1), img_per_s=round(n / seconds, 1),
+        tflops=None if not flops else round(flops * mesh.size / seconds / 1e12, 2), mfu=None,
+        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
            "mfu", "compile_s", "mem_gib", "peak_gib")
 
@@ -285,6 +327,10 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
             for scale in cfg.sample_cfg:
                 rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
                 print_fn(format_table(rows[-1:]))
+    if cfg.vae_batch > 0:
+        for direction in ("encode", "decode"):
+            rows.append(bench_vae(cfg, direction))
+            print_fn(format_table(rows[-1:]))
     if cfg.inception_batch > 0:
         rows.append(bench_inception(cfg))
         print_fn(format_table(rows[-1:]))

@@ -32,6 +32,14 @@ def test_run_prints_a_table_and_writes_json(tmp_path):
         run(BenchConfig(models=("SiT-S/8",), variants=("repa",), sample_steps=0), print_fn=lambda s: None)
 
 
+def test_vae_rows_time_encode_and_decode():
+    cfg = BenchConfig(models=(), sample_steps=0, steps=1, vae_batch=2, image_size=16, vae_channels=(32, 32))
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"], r["batch"]) for r in rows] == [("vae_encode", "16px", 2),
+                                                                      ("vae_decode", "16px", 2)]
+    assert all(r["img_per_s"] > 0 and r["model"] == "VAE(32, 32)" for r in rows)
+
+
 def test_format_table_aligns_missing_values():
     table = format_table([{"bench": "x", "ms": 1.5}])
     header, rule, row = table.splitlines()

@@ -59,7 +59,8 @@ def from_diffusers_state(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat)
 
 
-def _read_state(path: str) -> dict[str, np.ndarray]:
+def read_state_file(path: str) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file (no torch needed) or a torch .bin/.pt state dict, as float32 numpy."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
@@ -89,7 +90,7 @@ def load_vae(path: str) -> tuple[AutoencoderKL, dict[str, Any]]:
     config_file = os.path.join(os.path.dirname(weights_file), "config.json")
     config = VAEConfig.from_diffusers(json.load(open(config_file))) if os.path.isfile(config_file) else VAEConfig()
     module = AutoencoderKL(config)
-    params = from_diffusers_state(_read_state(weights_file))
+    params = from_diffusers_state(read_state_file(weights_file))
     expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.in_channels)))["params"]
     want = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
     got = {k: v.shape for k, v in traverse_util.flatten_dict(params).items()}

@@ -1,15 +1,17 @@
 """Networks: the SiT/DiT backbone and its named configurations.
 
 `get_model('SiT-XL/2', depth=..., ...)` builds one of the twelve official configurations with
-overrides named as the official code names them.
+overrides named as the official code names them (REPA's for its projectors: `z_dims`,
+`encoder_depth`, `projector_dim`).
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from lsync_jax.models.layers import ATTENTION_IMPLS
-from lsync_jax.models.sit import SiT, block_name
+from lsync_jax.models.sit import SiT, block_name, projection_name
 
 # depth / hidden_size / num_heads of the official sizes.
 SIZES: dict[str, dict[str, int]] = {
@@ -32,6 +34,9 @@ OFFICIAL_OVERRIDES = (
     "learn_sigma",
     "class_dropout_prob",
     "mlp_ratio",
+    "z_dims",
+    "encoder_depth",
+    "projector_dim",
 )
 COMPUTE_OVERRIDES = ("dtype", "attention_impl", "remat")
 
@@ -72,7 +77,22 @@ def get_model(name: str, **overrides: Any) -> SiT:
         raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {prob}")
     if fields.get("attention_impl", "auto") not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={fields['attention_impl']!r}; expected one of {ATTENTION_IMPLS}")
+    if "z_dims" in fields:
+        z_dims = fields["z_dims"]
+        if isinstance(z_dims, (str, numbers.Number)) or not all(
+            isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 1 for z in z_dims
+        ):
+            raise ValueError(f"model.z_dims must be a tuple of positive ints (one REPA projector each, e.g. (768,)), "
+                             f"got {z_dims!r}")
+        fields["z_dims"] = tuple(int(z) for z in z_dims)
+    if fields.get("z_dims"):
+        encoder_depth = fields.get("encoder_depth", 8)
+        if not 1 <= encoder_depth <= fields["depth"]:
+            raise ValueError(f"model.encoder_depth={encoder_depth} (the block whose output the REPA projectors read, "
+                             f"1-indexed) must be in [1, depth={fields['depth']}]")
+        if fields.get("projector_dim", 2048) < 1:
+            raise ValueError(f"model.projector_dim must be positive, got {fields['projector_dim']}")
     return SiT(**fields)
 
 
-__all__ = ["SiT", "get_model", "model_config", "block_name", "MODEL_NAMES", "SIZES"]
+__all__ = ["SiT", "get_model", "model_config", "block_name", "projection_name", "MODEL_NAMES", "SIZES"]

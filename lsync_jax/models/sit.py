@@ -7,6 +7,10 @@ regularisers such as LayerSync can ask for exactly the layers they align:
     out, state = model.apply(variables, x, t, y, train=True, mutable=['intermediates'],
                              rngs={'dropout': key})
     h8 = state['intermediates']['block_8'][0]        # (N, T, D)
+
+With `z_dims` (REPA's projectors, as in sihyun-yu/REPA `models/sit.py`), the output of block
+`encoder_depth` also goes through one MLP per entry of `z_dims`, sown as `projection_0`, ...:
+(N, T, z_dim) per-token features for an alignment loss. The forward still returns the velocity.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lsync_jax.models.layers import (
     TimestepEmbedder,
     patch_embed_init,
     sincos_2d,
+    xavier_uniform,
 )
 
 Dtype = Any
@@ -35,6 +40,26 @@ def block_name(index: int) -> str:
     return f"block_{index}"
 
 
+def projection_name(index: int) -> str:
+    """Name of the sown output of REPA projector `index` (0-indexed, as `z_dims`): 'projection_0'."""
+    return f"projection_{index}"
+
+
+class Projector(nn.Module):
+    """REPA's per-token projector: Dense(projector_dim) - SiLU - Dense(projector_dim) - SiLU - Dense(z_dim),
+    xavier-uniform kernels and zero biases as REPA initialises it."""
+
+    projector_dim: int
+    z_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.silu(nn.Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_0")(x))
+        h = nn.silu(nn.Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_1")(h))
+        return nn.Dense(self.z_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_2")(h)
+
+
 class SiT(nn.Module):
     """Diffusion transformer with adaLN-Zero blocks, fixed 2-D sin-cos positions, class labels.
 
@@ -42,7 +67,9 @@ class SiT(nn.Module):
     used by `init_inputs`; because the position embedding is fixed, the model accepts any
     H x W that `patch_size` divides. With `learn_sigma` the final layer has 2 * in_channels
     outputs (for official checkpoints) and, as the official forward does, only the first half
-    (the velocity) is returned. `dtype` is the compute dtype; parameters stay float32 and the
+    (the velocity) is returned. `z_dims`, `encoder_depth`, `projector_dim`: REPA's projectors, one
+    per entry of `z_dims` (none by default) on the output of block `encoder_depth` (1-indexed),
+    sown as `projection_{k}`. `dtype` is the compute dtype; parameters stay float32 and the
     output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16),
     'xla' or 'cudnn'.
     """
@@ -57,6 +84,9 @@ class SiT(nn.Module):
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    z_dims: tuple[int, ...] = ()
+    encoder_depth: int = 8
+    projector_dim: int = 2048
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
@@ -121,6 +151,10 @@ class SiT(nn.Module):
                 self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name=f"blocks_{i}"
             )(x, c)
             self.sow("intermediates", block_name(i + 1), x)
+            if i + 1 == self.encoder_depth:
+                for k, z_dim in enumerate(self.z_dims):
+                    z = Projector(self.projector_dim, z_dim, self.dtype, name=f"projectors_{k}")(x)
+                    self.sow("intermediates", projection_name(k), z)
 
         x = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(x, c)
         x = einops.rearrange(x, "n (h w) (p q c) -> n (h p) (w q) c", h=gh, w=gw, p=p, q=p)

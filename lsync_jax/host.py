@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
-from typing import Any
+import zipfile
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -49,3 +51,44 @@ def save_npz_atomic(path: str, **arrays: Any) -> None:
 
 def write_json_atomic(path: str, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_adm_batch(path: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Stream (uint8 images, labels) batches into an ADM-style .npz (arr_0 images, arr_1 labels) at a
+    local `path`, never holding all images in memory (50,000 at 512 px are 39 GB); the file appears
+    complete or not at all. Returns (the first 100 images, all labels)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    images_file = tmp + ".arr_0"
+    first, labels, count, shape = [], [], 0, None
+    try:
+        with open(images_file, "wb") as raw:  # the images' bytes, then one header in front of them
+            for images, batch_labels in batches:
+                images = np.ascontiguousarray(images, np.uint8)
+                if shape is not None and images.shape[1:] != shape:
+                    raise ValueError(f"image batches of shapes {shape} and {images.shape[1:]}")
+                shape = images.shape[1:]
+                raw.write(images.tobytes())
+                count += len(images)
+                labels.append(np.asarray(batch_labels))
+                if sum(map(len, first)) < 100:
+                    first.append(images[: 100 - sum(map(len, first))])
+        if shape is None:
+            raise ValueError("no images to write")
+        labels_all = np.concatenate(labels)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f, open(images_file, "rb") as raw:
+                np.lib.format.write_array_header_2_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                        "shape": (count, *shape)})
+                while chunk := raw.read(1 << 24):
+                    f.write(chunk)
+            with archive.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels_all)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (images_file, tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return np.concatenate(first), labels_all

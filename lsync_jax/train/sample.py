@@ -23,7 +23,7 @@ from lsync_jax.train.config import (
     validate_config,
 )
 from lsync_jax.train.images import make_grid, save_png, to_uint8
-from lsync_jax.host import gather_to_host
+from lsync_jax.host import gather_to_host, write_adm_batch
 from lsync_jax.train.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated, tree_shardings, with_shardings
 from lsync_jax.transport import make_sample_fn
 
@@ -118,19 +118,24 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
     decode = make_decoder(config, mesh)
-    images, labels = [], []
-    for x, y in sample_batches(sample_fn, {"params": ema}, mesh, model.num_classes, num_samples, batch_size, seed,
-                               cfg_scale, interval, decode):
-        images.append(x)
-        labels.append(y)
-        logging.info("sampled %d / %d", sum(map(len, images)), num_samples)
-    images = np.concatenate(images)
-    labels = np.concatenate(labels)
     os.makedirs(out_dir, exist_ok=True)
     npz = os.path.join(out_dir, f"samples_step{step}_seed{seed}_{num_samples}.npz")
     png = os.path.join(out_dir, f"samples_step{step}_seed{seed}.png")
-    if jax.process_index() == 0:
-        np.savez(npz, arr_0=images, arr_1=labels)
+
+    def logged(batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        done = 0
+        for x, y in batches:
+            done += len(x)
+            logging.info("sampled %d / %d", done, num_samples)
+            yield x, y
+
+    batches = logged(sample_batches(sample_fn, {"params": ema}, mesh, model.num_classes, num_samples, batch_size,
+                                    seed, cfg_scale, interval, decode))
+    if jax.process_index() == 0:  # streamed to disk: 50,000 images at 512 px do not fit in host memory
+        first, labels = write_adm_batch(npz, batches)
         order = np.argsort(labels[:100], kind="stable")
-        save_png(png, make_grid(images[:100][order], columns=10))
+        save_png(png, make_grid(first[order], columns=10))
+    else:
+        for _ in batches:  # every process takes part in sampling
+            pass
     return {"npz": npz, "png": png}

@@ -4,8 +4,8 @@ Batches are defined globally: every process walks the same seeded order of recor
 shuffle each epoch) cut into global batches, and loads only its own slice of each one. So the
 global batch at step s is the same whatever the number of processes, and a run on one host
 matches a run on many. Each process yields {'x': float32 (B/P, H, W, C) (images in [-1, 1], or
-scaled VAE latents), 'y': int32 (B/P,)}; `global_batch` assembles the global array over the mesh. Label dropout is the
-model's job (it needs the null class), not the pipeline's.
+scaled VAE latents), 'y': int32 (B/P,)}; `global_batch` assembles the global array over the mesh.
+Label dropout is the model's job (it needs the null class), not the pipeline's.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@
 from lsync_jax.objectives.layersync import LayerSync, default_pair, layersync_loss, validate_pairs
 from lsync_jax.objectives.objective import Objective, build_objective, objective_loss
 from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, register_regularizer
+from lsync_jax.objectives.repa import REPA, repa_coefficient, repa_loss
 
 __all__ = [
     "Objective", "build_objective", "objective_loss",
     "LayerSync", "layersync_loss", "default_pair", "validate_pairs",
+    "REPA", "repa_loss", "repa_coefficient",
     "REGULARIZERS", "Regularizer", "register_regularizer",
 ]

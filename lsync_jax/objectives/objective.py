@@ -25,6 +25,8 @@ class Objective:
 
     transport: Transport
     regularizers: tuple[Regularizer, ...] = ()
+    transport_weight: float = 1.0  # 0: regularisers only (ERW's first stage)
+    clean_input: bool = False  # the model sees the data itself at t = 1 (ERW's first stage)
 
     @property
     def features_needed(self) -> tuple[str, ...]:
@@ -37,13 +39,20 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
 
         objective.regularizers = ('layersync',)
         objective.layersync = {'pairs': ((8, 16, 0.2),), 'stop_gradient': True}
+        objective.transport_weight = 1.0     # optional; 0 trains the regularisers alone
+        objective.clean_input = False        # optional; True feeds the clean data at t = 1
 
     Every name in `regularizers` must be registered and have its own section; sections of
     regularisers not listed are ignored (so a config can keep settings for a method it turns off).
     """
     cfg = dict(cfg)
     names = tuple(cfg.get("regularizers", ()))
-    check_keys(cfg, ("regularizers",) + tuple(REGULARIZERS), prefix)
+    check_keys(cfg, ("regularizers", "transport_weight", "clean_input") + tuple(REGULARIZERS), prefix)
+    transport_weight = cfg.get("transport_weight", 1.0)
+    if isinstance(transport_weight, bool) or not isinstance(transport_weight, (int, float)) or transport_weight < 0:
+        raise ValueError(f"{prefix}.transport_weight must be a number >= 0, got {transport_weight!r}")
+    if transport_weight == 0 and not names:
+        raise ValueError(f"{prefix}.transport_weight=0 with no regularisers leaves nothing to train")
     regs = []
     for name in names:
         if name not in REGULARIZERS:
@@ -52,7 +61,7 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
         regs.append(REGULARIZERS[name](dict(section), depth=depth, prefix=f"{prefix}.{name}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{prefix}.regularizers lists a regulariser twice: {names}")
-    return Objective(transport, tuple(regs))
+    return Objective(transport, tuple(regs), float(transport_weight), bool(cfg.get("clean_input", False)))
 
 
 def objective_loss(
@@ -63,6 +72,7 @@ def objective_loss(
     objective: Objective,
     *,
     train: bool = True,
+    step: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Total loss and metrics for one batch {'x': (N, H, W, C) data, 'y': (N,) labels}.
 
@@ -70,11 +80,15 @@ def objective_loss(
     they need and XLA drops the rest), and returns (loss, metrics) with metrics 'loss', 'loss/<prediction>', one
     'loss/<regulariser>' per regulariser (its weighted term) and each regulariser's own metrics.
     `apply_fn(variables, x, t, y, train=..., rngs=..., mutable=...)` is a flax `Module.apply`.
+    Regularisers see the batch with the optimizer `step` added (for scheduled weights). With
+    `objective.clean_input` the model sees the data itself at t = 1 (our data end).
     """
     key_transport, key_dropout = jax.random.split(key)
     x1 = batch["x"].astype(jnp.float32)
     transport = objective.transport
     t, x0, xt, ut = transport.prepare(key_transport, x1)
+    if objective.clean_input:
+        t, xt = jnp.ones_like(t), x1
     variables = {"params": params}
     rngs = {"dropout": key_dropout}
     if objective.regularizers:
@@ -89,9 +103,10 @@ def objective_loss(
         features = {}
     transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut))
     metrics = {f"loss/{transport.prediction}": transport_loss}
-    total = transport_loss
+    total = objective.transport_weight * transport_loss
+    reg_batch = dict(batch, step=step) if step is not None else batch
     for reg in objective.regularizers:
-        term, reg_metrics = reg(features, batch)
+        term, reg_metrics = reg(features, reg_batch)
         metrics[f"loss/{reg.name}"] = term
         metrics.update(reg_metrics)
         total = total + term

@@ -20,7 +20,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, apply_fn: A
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step. Pure: the step's randomness is fold_in(state.rng, state.step)."""
     key = jax.random.fold_in(state.key, state.step)
-    grad_fn = jax.grad(lambda p: objective_loss(p, apply_fn, batch, key, objective), has_aux=True)
+    grad_fn = jax.grad(lambda p: objective_loss(p, apply_fn, batch, key, objective, step=state.step), has_aux=True)
     grads, metrics = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

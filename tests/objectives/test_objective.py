@@ -84,8 +84,8 @@ def test_objective_gradient_is_finite_and_reaches_every_block(setup):
 
 def test_bad_objective_configs_raise_naming_the_key():
     transport = create_transport()
-    with pytest.raises(ValueError, match="objective.regularizers: unknown regulariser 'repa'"):
-        build_objective({"regularizers": ("repa",)}, transport, depth=4)
+    with pytest.raises(ValueError, match="objective.regularizers: unknown regulariser 'diversedit'"):
+        build_objective({"regularizers": ("diversedit",)}, transport, depth=4)
     with pytest.raises(ValueError, match="objective.layersync.strength"):
         build_objective({"regularizers": ("layersync",), "layersync": {"strength": 1.0}}, transport, depth=4)
     with pytest.raises(ValueError, match="objective.lossweights"):

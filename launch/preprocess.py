@@ -32,6 +32,9 @@ flags.DEFINE_bool("store_flip", False, "Also store the encoding of the mirrored 
 flags.DEFINE_bool("store_images", False, "Also store the uint8 crops (REPA encoders, probes, FID references).")
 flags.DEFINE_integer("num_workers", 16, "Threads decoding and cropping images.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N images.")
+flags.DEFINE_string("encoder_path", "", "REPA: also store DINOv2's tokens of each crop (torch hub or Hugging Face "
+                    "weights), so training runs no encoder (--config.objective.repa.precomputed=True).")
+flags.DEFINE_integer("encoder_grid", 0, "Their token grid, the diffusion model's (0: latent side / 2, as SiT-*/2).")
 flags.mark_flags_as_required(["vae", "out"])
 
 
@@ -51,7 +54,8 @@ def main(argv):
                 "num_classes": len(source.classes)}
     spec = PreprocessSpec(image_size=FLAGS.image_size, shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size,
                           store_flip=FLAGS.store_flip, store_images=FLAGS.store_images,
-                          num_workers=FLAGS.num_workers, limit=FLAGS.limit)
+                          num_workers=FLAGS.num_workers, limit=FLAGS.limit, encoder_path=FLAGS.encoder_path,
+                          encoder_grid=FLAGS.encoder_grid)
     summary = preprocess_latents(source, FLAGS.out, FLAGS.vae, spec, info, log=logging.info)
     print(f"{summary['written']} shard(s) written, {summary['skipped']} kept, {summary['images']:,} images "
           f"in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} img/s after the first batch); "

@@ -8,8 +8,10 @@
 Each record is the fixed-layout concatenation of the fields named in the metadata (raw
 little-endian bytes, no pickling): the posterior `mean` and `std` of the VAE encoding of the
 centre crop (float32, latent H x W x 4, unscaled), the `label` (int32), the `index` of the image in
-the source (int64) and optionally `mean_flip`/`std_flip` (the encoding of the mirrored crop) and
-`image` (the uint8 crop itself, for REPA's encoder and for FID references).
+the source (int64) and optionally `mean_flip`/`std_flip` (the encoding of the mirrored crop),
+`image` (the uint8 crop itself, for REPA's encoder and for FID references) and
+`encoder_features`[`_flip`] (REPA's DINOv2 tokens of the crop, float16 (T, D), so that training
+needs no encoder).
 
 `LatentSource` reads them for grain. Training draws a fresh posterior sample every time a record
 is used, z = (mean + std * eps) * scale_factor (0.18215), as REPA does with its stored moments; the
@@ -37,15 +39,19 @@ def shard_name(index: int, count: int) -> str:
     return f"latents-{index:05d}-of-{count:05d}.array_record"
 
 
-def record_fields(latent_shape: tuple[int, int, int], image_size: int, store_flip: bool,
-                  store_images: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{field: (dtype, shape)} in record order."""
+def record_fields(latent_shape: tuple[int, int, int], image_size: int, store_flip: bool, store_images: bool,
+                  encoder_tokens: tuple[int, int] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{field: (dtype, shape)} in record order. `encoder_tokens` (T, D): REPA's encoder tokens, float16."""
     fields = {"mean": ("float32", tuple(latent_shape)), "std": ("float32", tuple(latent_shape)),
               "label": ("int32", ()), "index": ("int64", ())}
     if store_flip:
         fields.update(mean_flip=("float32", tuple(latent_shape)), std_flip=("float32", tuple(latent_shape)))
     if store_images:
         fields["image"] = ("uint8", (image_size, image_size, 3))
+    if encoder_tokens is not None:
+        fields["encoder_features"] = ("float16", tuple(encoder_tokens))
+        if store_flip:
+            fields["encoder_features_flip"] = ("float16", tuple(encoder_tokens))
     return fields
 
 
@@ -141,11 +147,24 @@ class LatentSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.codec.decode(self.records[int(index)])
 
-    def example(self, record: Mapping[str, np.ndarray], rng: np.random.Generator,
-                flip: bool) -> tuple[np.ndarray, np.int32]:
-        """(scaled posterior sample float32 (h, w, 4), label): fresh noise from `rng` at each use."""
+    def check_fields(self, fields: tuple[str, ...], flip: bool) -> None:
+        """Refuse, before training, extra fields the shards cannot give."""
+        stored = self.codec.fields
+        for field in fields:
+            if field not in stored:
+                option = {"image": "--store_images", "encoder_features": "--encoder_path"}.get(field, "")
+                raise ValueError(f"the latents in {self.directory} hold no {field!r}: preprocess with {option}")
+            if flip and f"{field}_flip" not in stored and field != "image":
+                raise ValueError(f"data.flip=True with precomputed {field!r} needs those of the mirrored crops: "
+                                 "preprocess with --store_flip, or train without flips (REPA uses none)")
+
+    def example(self, record: Mapping[str, np.ndarray], rng: np.random.Generator, flip: bool,
+                fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """{'x': scaled posterior sample float32 (h, w, 4), 'y': label, *fields}: fresh noise from `rng`
+        at each use; a flip takes the mirrored crop's stored encoding (and features, and image)."""
         mean, std = record["mean"], record["std"]
-        if flip and rng.random() < 0.5:
+        flipped = flip and rng.random() < 0.5
+        if flipped:
             if self.has_flip:
                 mean, std = record["mean_flip"], record["std_flip"]
             else:
@@ -155,7 +174,13 @@ class LatentSource:
                     self._warned_flip = True
                 mean, std = mean[:, ::-1], std[:, ::-1]
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
-        return (mean + std * eps) * np.float32(self.scale_factor), np.int32(record["label"])
+        out = {"x": (mean + std * eps) * np.float32(self.scale_factor), "y": np.int32(record["label"])}
+        if "image" in fields:
+            out["image"] = np.ascontiguousarray(record["image"][:, ::-1] if flipped else record["image"])
+        if "encoder_features" in fields:
+            out["encoder_features"] = np.asarray(
+                record["encoder_features_flip" if flipped else "encoder_features"], np.float32)
+        return out
 
     def element_shape(self) -> tuple[int, ...]:
         return self.latent_shape

@@ -27,39 +27,52 @@ class LoaderSpec:
     num_epochs: int | None = None  # None: repeat forever
     read_threads: int = 2
     prefetch_batches: int = 4
+    # Extra per-example fields beside 'x' and 'y': 'image' (the uint8 image, flipped with 'x') for an
+    # encoder run in the step, or 'encoder_features' (precomputed tokens, latents only).
+    fields: tuple[str, ...] = ()
 
 
-def image_example(record: Mapping[str, Any], rng: np.random.Generator, flip: bool) -> tuple[np.ndarray, np.int32]:
-    """(float32 image in [-1, 1], label) of an image record, mirrored with p = 1/2 when `flip`."""
-    x = np.asarray(record["image"], np.float32) / 127.5 - 1.0
+EXTRA_FIELDS = ("image", "encoder_features")
+
+
+def image_example(record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
+                  fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """{'x': float32 image in [-1, 1], 'y': label[, 'image': uint8]} of an image record, mirrored with
+    p = 1/2 when `flip`."""
+    image = np.asarray(record["image"])
     if flip and rng.random() < 0.5:
-        x = x[:, ::-1]
-    return x, np.int32(record["label"])
+        image = image[:, ::-1]
+    out = {"x": image.astype(np.float32) / 127.5 - 1.0, "y": np.int32(record["label"])}
+    if "encoder_features" in fields:
+        raise ValueError("precomputed encoder features exist only in latent shards (launch/preprocess.py "
+                         "--encoder_path); image data runs the encoder in the step")
+    if "image" in fields:
+        out["image"] = np.ascontiguousarray(image, np.uint8)
+    return out
 
 
-def to_example(source: Any, record: Mapping[str, Any], rng: np.random.Generator,
-               flip: bool) -> tuple[np.ndarray, np.int32]:
-    """A record as a training example: the source's own `example` (latents draw a posterior sample)
-    or, for image sources, `image_example`."""
-    return getattr(source, "example", image_example)(record, rng, flip)
+def to_example(source: Any, record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
+               fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A record as a training example {'x', 'y', *fields}: the source's own `example` (latents draw a
+    posterior sample) or, for image sources, `image_example`."""
+    return getattr(source, "example", image_example)(record, rng, flip, fields)
 
 
 class _LoadSlice:
-    """Global batch of indices -> this process's records, as float arrays. Each record's RNG (flip,
-    latent noise) comes from the seed, the global batch number and the position in the batch, so it
-    too is independent of the process count."""
+    """Global batch of indices -> this process's records, as arrays. Each record's RNG (flip, latent
+    noise) comes from the seed, the global batch number and the position in the batch, so it too is
+    independent of the process count."""
 
     def __init__(self, source: Any, spec: LoaderSpec, process_index: int, local_batch: int):
         self.source, self.spec, self.start, self.local_batch = source, spec, process_index * local_batch, local_batch
 
     def __call__(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-        xs, ys = [], []
+        examples = []
         for j in range(self.start, self.start + self.local_batch):
             rng = np.random.default_rng((self.spec.seed, batch_number, j))
-            x, y = to_example(self.source, self.source[int(indices[j])], rng, self.spec.flip)
-            xs.append(x)
-            ys.append(y)
-        return {"x": np.stack(xs), "y": np.asarray(ys, np.int32)}
+            examples.append(to_example(self.source, self.source[int(indices[j])], rng, self.spec.flip,
+                                       self.spec.fields))
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = None,
@@ -70,6 +83,11 @@ def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = No
     if spec.global_batch_size % process_count:
         raise ValueError(f"data.batch_size={spec.global_batch_size} is not divisible by the "
                          f"{process_count} processes")
+    unknown = sorted(set(spec.fields) - set(EXTRA_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown loader field(s) {unknown}; available: {EXTRA_FIELDS}")
+    if hasattr(source, "check_fields"):
+        source.check_fields(spec.fields, spec.flip)
     if len(source) < spec.global_batch_size:
         raise ValueError(f"the dataset has {len(source)} records: too few for a batch of {spec.global_batch_size}")
     local_batch = spec.global_batch_size // process_count

@@ -2,7 +2,8 @@
 
 What REPA's and fast-DiT's preprocessing do, in JAX: every image is centre-cropped as ADM crops
 (`center_crop_adm`), encoded by the VAE in batches split over this process's devices, and written
-with its label (format: `lsync_jax.data.latents`). Work is cut into shards of `shard_size`
+with its label (format: `lsync_jax.data.latents`); optionally with REPA's DINOv2 tokens of the
+crop (`encoder_path`), computed in float32, stored in float16. Work is cut into shards of `shard_size`
 consecutive images; each shard is written under a temporary name and renamed when complete, so a
 rerun with the same flags skips finished shards and redoes only the unfinished one. With several
 processes (a pod), process p writes shards p, p + P, ... with its own devices. Image decoding and
@@ -53,23 +54,28 @@ class PreprocessSpec:
     store_images: bool = False  # keep the uint8 crop (REPA's encoder, probes, FID references)
     num_workers: int = 16  # threads decoding and cropping images
     limit: int = 0  # > 0: only the first `limit` images (quick trials)
+    encoder_path: str = ""  # REPA's DINOv2 (file/dir, or 'random:tiny'): store its tokens of each crop
+    encoder_grid: int = 0  # their token grid (= the SiT's); 0: latent side / 2 (patch-2 models)
 
 
 # Metadata that must agree for a rerun to resume into an existing directory.
-_RESUME_KEYS = ("image_size", "latent_shape", "fields", "num_records", "shard_size", "num_shards", "source", "vae")
+_RESUME_KEYS = ("image_size", "latent_shape", "fields", "num_records", "shard_size", "num_shards", "source", "vae",
+                "encoder")
 
 
 def build_metadata(source_info: dict[str, Any], vae_info: dict[str, Any], latent_shape: tuple[int, int, int],
-                   num_records: int, spec: PreprocessSpec, scale_factor: float) -> dict[str, Any]:
+                   num_records: int, spec: PreprocessSpec, scale_factor: float,
+                   encoder_info: dict[str, Any] | None = None) -> dict[str, Any]:
     num_shards = max(1, math.ceil(num_records / spec.shard_size))
-    fields = record_fields(latent_shape, spec.image_size, spec.store_flip, spec.store_images)
+    tokens = tuple(encoder_info["tokens"]) if encoder_info else None
+    fields = record_fields(latent_shape, spec.image_size, spec.store_flip, spec.store_images, tokens)
     return {
         "format": FORMAT, "version": VERSION, "image_size": spec.image_size, "latent_shape": list(latent_shape),
         "scale_factor": scale_factor, "crop": "adm_center",
         "fields": [[k, d, list(s)] for k, (d, s) in fields.items()],  # a list: the order is the layout
         "num_records": num_records, "shard_size": spec.shard_size, "num_shards": num_shards,
         "shards": [shard_name(i, num_shards) for i in range(num_shards)],
-        "source": source_info, "vae": vae_info,
+        "source": source_info, "vae": vae_info, "encoder": encoder_info,
     }
 
 
@@ -126,10 +132,12 @@ def _prefetch_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, 
             yield pending.popleft().result()
 
 
-def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool):
-    """A jitted uint8 batch -> posterior moments function over this process's devices (batch padded to a
-    fixed size, so it compiles once)."""
+def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool, tokens: Any = None):
+    """A jitted uint8 batch -> {'mean', 'std'[, '*_flip'][, 'encoder_features'[_flip]]} function over this
+    process's devices (batch padded to a fixed size, so it compiles once). `tokens`: (module, params,
+    grid) of REPA's encoder, whose tokens are stored too."""
     import jax
+    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from lsync_jax.models.vae import encode_images
@@ -139,21 +147,31 @@ def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool):
     mesh = Mesh(np.array(devices), ("data",))
     split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
+    encoder_params = None if tokens is None else jax.device_put(tokens[1], replicated)
 
     @jax.jit
-    def encode(params, images):
-        if store_flip:
-            mean, std = encode_images(module, params, jax.numpy.concatenate([images, images[:, :, ::-1]]))
-            return jax.numpy.split(mean, 2) + jax.numpy.split(std, 2)
-        return encode_images(module, params, images)
+    def encode(params, encoder_params, images):
+        views = {"": images, "_flip": images[:, :, ::-1]} if store_flip else {"": images}
+        batch = jnp.concatenate(list(views.values()))
+        mean, std = encode_images(module, params, batch)
+        out = {}
+        for k, (suffix, _) in enumerate(views.items()):
+            part = slice(k * len(images), (k + 1) * len(images))
+            out["mean" + suffix], out["std" + suffix] = mean[part], std[part]
+        if tokens is not None:
+            from lsync_jax.models.encoders.features import encoder_tokens
+
+            z = encoder_tokens(tokens[0], encoder_params, batch, tokens[2]).astype(jnp.float16)
+            for k, suffix in enumerate(views):
+                out["encoder_features" + suffix] = z[k * len(images):(k + 1) * len(images)]
+        return out
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         n = len(images)
         if n < padded:
             images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
-        out = jax.device_get(encode(params, jax.device_put(images, split)))
-        names = ("mean", "mean_flip", "std", "std_flip") if store_flip else ("mean", "std")
-        return {k: np.asarray(v)[:n] for k, v in zip(names, out)}
+        out = jax.device_get(encode(params, encoder_params, jax.device_put(images, split)))
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
 
     return run
 
@@ -183,7 +201,17 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
     vae_info = {"path": os.path.abspath(vae_path) if "://" not in vae_path else vae_path,
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(module.config).items()}}
-    meta = build_metadata(source_info, vae_info, latent_shape, num_records, spec, SCALE_FACTOR)
+    tokens, encoder_info = None, None
+    if spec.encoder_path:
+        from lsync_jax.models.encoders.features import load_encoder
+
+        grid = spec.encoder_grid or latent_shape[0] // 2
+        encoder, encoder_params, description = load_encoder(spec.encoder_path, dtype="float32")
+        tokens = (encoder, encoder_params, grid)
+        encoder_info = {"path": spec.encoder_path, "description": description, "grid": grid,
+                        "tokens": [grid * grid, encoder.config.embed_dim],
+                        "input_size": grid * encoder.config.patch_size}
+    meta = build_metadata(source_info, vae_info, latent_shape, num_records, spec, SCALE_FACTOR, encoder_info)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, METADATA)
     if os.path.exists(meta_path):
@@ -211,7 +239,7 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
 
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    encode = make_encoder(module, params, spec.batch_size, spec.store_flip)
+    encode = make_encoder(module, params, spec.batch_size, spec.store_flip, tokens)
     progress = Progress(total)
     loaded = _prefetch_map(load, (i for k in todo for i in shard_range[k]), spec.num_workers,
                            window=max(4 * spec.batch_size, 2 * spec.num_workers))

@@ -111,21 +111,74 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(path: str, abstract_params: Any) -> tuple[Any, Any]:
-    """(params, ema_params) from another run's checkpoint (a workdir's checkpoints/ dir or one step
-    dir), for --config.train.init_from; shapes must match this run's model."""
+def _step_dir(path: str) -> str:
+    """A checkpoint step directory from a workdir, its checkpoints/ directory or a step directory."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"train.init_from={path!r} does not exist")
-    step_dir = path
-    if not os.path.isdir(os.path.join(path, "state")):
-        ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-        manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                                        item_names=("state", "data", "meta"))
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"train.init_from={path!r} holds no checkpoint")
-        step_dir = os.path.join(ckpt_dir, str(step))
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "data", "meta"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"train.init_from={path!r} holds no checkpoint")
+    return os.path.join(ckpt_dir, str(step))
+
+
+def restore_matching(path: str, params: Any, include: str) -> tuple[Any, list[str]]:
+    """`params` with every parameter whose path matches the regex `include` and exists in another
+    run's checkpoint (a workdir, its checkpoints/ or a step dir) replaced by the saved one, for
+    --config.train.init_from with --config.train.init_include (e.g. ERW's hand-off from a shallower
+    model: its blocks 1..k into a deeper one). A selected parameter of another shape there is an
+    error; the others keep `params`' values. Returns (params, the carried paths)."""
+    import re
+
+    import numpy as np
+
+    pattern = re.compile(include)
+    step_dir = _step_dir(path)
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+        saved_shapes = json.load(f).get("param_shapes", {})
+    wanted = {name: shape for name, shape in param_shapes(params).items()
+              if pattern.search(name) and name in saved_shapes}
+    if not wanted:
+        raise ValueError(f"train.init_include={include!r} selects none of the parameters that the model and "
+                         f"train.init_from={path!r} have in common")
+    problems = [f"{n}: checkpoint {saved_shapes[n]}, model {s}" for n, s in wanted.items() if saved_shapes[n] != s]
+    if problems:
+        raise ValueError(f"train.init_from={path!r} cannot give what train.init_include={include!r} selects: "
+                         + "; ".join(problems[:6]))
+    tree: dict[str, Any] = {}
+    for name in wanted:  # restore only the selected arrays, on the host
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jax.ShapeDtypeStruct(tuple(wanted[name]), np.float32)
+    target = {"params": tree}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))["params"]
+    flat = {}
+    for key_path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
+        flat[path_name(key_path)] = value
+
+    def pick(key_path, current):
+        name = path_name(key_path)
+        if name not in flat:
+            return current
+        return jax.device_put(np.asarray(flat[name], current.dtype), current.sharding)
+
+    return jax.tree_util.tree_map_with_path(pick, params), sorted(flat)
+
+
+def restore_params(path: str, abstract_params: Any) -> tuple[Any, Any]:
+    """(params, ema_params) from another run's checkpoint (a workdir's checkpoints/ dir or one step
+    dir), for --config.train.init_from; shapes must match this run's model."""
+    step_dir = _step_dir(path)
     meta_file = os.path.join(step_dir, "meta", "metadata")
     if os.path.exists(meta_file):
         with open(meta_file) as f:

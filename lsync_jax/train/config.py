@@ -31,9 +31,10 @@ SECTIONS = {
     "data": ("name", "dir", "split", "tfds_name", "batch_size", "flip", "synthetic_size",
              "synthetic_shape", "num_classes", "image_size"),
     "vae": ("path", "decode_chunk"),
+    "erw": ("enabled", "warmup_steps", "blocks", "warmup_weight", "carry"),
     "optimizer": None,  # checked by make_optimizer
     "train": ("num_steps", "ema_decay", "log_every", "checkpoint_every", "keep_checkpoints", "keep_every",
-              "sample_every", "num_grid_samples", "init_from", "async_checkpoints"),
+              "sample_every", "num_grid_samples", "init_from", "init_include", "async_checkpoints"),
     "eval": ("every", "num_samples", "batch_size", "reference", "reference_split", "reference_size",
              "inception_weights"),
     "distributed": ("enabled", "coordinator_address", "num_processes", "process_id", "cpu_collectives"),
@@ -108,8 +109,8 @@ def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -
     """The examples' shape and label range must fit the model (before any compile)."""
     from lsync_jax.data.pipeline import to_example
 
-    record = source[0]
-    x, label = to_example(source, record, np.random.default_rng(0), False)
+    example = to_example(source, source[0], np.random.default_rng(0), False)
+    x, label = example["x"], example["y"]
     h, w, c = x.shape
     kind = "latents" if hasattr(source, "latent_shape") else "images"
     if c != model.in_channels or h % model.patch_size or w % model.patch_size:

@@ -13,6 +13,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -29,6 +30,7 @@ from lsync_jax.train.config import (
     model_fields,
     validate_config,
 )
+from lsync_jax.train.encoders import build_encoder_features
 from lsync_jax.train.images import make_grid, save_png, to_uint8
 from lsync_jax.host import gather_to_host
 from lsync_jax.train.sharding import batch_sharding, make_mesh, with_shardings
@@ -97,7 +99,19 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics."""
+    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics.
+
+    With `config.erw.enabled`, ERW's two stages run one after the other (`lsync_jax.train.erw`)."""
+    validate_config(config)
+    if config.get("erw", {}).get("enabled", False):
+        from lsync_jax.train.erw import train_erw
+
+        return train_erw(config, workdir)
+    return train_run(config, workdir)
+
+
+def train_run(config: Any, workdir: str) -> dict[str, float]:
+    """One training run (see `train_and_evaluate`)."""
     validate_config(config)
     initialize_distributed(config.get("distributed", {}))
     model = build_model(config)
@@ -126,8 +140,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         from lsync_jax.train.fid import TrainingFID  # Inception weights are needed only when FID is on
 
         fid = TrainingFID(config, model, sample_fn, mesh, cfg_scale, interval, workdir, decode)
+    encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
-                                            flip=bool(config.data.get("flip", False))))
+                                            flip=bool(config.data.get("flip", False)),
+                                            fields=encoder.fields if encoder else ()))
     data_iter = iter(loader)
     num_steps = int(config.train.num_steps)
 
@@ -151,7 +167,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", latest, num_steps)
     else:
         state = create_train_state(model, tx, jax.random.key(int(config.seed)), mesh, rules)
-        if config.train.get("init_from"):
+        if config.train.get("init_from") and config.train.get("init_include"):
+            params, carried = ckpt_lib.restore_matching(config.train.init_from, state.params,
+                                                        config.train.init_include)
+            logging.info("initialised %d parameters from %s (train.init_include=%r), the rest fresh; EMA = these "
+                         "weights, optimizer fresh: %s", len(carried), config.train.init_from,
+                         config.train.init_include, ", ".join(carried))
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        elif config.train.get("init_from"):
             params, ema = ckpt_lib.restore_params(config.train.init_from, abstract.params)
             state = state.replace(params=params, ema_params=ema)
     start = int(state.step)
@@ -162,7 +185,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     sharding = batch_sharding(mesh)
     log_every = int(config.train.get("log_every", 50))
     ckpt_every = int(config.train.get("checkpoint_every", 1000))
-    sample_every = int(config.train.get("sample_every", 0))
+    # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
+    sample_every = int(config.train.get("sample_every", 0)) if objective.transport_weight > 0 else 0
     pending: list[tuple[int, dict]] = []
     last_saved = latest
     last_metrics: dict[str, float] = {}
@@ -211,6 +235,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             step = start
             for step in range(start + 1, num_steps + 1):
                 batch = global_batch(next(data_iter), sharding)
+                if encoder is not None:
+                    batch = encoder.add_to(batch)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 report(step)
@@ -230,7 +256,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                     logging.warning("preempted at step %d; checkpoint saved", step)
                     break
             flush_metrics(step)
-            if step == num_steps and num_steps > start and not (sample_every and step % sample_every == 0):
+            if (step == num_steps and num_steps > start and objective.transport_weight > 0
+                    and not (sample_every and step % sample_every == 0)):
                 sample_grid(step)
             if fid is not None and step == num_steps and not fid.done(step) and not (
                     preemption.requested if jax.process_count() == 1 else preemption.any_process()):

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsync_jax.models import get_model
+from lsync_jax.models import get_model, model_config
 from lsync_jax.models.layers import resolve_attention_impl
-from lsync_jax.objectives import LayerSync, Objective, default_pair
+from lsync_jax.objectives import REPA, LayerSync, Objective, default_pair
 from lsync_jax.train import batch_sharding, create_train_state, make_mesh, make_optimizer, make_train_step
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 
@@ -154,13 +154,27 @@ def peak_flops() -> float | None:
     return None
 
 
-def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: str) -> dict[str, Any]:
+VARIANTS = ("baseline", "layersync", "repa", "layersync+repa")
+REPA_DIM = 768  # DINOv2-B/14's tokens, REPA's encoder
+
+
+def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) -> dict[str, Any]:
     """The library's train step (loss + gradient + AdamW + EMA, state donated), sharded over every
-    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`."""
+    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`. REPA variants add
+    the projector (REPA's depth: 8 for >= 24 blocks, else 4) and its loss against given tokens (the
+    encoder's own cost is the `dinov2_encode` row)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown benchmark variant {variant!r}; expected one of {VARIANTS}")
+    overrides = dict(cfg.model_overrides)
+    depth = int(overrides.get("depth", model_config(name)["depth"]))
+    if "repa" in variant:
+        overrides.update(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
     model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                      dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **cfg.model_overrides)
+                      dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **overrides)
     pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
-    objective = Objective(create_transport(), (LayerSync(tuple(pairs)),) if layersync else ())
+    regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
+        (REPA(0.5),) if "repa" in variant else ())
+    objective = Objective(create_transport(), regularizers)
     tx, schedule = make_optimizer({"lr": 1e-4})
     mesh = make_mesh()
     if cfg.batch_size % jax.device_count():
@@ -168,16 +182,19 @@ def bench_train_step(name: str, cfg: BenchConfig, layersync: bool, attention: st
     state = create_train_state(model, tx, jax.random.key(0), mesh)
     params = state.params
     shape = (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)
-    batch = jax.device_put({"x": jax.random.normal(jax.random.key(1), shape),
-                            "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)},
-                           batch_sharding(mesh))
+    batch = {"x": jax.random.normal(jax.random.key(1), shape),
+             "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)}
+    if "repa" in variant:
+        tokens = (cfg.input_size // model.patch_size) ** 2
+        batch["encoder_features"] = jax.random.normal(jax.random.key(3), (cfg.batch_size, tokens, REPA_DIM))
+    batch = jax.device_put(batch, batch_sharding(mesh))
     fn = make_train_step(model, objective, tx, schedule, mesh)
     seconds, compiled, compile_s = time_compiled(fn, (state, batch), cfg.steps, carry=True)
     n_params = sum(l.size for l in jax.tree.leaves(params))
     flops = 3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds
     peak = peak_flops()
     return dict(
-        bench="train_step", model=name, variant="layersync" if layersync else "baseline",
+        bench="train_step", model=name, variant=variant,
         attention=_attention_label(model),
         dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
         img_per_s=round(cfg.batch_size / seconds, 1),
@@ -309,6 +326,33 @@ def bench_vae(cfg: BenchConfig, direction: str) -> dict[str, Any]:
     )
 
 
+def bench_encoder(cfg: BenchConfig) -> dict[str, Any]:
+    """REPA's encoder beside the train step: DINOv2-B/14 (random weights) tokens of a batch of uint8
+    images at `cfg.image_size`, resized to its input (SiT token grid x 14: 224 px for 256 px
+    images), in `cfg.dtype`, the batch split over every device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lsync_jax.models.encoders import CONFIGS, random_dinov2
+    from lsync_jax.models.encoders.features import encoder_tokens
+
+    module, params = random_dinov2(CONFIGS["vitb14"], seed=0, dtype=jnp.dtype(cfg.dtype))
+    mesh = make_mesh()
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    grid = cfg.image_size // 16  # SiT-*/2 on 8x-downsampled latents
+    images = jax.device_put(_random_images(cfg.batch_size, cfg.image_size, 3), batch_sharding(mesh))
+    fn = jax.jit(lambda p, x: encoder_tokens(module, p, x, grid))
+    seconds, compiled, compile_s = time_compiled(fn, (params, images), cfg.steps)
+    flops = hlo_flops(fn, (params, images))
+    return dict(
+        bench="dinov2_encode", model="DINOv2-B/14", variant=f"{cfg.image_size}px->{grid * 14}px",
+        attention=None, dtype=cfg.dtype, batch=cfg.batch_size,
+        params_m=round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1), ms=round(seconds * 1e3, 2),
+        img_per_s=round(cfg.batch_size / seconds, 1),
+        tflops=None if not flops else round(flops / seconds / 1e12, 1), mfu=None, compile_s=round(compile_s, 1),
+        mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
            "mfu", "compile_s", "mem_gib", "peak_gib")
 
@@ -329,14 +373,15 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
     for name in cfg.models:
         for attention in cfg.attention:
             for variant in cfg.variants:
-                if variant not in ("baseline", "layersync"):
-                    raise ValueError(f"unknown benchmark variant {variant!r}; expected baseline or layersync")
-                rows.append(bench_train_step(name, cfg, variant == "layersync", attention))
+                rows.append(bench_train_step(name, cfg, variant, attention))
                 print_fn(format_table(rows[-1:]))
         if cfg.sample_steps > 0:
             for scale in cfg.sample_cfg:
                 rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
                 print_fn(format_table(rows[-1:]))
+    if any("repa" in v for v in cfg.variants) and cfg.models:
+        rows.append(bench_encoder(cfg))
+        print_fn(format_table(rows[-1:]))
     if cfg.vae_batch > 0:
         for direction in ("encode", "decode"):
             rows.append(bench_vae(cfg, direction))

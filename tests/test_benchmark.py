@@ -29,7 +29,16 @@ def test_run_prints_a_table_and_writes_json(tmp_path):
     write_json(result, str(path))
     assert json.loads(path.read_text())["rows"][0]["model"] == "SiT-S/8"
     with pytest.raises(ValueError, match="unknown benchmark variant"):
-        run(BenchConfig(models=("SiT-S/8",), variants=("repa",), sample_steps=0), print_fn=lambda s: None)
+        run(BenchConfig(models=("SiT-S/8",), variants=("erw",), sample_steps=0), print_fn=lambda s: None)
+
+
+def test_repa_rows_add_the_projector_and_the_encoder():
+    cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=0,
+                      variants=("layersync+repa",), image_size=28, dtype="float32", model_overrides={"depth": 2})
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [("train_step", "layersync+repa"),
+                                                         ("dinov2_encode", "28px->14px")]
+    assert rows[0]["params_m"] > 0 and rows[1]["params_m"] == 86.6 and rows[1]["img_per_s"] > 0
 
 
 def test_vae_rows_time_encode_and_decode():

@@ -35,6 +35,9 @@ flags.DEFINE_integer("limit", 0, "> 0: only the first N images.")
 flags.DEFINE_string("encoder_path", "", "REPA: also store DINOv2's tokens of each crop (torch hub or Hugging Face "
                     "weights), so training runs no encoder (--config.objective.repa.precomputed=True).")
 flags.DEFINE_integer("encoder_grid", 0, "Their token grid, the diffusion model's (0: latent side / 2, as SiT-*/2).")
+flags.DEFINE_integer("process_index", -1, "Several hosts: this one's index (writes shards i, i + count, ...).")
+flags.DEFINE_integer("process_count", -1, "Several hosts: how many share the work (-1: JAX's, 1 without "
+                     "jax.distributed).")
 flags.mark_flags_as_required(["vae", "out"])
 
 
@@ -55,7 +58,8 @@ def main(argv):
     spec = PreprocessSpec(image_size=FLAGS.image_size, shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size,
                           store_flip=FLAGS.store_flip, store_images=FLAGS.store_images,
                           num_workers=FLAGS.num_workers, limit=FLAGS.limit, encoder_path=FLAGS.encoder_path,
-                          encoder_grid=FLAGS.encoder_grid)
+                          encoder_grid=FLAGS.encoder_grid, process_index=FLAGS.process_index,
+                          process_count=FLAGS.process_count)
     summary = preprocess_latents(source, FLAGS.out, FLAGS.vae, spec, info, log=logging.info)
     print(f"{summary['written']} shard(s) written, {summary['skipped']} kept, {summary['images']:,} images "
           f"in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} img/s after the first batch); "

@@ -36,7 +36,9 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from lsync_jax.checkpoints.vae import read_state_file
@@ -305,3 +307,28 @@ def load_dinov2(path: str, num_heads: int | None = None, **module_options: Any) 
     if wrong:
         raise ValueError(f"{weights_file} does not match DINOv2 {config}: wrong shapes {wrong[:8]}")
     return module, params
+
+
+# A small randomly initialised DINOv2 for CPU configs and tests ("random:tiny"): NOT a pretrained encoder.
+TINY_DINOV2 = dict(embed_dim=64, depth=2, num_heads=2)
+
+
+def load_encoder(path: str, dtype: Any = jnp.bfloat16) -> tuple[Any, Any, str]:
+    """(module, params, description) of DINOv2 from weights (torch hub or Hugging Face files), or
+    'random:<vits14|vitb14|vitl14|vitg14|tiny>' for a randomly initialised one (clearly not REPA)."""
+    if not path:
+        raise FileNotFoundError("config.objective.repa.encoder_path is empty: give DINOv2 weights (torch hub's "
+                                "dinov2_vitb14_pretrain.pth or a Hugging Face facebook/dinov2-base directory), or "
+                                "'random:tiny' for a randomly initialised encoder (tests and CPU demos only)")
+    if path.startswith("random:"):
+        name = path.split(":", 1)[1]
+        if name != "tiny" and name not in CONFIGS:
+            raise ValueError(f"encoder_path={path!r}: expected random:tiny or random:<{'|'.join(CONFIGS)}>")
+        config = DINOv2Config(**TINY_DINOV2) if name == "tiny" else CONFIGS[name]
+        module, params = random_dinov2(config, seed=0)
+        description = f"DINOv2-{name}, RANDOMLY INITIALISED (not pretrained: for tests and CPU demos)"
+        logging.warning("REPA encoder: %s", description)
+    else:
+        module, params = load_dinov2(path)
+        description = f"DINOv2 from {path}"
+    return module.clone(dtype=jnp.dtype(dtype)), params, description

@@ -6,7 +6,8 @@ with its label (format: `lsync_jax.data.latents`); optionally with REPA's DINOv2
 crop (`encoder_path`), computed in float32, stored in float16. Work is cut into shards of `shard_size`
 consecutive images; each shard is written under a temporary name and renamed when complete, so a
 rerun with the same flags skips finished shards and redoes only the unfinished one. With several
-processes (a pod), process p writes shards p, p + P, ... with its own devices. Image decoding and
+hosts, process p of P writes shards p, p + P, ... with its own devices (`process_index`,
+`process_count`, by default JAX's); they share nothing but the output directory. Image decoding and
 cropping run in a thread pool ahead of the encoder.
 """
 
@@ -56,6 +57,9 @@ class PreprocessSpec:
     limit: int = 0  # > 0: only the first `limit` images (quick trials)
     encoder_path: str = ""  # REPA's DINOv2 (file/dir, or 'random:tiny'): store its tokens of each crop
     encoder_grid: int = 0  # their token grid (= the SiT's); 0: latent side / 2 (patch-2 models)
+    # Several hosts: process p of P writes shards p, p + P, ... (-1: JAX's process index and count)
+    process_index: int = -1
+    process_count: int = -1
 
 
 # Metadata that must agree for a rerun to resume into an existing directory.
@@ -192,6 +196,10 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
     if spec.image_size < 8 or spec.shard_size < 1 or spec.batch_size < 1 or spec.limit < 0:
         raise ValueError(f"bad preprocessing settings {spec}: image_size >= 8, shard_size and batch_size >= 1, "
                          "limit >= 0")
+    process = jax.process_index() if spec.process_index < 0 else spec.process_index
+    processes = jax.process_count() if spec.process_count < 0 else spec.process_count
+    if not 0 <= process < processes:
+        raise ValueError(f"process_index={process} must be in [0, process_count={processes})")
     module, params = load_vae(vae_path)
     factor = downsampling_factor(module.config)
     if spec.image_size % factor:
@@ -203,7 +211,7 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                            for k, v in dataclasses.asdict(module.config).items()}}
     tokens, encoder_info = None, None
     if spec.encoder_path:
-        from lsync_jax.models.encoders.features import load_encoder
+        from lsync_jax.checkpoints.dinov2 import load_encoder
 
         grid = spec.encoder_grid or latent_shape[0] // 2
         encoder, encoder_params, description = load_encoder(spec.encoder_path, dtype="float32")
@@ -219,11 +227,11 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
 
         with open(meta_path) as f:
             check_resumable(json.load(f), meta, out_dir)
-    elif jax.process_index() == 0:
+    elif process == 0:
         write_json_atomic(meta_path, meta)
 
     codec = RecordCodec({k: (d, tuple(s)) for k, d, s in meta["fields"]})
-    mine = range(jax.process_index(), meta["num_shards"], jax.process_count())
+    mine = range(process, meta["num_shards"], processes)
     todo = [k for k in mine if not os.path.exists(os.path.join(out_dir, meta["shards"][k]))]
     skipped = len(mine) - len(todo)
     if skipped:
@@ -246,7 +254,7 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
     start = time.perf_counter()
     for k in todo:
         final = os.path.join(out_dir, meta["shards"][k])
-        temporary = f"{final}.tmp-{jax.process_index()}"
+        temporary = f"{final}.tmp-{process}"
         writer = ArrayRecordWriter(temporary, "group_size:1")  # random access: one record per chunk
         count = len(shard_range[k])
         for begin in range(0, count, spec.batch_size):

@@ -109,8 +109,7 @@ class ImageFolderSource:
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.files: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            for folder, dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                dirs.sort()
+            for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):  # by path
                 self.files += [(os.path.join(folder, f), label) for f in sorted(files)
                                if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.files:

@@ -101,9 +101,11 @@ def objective_loss(
     else:
         out = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs)
         features = {}
-    transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut))
-    metrics = {f"loss/{transport.prediction}": transport_loss}
-    total = objective.transport_weight * transport_loss
+    metrics, total = {}, jnp.zeros((), jnp.float32)
+    if objective.transport_weight > 0:  # (at t = 1, clean_input, some loss weights are infinite)
+        transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut))
+        metrics[f"loss/{transport.prediction}"] = transport_loss
+        total = objective.transport_weight * transport_loss
     reg_batch = dict(batch, step=step) if step is not None else batch
     for reg in objective.regularizers:
         term, reg_metrics = reg(features, reg_batch)

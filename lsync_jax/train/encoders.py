@@ -15,7 +15,8 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from lsync_jax.models.encoders.features import encoder_tokens, load_encoder
+from lsync_jax.checkpoints.dinov2 import load_encoder
+from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.train.sharding import batch_sharding, replicated
 
 

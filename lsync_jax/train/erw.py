@@ -10,8 +10,9 @@ the configured objective; ERW's configs set REPA's weight c0 (6 XL, 3 L, 1 other
 `half_life` 50,000 (the coefficient c0 * 2^(-s / 50000) at stage-2 step s, which is ERW's
 2^(-(step - warmup) / 50000)) and `encoder_depth` 14 for XL.
 
-One command runs both; a rerun resumes whichever stage was interrupted (stage 1 is skipped once
-its last checkpoint exists, stage 2 resumes from its own checkpoints).
+One command runs both; a rerun resumes whichever stage was interrupted (stage 1 is skipped once its
+last checkpoint exists or stage 2 has started; a stage 1 stopped early does not start stage 2).
+Both stages' models, objectives and the carry regex are checked before stage 1 starts.
 """
 
 from __future__ import annotations
@@ -67,24 +68,67 @@ def stage2_config(config: Any, stage1_dir: str) -> Any:
     return stage
 
 
+def _latest_step(checkpoint_dir: str) -> int | None:
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    return step
+
+
+def check_stages(first: Any, second: Any) -> None:
+    """Both stages' models and objectives build, and the carry regex selects parameters the two
+    models share with equal shapes: checked before stage 1, not after its 100K steps."""
+    import re
+
+    import jax
+
+    from lsync_jax.objectives import build_objective
+    from lsync_jax.train.checkpoint import param_shapes
+    from lsync_jax.train.config import build_model, build_transport
+
+    shapes = []
+    for stage in (first, second):
+        model = build_model(stage)
+        build_objective(stage.objective, build_transport(stage), depth=model.depth)
+        shapes.append(param_shapes(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]))
+    try:
+        pattern = re.compile(second.train.init_include)
+    except re.error as e:
+        raise ValueError(f"config.erw.carry={second.train.init_include!r} is not a regex: {e}") from None
+    carried = [n for n in shapes[1] if pattern.search(n) and n in shapes[0]]
+    wrong = [n for n in carried if shapes[0][n] != shapes[1][n]]
+    if not carried or wrong:
+        raise ValueError(f"config.erw.carry={second.train.init_include!r} selects "
+                         + (f"parameters of different shapes in the two stages: {wrong[:4]}" if wrong
+                            else "nothing the two stages' models share"))
+
+
 def train_erw(config: Any, workdir: str) -> dict[str, float]:
-    """Stage 1 into WORKDIR/erw_stage1 (unless finished), then stage 2 into WORKDIR."""
+    """Stage 1 into WORKDIR/erw_stage1 (unless finished, or stage 2 has started), then stage 2 into
+    WORKDIR. A stage 1 stopped early (preemption) returns without starting stage 2."""
     from lsync_jax.train.loop import train_run
 
-    first = stage1_config(config)
-    second = stage2_config(config, os.path.join(workdir, STAGE1_DIR))
+    if config.train.get("init_from"):
+        raise ValueError("config.train.init_from with config.erw.enabled: ERW's stage 2 starts from its stage 1; "
+                         "turn ERW off to start from another run")
     stage1_dir = os.path.join(workdir, STAGE1_DIR)
-    done = None
-    if os.path.isdir(os.path.join(stage1_dir, "checkpoints")):
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(stage1_dir, "checkpoints"), read_only=True)
-        done = checkpointer.latest_step()
-        checkpointer.close()
-    if done is None or done < int(first.train.num_steps):
+    first = stage1_config(config)
+    second = stage2_config(config, stage1_dir)
+    check_stages(first, second)
+    warmup = int(first.train.num_steps)
+    if _latest_step(os.path.join(workdir, "checkpoints")) is not None:
+        logging.info("ERW stage 2 has started in %s: resuming it", workdir)
+    elif (_latest_step(os.path.join(stage1_dir, "checkpoints")) or 0) < warmup:
         logging.info("ERW stage 1: %d blocks + projector on clean inputs, REPA only, %d steps, in %s",
-                     first.model.overrides.depth, first.train.num_steps, stage1_dir)
-        train_run(first, stage1_dir)
-    else:
-        logging.info("ERW stage 1 finished earlier (step %d in %s)", done, stage1_dir)
+                     first.model.overrides.depth, warmup, stage1_dir)
+        metrics = train_run(first, stage1_dir)
+        done = _latest_step(os.path.join(stage1_dir, "checkpoints")) or 0
+        if done < warmup:
+            logging.warning("ERW stage 1 stopped at step %d of %d; run the same command again to continue", done,
+                            warmup)
+            return metrics
     logging.info("ERW stage 2: the full model from stage 1 (parameters matching %r), in %s",
                  second.train.init_include, workdir)
     return train_run(second, workdir)

@@ -87,8 +87,9 @@ class _Preemption:
 
 
 def initialize_distributed(dist: Mapping[str, Any]) -> None:
-    """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call)."""
-    if not dist.get("enabled", False):
+    """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call); once
+    per process (ERW's two stages share it)."""
+    if not dist.get("enabled", False) or jax.distributed.is_initialized():
         return
     if dist.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", dist["cpu_collectives"])
@@ -103,6 +104,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     With `config.erw.enabled`, ERW's two stages run one after the other (`lsync_jax.train.erw`)."""
     validate_config(config)
+    initialize_distributed(config.get("distributed", {}))
     if config.get("erw", {}).get("enabled", False):
         from lsync_jax.train.erw import train_erw
 
@@ -120,6 +122,8 @@ def train_run(config: Any, workdir: str) -> dict[str, float]:
     tx, schedule = make_optimizer(dict(config.optimizer))
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     validate_guidance(model, cfg_scale, interval)  # now, not at the first sample grid hours later
+    if config.train.get("init_include") and not config.train.get("init_from"):
+        raise ValueError("config.train.init_include selects parameters of config.train.init_from, which is empty")
     for key in ("num_steps", "log_every", "checkpoint_every", "num_grid_samples"):
         if int(config.train.get(key, 1)) < 1:
             raise ValueError(f"config.train.{key} must be >= 1, got {config.train.get(key)}")

@@ -1,6 +1,7 @@
 """Preprocessing a class-folder tree into latent shards: ADM crop, VAE moments, labels, resume; the
 latent source and its loader (posterior samples, flips, errors)."""
 
+import dataclasses
 import json
 import os
 
@@ -88,6 +89,22 @@ def test_rerun_skips_finished_shards_and_redoes_a_missing_one(latents, tiny_vae_
     assert not os.path.exists(paths[1] + ".tmp-0")
     with pytest.raises(ValueError, match="image_size"):  # other settings never mix into the directory
         preprocess_latents(source, out, tiny_vae_dir, PreprocessSpec(image_size=16, shard_size=8), info)
+
+
+def test_hosts_share_the_shards(latents, tiny_vae_dir, tmp_path):
+    source, out, spec, _ = latents
+    info = {"kind": "folder", "path": source.root, "num_classes": 3}
+    split = str(tmp_path / "split")
+    written = [preprocess_latents(source, split, tiny_vae_dir, dataclasses.replace(spec, process_index=p,
+                                                                                   process_count=2),
+                                  info, log=lambda s: None)["written"] for p in (1, 0)]
+    assert written == [1, 2]  # host 1 writes shard 1, host 0 shards 0 and 2
+    whole, parts = LatentSource(out), LatentSource(split)
+    for i in range(len(whole)):
+        np.testing.assert_array_equal(parts[i]["mean"], whole[i]["mean"])
+    with pytest.raises(ValueError, match="process_index=2"):
+        preprocess_latents(source, split, tiny_vae_dir, dataclasses.replace(spec, process_index=2, process_count=2),
+                           info)
 
 
 def test_loader_draws_fresh_posterior_samples_and_uses_stored_flips(latents):

@@ -42,6 +42,7 @@ def test_a_few_steps_on_latents_then_decoded_samples(tiny_latents, tmp_path):
     (dict(dir="/nonexistent/latents"), FileNotFoundError, "launch/preprocess.py"),
     ("input_size", ValueError, "8x8 latents but config.model.overrides.input_size=16"),
     ("vae", FileNotFoundError, "SD-VAE weights"),
+    ("fid", ValueError, "FID on latent data needs an ADM reference batch"),
 ])
 def test_mismatched_latents_fail_before_compiling(tiny_latents, tmp_path, change, error, match):
     _, latent_dir, _, _ = tiny_latents
@@ -50,6 +51,8 @@ def test_mismatched_latents_fail_before_compiling(tiny_latents, tmp_path, change
         config.model.overrides.input_size = 16
     elif change == "vae":
         config.vae.path = str(tmp_path / "no-vae")
+    elif change == "fid":
+        config.eval.every = 1
     else:
         config.data.update(change)
     with pytest.raises(error, match=match):

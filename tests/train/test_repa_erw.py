@@ -146,15 +146,21 @@ def test_a_few_steps_on_latents_with_precomputed_tokens(latents_with_tokens, tmp
     ("precomputed", "precomputed=True reads tokens stored in latent shards"),
     ("no_encoder", "encoder_path is empty"),
     ("erw_blocks", "erw.blocks=6"),
+    ("erw_carry", "erw.carry='nothing' selects nothing"),
+    ("include_alone", "init_include selects parameters of config.train.init_from, which is empty"),
 ])
 def test_bad_repa_settings_fail_before_compiling(tmp_path, change, match):
-    config = quick(fashion_mnist_repa.get_config("erw" if change == "erw_blocks" else "repa"))
+    config = quick(fashion_mnist_repa.get_config("erw" if str(change).startswith("erw") else "repa"))
     if change == "precomputed":
         config.objective.repa.precomputed = True
     elif change == "no_encoder":
         config.objective.repa.encoder_path = ""
     elif change == "erw_blocks":
         config.erw.blocks = 6
+    elif change == "erw_carry":
+        config.erw.carry = "nothing"
+    elif change == "include_alone":
+        config.train.init_include = "blocks_0"
     else:
         config.model.overrides.update(change)
     with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -16,6 +16,7 @@ setup(
         "optax",
         "orbax-checkpoint",
         "grain",
+        "array-record",  # writes the latent shards (grain reads them)
         "ml_collections",
         "absl-py",
         "clu",

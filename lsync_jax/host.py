@@ -33,6 +33,14 @@ def all_processes(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x` with zero rows appended along axis 0 up to `rows` (one compiled shape for a short last
+    batch, or whole shards per device; callers drop the padding from the results)."""
+    if len(x) >= rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write through a uniquely named temporary file and a rename: readers (and concurrent
     writers of the same content, e.g. several hosts on a shared disk) never see a partial file."""

@@ -181,6 +181,3 @@ class LatentSource:
             out["encoder_features"] = np.asarray(
                 record["encoder_features_flip" if flipped else "encoder_features"], np.float32)
         return out
-
-    def element_shape(self) -> tuple[int, ...]:
-        return self.latent_shape

@@ -144,6 +144,7 @@ def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool, to
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from lsync_jax.host import pad_rows
     from lsync_jax.models.vae import encode_images
 
     devices = jax.local_devices()
@@ -172,9 +173,7 @@ def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool, to
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         n = len(images)
-        if n < padded:
-            images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
-        out = jax.device_get(encode(params, encoder_params, jax.device_put(images, split)))
+        out = jax.device_get(encode(params, encoder_params, jax.device_put(pad_rows(images, padded), split)))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
     return run

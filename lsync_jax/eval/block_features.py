@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lsync_jax.host import pad_rows
 from lsync_jax.transport.paths import Path
 
 
@@ -75,13 +76,10 @@ def collect_block_features(model: Any, params: Any, path: Path, source: Any, num
     start = 0
     for x, y in _batches(source, num, batch_size):
         n = len(x)
-        pad = -n % len(devices)
         eps = np.asarray(noise(jnp.arange(start, start + n)), np.float32)  # per sample: any batch size
         start += n
-        if pad:
-            x, eps = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, eps))
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        placed = [jax.device_put(a, split) for a in (x, eps, y)]
+        rows = n + -n % len(devices)  # whole shards per device; the padding is dropped below
+        placed = [jax.device_put(pad_rows(a, rows), split) for a in (x, eps, y)]
         for t in t_values:
             features = jax.device_get(pooled(params, placed[0], placed[1], jnp.float32(t), placed[2]))
             for name in names:

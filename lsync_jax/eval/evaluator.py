@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
 from lsync_jax.eval import inception, metrics, weights
-from lsync_jax.host import all_processes, gather_to_host, save_npz_atomic, write_json_atomic
+from lsync_jax.host import all_processes, gather_to_host, pad_rows, save_npz_atomic, write_json_atomic
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -106,8 +106,7 @@ class InceptionEvaluator:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             valid = len(chunk)
-            if valid < self.batch_size:  # pad the last batch: one compiled shape, any N
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid, *chunk.shape[1:]), np.uint8)])
+            chunk = pad_rows(chunk, self.batch_size)  # the last batch too: one compiled shape, any N
             result = self.apply(self.params, self.place(chunk))
             for key, value in result.items():
                 value = gather_to_host(value)[:valid]

@@ -26,6 +26,7 @@ setup(
         "diffrax>=0.6",
         "numpy",
         "pillow",
+        "matplotlib",  # launch/analyze.py's CKA heatmaps and probe curves
         "scipy",  # the FID matrix square root, as ADM's evaluator takes it
         "safetensors",  # reads diffusers' VAE weights without torch
         # clu's metric writers import TensorFlow; TensorBoard reads the event files.

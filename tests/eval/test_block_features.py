@@ -28,13 +28,48 @@ def test_features_equal_a_direct_forward(setup):
     assert set(out["features"][0.5]) == {"block_1", "block_2", "block_3"}
     x = np.stack([source[i]["image"] for i in range(7)]).astype(np.float32) / 127.5 - 1
     y = np.asarray([source[i]["label"] for i in range(7)], np.int32)
-    # at t = 1 the input is the data itself, so no noise is involved
-    _, state = model.apply({"params": params}, x, jnp.ones(7), y, mutable=["intermediates"])
+    # at t = 1 the input is the data itself, so no noise is involved; by default the model sees its null class
+    null = np.full(7, model.null_label, np.int32)
+    _, state = model.apply({"params": params}, x, jnp.ones(7), null, mutable=["intermediates"])
     for b in (1, 3):
         direct = np.asarray(state["intermediates"][f"block_{b}"][0]).mean(axis=1)
         np.testing.assert_allclose(out["features"][1.0][f"block_{b}"], direct, rtol=1e-5, atol=1e-6)
     assert not np.allclose(out["features"][0.5]["block_3"], out["features"][1.0]["block_3"])
     np.testing.assert_array_equal(out["labels"], y)
+    # condition='label' feeds the true labels, as in training
+    labelled = collect_block_features(model, params, LinearPath(), source, 7, (1.0,), batch_size=4, condition="label",
+                                      blocks=(3,))
+    _, state = model.apply({"params": params}, x, jnp.ones(7), y, mutable=["intermediates"])
+    np.testing.assert_allclose(labelled["features"][1.0]["block_3"],
+                               np.asarray(state["intermediates"]["block_3"][0]).mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_indices_pick_the_examples_and_the_reference_sees_their_images(setup):
+    model, params, source = setup
+    seen = []
+
+    def reference(images):
+        seen.append(images)
+        return images.reshape(len(images), -1)[:, :5].astype(np.float32)
+
+    out = collect_block_features(model, params, LinearPath(), source, 0, (1.0,), batch_size=2, indices=[6, 2, 9],
+                                 reference=reference, blocks=(1,))
+    np.testing.assert_array_equal(out["indices"], [6, 2, 9])
+    np.testing.assert_array_equal(out["labels"], [source[i]["label"] for i in (6, 2, 9)])
+    expected = np.stack([source[i]["image"] for i in (6, 2, 9)])
+    np.testing.assert_array_equal(np.concatenate(seen), expected)
+    np.testing.assert_array_equal(out["reference"], expected.reshape(3, -1)[:, :5])
+    other = collect_block_features(model, params, LinearPath(), source, 0, (1.0,), indices=[2, 9], blocks=(1,))
+    np.testing.assert_allclose(out["features"][1.0]["block_1"][1:], other["features"][1.0]["block_1"], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_model_without_a_null_class_needs_condition_label(setup):
+    _, params, source = setup
+    model = get_model("SiT-S/4", depth=3, hidden_size=32, num_heads=2, input_size=8, in_channels=1, num_classes=4,
+                      learn_sigma=False, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="without a null class"):
+        collect_block_features(model, params, LinearPath(), source, 4, (0.5,))
 
 
 def test_the_batch_size_does_not_change_the_noise_or_the_features(setup):
@@ -47,7 +82,9 @@ def test_the_batch_size_does_not_change_the_noise_or_the_features(setup):
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(blocks=(0,)), "outside 1..3"), (dict(t_values=(1.5,)), "t=1.5"),
-                                           (dict(num_samples=1), "at least 2 samples")])
+                                           (dict(num_samples=1), "at least 2 samples"),
+                                           (dict(indices=[3, 10]), r"indices must lie in \[0, 10\)"),
+                                           (dict(condition="none"), "condition must be")])
 def test_bad_requests_are_named(setup, kwargs, match):
     model, params, source = setup
     args = dict(num_samples=4, t_values=(0.5,))

@@ -28,17 +28,32 @@ from lsync_jax.train.sharding import BATCH_AXES, batch_sharding, make_mesh, repl
 from lsync_jax.transport import make_sample_fn
 
 
-def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
-    """(model, EMA params laid out over `mesh`, step) of the latest checkpoint in `workdir`."""
-    model = build_model(config)
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints in `workdir`/checkpoints (FileNotFoundError naming the directory if none)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    steps = []
+    if os.path.isdir(ckpt_dir):
+        checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+        steps = sorted(checkpointer.manager.all_steps())
+        checkpointer.close()
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (launch/train.py --workdir=...)")
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
-                                "(launch/train.py --workdir=...)")
+    return steps
+
+
+def load_params(config: Any, workdir: str, mesh, *, step: int | None = None,
+                which: str = "ema") -> tuple[Any, Any, int]:
+    """(model, params laid out over `mesh`, step) of checkpoint `step` (default: the latest) in
+    `workdir`; `which` = 'ema' (the weights that sample) or 'params' (the online weights)."""
+    if which not in ("ema", "params"):
+        raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+    model = build_model(config)
+    steps = checkpoint_steps(workdir)
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}; it holds "
+                                f"steps {steps}")
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
     saved = checkpointer.read_meta(step)
     ckpt_lib.check_compatible({k: saved[k] for k in ("model", "param_shapes") if k in saved},
@@ -46,8 +61,13 @@ def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
     checkpointer.close()
     # placed as in training: the rules match paths of the whole state ('params/...')
     abstract = with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
-    _, ema = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)), abstract)
-    return model, ema, step
+    params, ema = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)), abstract)
+    return model, (ema if which == "ema" else params), step
+
+
+def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:
+    """(model, EMA params laid out over `mesh`, step) of the latest checkpoint in `workdir`."""
+    return load_params(config, workdir, mesh)
 
 
 def make_decoder(config: Any, mesh: Any) -> Callable[[jax.Array], jax.Array] | None:

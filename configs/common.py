@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from lsync_jax.train.auto_pairs import SELECTION_DEFAULTS
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -23,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.objective.layersync.pairs = ml_collections.config_dict.placeholder(tuple)
     config.objective.layersync.auto_weight = 0.2
     config.objective.layersync.stop_gradient = True
+    # pairs="auto" (--config.objective.layersync.pairs=auto): warm up without LayerSync, measure each
+    # block's linear-probe accuracy, choose the pairs (lsync_jax/train/auto_pairs.py; the rule is in
+    # lsync_jax.objectives.layersync.select_pairs). These settings are read only then.
+    config.objective.layersync.selection = ml_collections.ConfigDict(SELECTION_DEFAULTS)
 
     # AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, constant LR, no clipping (LayerSync/SiT).
     config.optimizer = ml_collections.ConfigDict(dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,

@@ -3,6 +3,7 @@
 
     python launch/train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
     python launch/train.py --config=configs/fashion_mnist.py:baseline --workdir=/tmp/fmnist_base  # LayerSync off
+    python launch/train.py --config=configs/fashion_mnist.py:auto --workdir=/tmp/fmnist_auto  # pairs measured
 
 Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or --config.data.dir.
 """
@@ -11,8 +12,8 @@ from configs.common import base_config
 
 
 def get_config(variant: str = "layersync"):
-    if variant not in ("layersync", "baseline"):
-        raise ValueError(f"configs/fashion_mnist.py:{variant}: expected ':layersync' or ':baseline'")
+    if variant not in ("layersync", "baseline", "auto"):
+        raise ValueError(f"configs/fashion_mnist.py:{variant}: expected ':layersync', ':baseline' or ':auto'")
     config = base_config()
     config.model.name = "SiT-S/4"
     config.model.overrides.update(dict(depth=6, hidden_size=128, num_heads=2, input_size=28, in_channels=1,
@@ -20,6 +21,9 @@ def get_config(variant: str = "layersync"):
     # 6 blocks: the paper's 8 -> 16 of 28 scales to block 2 guided by block 3 (weight 0.2).
     if variant == "baseline":
         config.objective.regularizers = ()
+    if variant == "auto":  # 200 of the 800 steps without LayerSync, then the pair chosen from probe accuracy
+        config.objective.layersync.pairs = ("auto",)
+        config.objective.layersync.selection.update(dict(warmup_steps=200, num_samples=2000))
     config.optimizer.lr = 1e-3  # a small model and a short run tolerate (and need) a larger step
     config.optimizer.warmup_steps = 100
     config.data.update(dict(name="fashion_mnist", batch_size=64, flip=False))

@@ -9,6 +9,7 @@ pair contributes weight * reg to the loss.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Mapping, Sequence
 
@@ -105,16 +106,89 @@ class LayerSync:
         return total, metrics
 
 
-CONFIG_KEYS = ("pairs", "auto_weight", "stop_gradient")
+# --- Automatic pairs: the rule, on per-block measurements ---------------------------------------
+
+AUTO = "auto"
+
+
+def is_auto(pairs: Any) -> bool:
+    """`pairs='auto'` (the command line gives ('auto',) for the tuple-typed config field)."""
+    return pairs == AUTO or (isinstance(pairs, Sequence) and not isinstance(pairs, str) and tuple(pairs) == (AUTO,))
+
+
+def middle_band(depth: int, middle: tuple[float, float] = (0.25, 0.75)) -> tuple[int, int]:
+    """The blocks a strong block is looked for in: ceil(lo D) .. floor(hi D), never block 1 (a strong
+    block needs a block before it); the whole of 2..D when that leaves nothing."""
+    lo, hi = middle
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"the middle band must satisfy 0 <= lo <= hi <= 1, got {middle}")
+    first, last = max(2, math.ceil(lo * depth)), min(depth, math.floor(hi * depth))
+    return (first, last) if first <= last else (2, depth)
+
+
+def select_pairs(probe_accuracy: Sequence[float], *, middle: tuple[float, float] = (0.25, 0.75), rise: float = 0.5,
+                 num_weak: int = 1, weight: float = PAPER_WEIGHT) -> tuple[tuple[tuple[int, int, float], ...], dict]:
+    """LayerSync pairs from per-block linear-probe accuracy (block 1 first); returns (pairs, why).
+
+    The rule:
+    1. strong s = the block of highest probe accuracy in the middle band (`middle_band`: blocks
+       ceil(D/4)..floor(3D/4) by default), ties to the shallower block. The paper finds the
+       semantic peak of a diffusion transformer in its middle; the last blocks turn back towards
+       predicting velocity, so a peak there is not used to guide (and would leave no block after
+       it to benefit from a stronger input).
+    2. weak w = the deepest block before s that has made at most `rise` of the probe accuracy's
+       climb to s: acc(w) <= acc(s) - rise * (acc(s) - min_{b<s} acc(b)); with `num_weak` > 1, the
+       `num_weak` deepest such blocks. The deepest clearly weaker block is guided, not block 1:
+       the earliest blocks carry the low-level detail velocity prediction needs, and a nearer
+       block is easier to align. For a probe curve that climbs evenly from block 1 to s, the
+       default rise = 0.5 gives w = s / 2, the paper's 8 -> 16.
+    3. If no block before s is weaker than s (the measurements do not show the premise), w falls
+       back to the paper's proportion round(s / 2) and `why['fallback']` says so.
+    Every returned pair has 1 <= weak < strong <= D and weight `weight`.
+    """
+    acc = [float(a) for a in probe_accuracy]
+    depth = len(acc)
+    if depth < 2:
+        raise ValueError(f"LayerSync pairs need at least 2 blocks of measurements, got {depth}")
+    if not all(math.isfinite(a) for a in acc):
+        raise ValueError(f"probe accuracies must be finite numbers, got {acc}")
+    if not 0.0 < rise <= 1.0:
+        raise ValueError(f"rise must lie in (0, 1], got {rise}")
+    if int(num_weak) < 1:
+        raise ValueError(f"num_weak must be >= 1, got {num_weak}")
+    first, last = middle_band(depth, middle)
+    strong = max(range(first, last + 1), key=lambda b: (acc[b - 1], -b))
+    floor = min(acc[: strong - 1])
+    threshold = acc[strong - 1] - rise * (acc[strong - 1] - floor)
+    below = [w for w in range(strong - 1, 0, -1) if acc[w - 1] <= threshold]
+    fallback = acc[strong - 1] <= floor
+    if fallback:
+        weak = [min(max(1, round(strong / 2)), strong - 1)]
+    else:
+        weak = sorted(below[: int(num_weak)])
+    pairs = tuple((w, strong, float(weight)) for w in weak)
+    why = {"rule": f"strong = best probe accuracy in blocks {first}..{last}; weak = the {int(num_weak)} deepest "
+                   f"block(s) before it with accuracy <= acc(strong) - {rise} * (acc(strong) - min before it)",
+           "strong": strong, "weak": weak, "band": [first, last], "threshold": threshold,
+           "strong_accuracy": acc[strong - 1], "weak_accuracy": [acc[w - 1] for w in weak],
+           "fallback": bool(fallback), "probe_accuracy": acc}
+    return validate_pairs(pairs, depth, "selected pairs"), why
+
+
+CONFIG_KEYS = ("pairs", "auto_weight", "stop_gradient", "selection")
 
 
 @register_regularizer("layersync")
 def build_layersync(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.layersync") -> LayerSync:
     """From config: `pairs` is a list of (weak, strong, weight), or None for the paper's pair scaled
     to `depth` (`default_pair`) with weight `auto_weight` (default 0.2); `stop_gradient` defaults
-    to True."""
+    to True. `pairs='auto'` is measured and resolved by the training loop
+    (`lsync_jax.train.auto_pairs`, settings in `selection`) before the objective is built."""
     check_keys(cfg, CONFIG_KEYS, prefix)
     pairs = cfg.get("pairs")
+    if is_auto(pairs):
+        raise ValueError(f"{prefix}.pairs='auto' is chosen from measurements by the training loop "
+                         "(lsync_jax.train.auto_pairs.resolve_pairs) before the objective is built")
     if pairs is None:
         weak, strong = default_pair(depth)
         weight = cfg.get("auto_weight")

@@ -105,15 +105,30 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     With `config.erw.enabled`, ERW's two stages run one after the other (`lsync_jax.train.erw`)."""
     validate_config(config)
     initialize_distributed(config.get("distributed", {}))
+    from lsync_jax.train.auto_pairs import uses_auto_pairs
+
     if config.get("erw", {}).get("enabled", False):
+        if uses_auto_pairs(config):
+            raise ValueError("objective.layersync.pairs='auto' with config.erw.enabled is not supported: set the "
+                             "pairs explicitly (launch/analyze.py on a run shows the measurements)")
         from lsync_jax.train.erw import train_erw
 
         return train_erw(config, workdir)
+    if uses_auto_pairs(config):
+        from lsync_jax.train.auto_pairs import train_auto_pairs
+
+        return train_auto_pairs(config, workdir)
     return train_run(config, workdir)
 
 
-def train_run(config: Any, workdir: str) -> dict[str, float]:
-    """One training run (see `train_and_evaluate`)."""
+def train_run(config: Any, workdir: str, *, stop_at: int | None = None, meta_extra: Mapping[str, Any] | None = None,
+              accept_objectives: tuple[str, ...] = ()) -> dict[str, float]:
+    """One training run (see `train_and_evaluate`).
+
+    `stop_at`: train only up to that step (saving it), as part of a longer run whose schedule is
+    `train.num_steps` (no final samples or FID then). `meta_extra`: more entries for every
+    checkpoint's meta (LayerSync's automatic pairs store their choice there). `accept_objectives`:
+    objectives (their recorded repr) of an earlier phase of this run that a resume may start from."""
     validate_config(config)
     initialize_distributed(config.get("distributed", {}))
     model = build_model(config)
@@ -150,18 +165,22 @@ def train_run(config: Any, workdir: str) -> dict[str, float]:
                                             fields=encoder.fields if encoder else ()))
     data_iter = iter(loader)
     num_steps = int(config.train.num_steps)
+    end = num_steps if stop_at is None else min(int(stop_at), num_steps)
 
     # -- state: resume, else init (optionally from another run's weights) -----------------------------
     shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
     abstract = with_shardings(shapes, state_shardings(model, tx, mesh, rules))
-    meta = ckpt_lib.describe(model_fields(config), shapes.params, shapes, objective)
+    meta = dict(ckpt_lib.describe(model_fields(config), shapes.params, shapes, objective), **(meta_extra or {}))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                          keep_every=config.train.get("keep_every"),
                                          async_save=bool(config.train.get("async_checkpoints", True)))
     latest = checkpointer.latest_step()
     if latest is not None:
-        ckpt_lib.check_compatible(checkpointer.read_meta(latest), meta, checkpointer.directory)
+        saved_meta = checkpointer.read_meta(latest)
+        if saved_meta.get("objective") in accept_objectives:  # an earlier phase of this run (a warm-up)
+            saved_meta["objective"] = meta["objective"]
+        ckpt_lib.check_compatible(saved_meta, meta, checkpointer.directory)
         state = checkpointer.restore(latest, abstract, data_iter)
         logging.info("resumed from %s step %d", checkpointer.directory, latest)
         if config.train.get("init_from"):
@@ -237,16 +256,16 @@ def train_run(config: Any, workdir: str) -> dict[str, float]:
     try:
         with _Preemption() as preemption:
             step = start
-            for step in range(start + 1, num_steps + 1):
+            for step in range(start + 1, end + 1):
                 batch = global_batch(next(data_iter), sharding)
                 if encoder is not None:
                     batch = encoder.add_to(batch)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 report(step)
-                if step % log_every == 0 or step == num_steps:
+                if step % log_every == 0 or step == end:
                     flush_metrics(step)
-                if step % ckpt_every == 0 or step == num_steps:
+                if step % ckpt_every == 0 or step == end:
                     save(step)
                 if sample_every and step % sample_every == 0:
                     sample_grid(step)

@@ -115,3 +115,78 @@ def test_default_pair_scales_the_papers_choice():
         assert 1 <= weak < strong <= depth
     with pytest.raises(ValueError, match="at least 2 blocks"):
         default_pair(1)
+
+
+# --- automatic pairs: the selection rule on synthetic per-block measurements -------------------
+
+from lsync_jax.objectives.layersync import is_auto, middle_band, select_pairs  # noqa: E402
+
+
+def test_an_even_climb_to_block_16_of_28_gives_the_papers_pair():
+    acc = list(np.linspace(0.2, 0.8, 16)) + list(np.linspace(0.78, 0.5, 12))  # peak at 16, falling after it
+    pairs, why = select_pairs(acc)
+    assert pairs == ((8, 16, 0.2),) and why["strong"] == 16 and why["weak"] == [8] and not why["fallback"]
+    assert why["band"] == [7, 21]
+
+
+def test_the_strong_block_is_the_best_in_the_middle_band_not_the_last_block():
+    # the last block scores highest but lies outside the band (blocks 3..9 of 12): block 6 is chosen
+    acc = [0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.65, 0.6, 0.55, 0.6, 0.8, 0.9]
+    pairs, why = select_pairs(acc)
+    assert middle_band(12) == (3, 9) and why["strong"] == 6
+    # threshold 0.7 - 0.5 (0.7 - 0.1) = 0.4: blocks 1..3 qualify, the deepest is 3
+    assert pairs == ((3, 6, 0.2),) and why["threshold"] == pytest.approx(0.4)
+    # a steeper early rise moves the weak block: blocks 1, 2 qualify at rise 0.8 (threshold 0.22)
+    assert select_pairs(acc, rise=0.8)[0] == ((2, 6, 0.2),)
+    # ties go to the shallower block; a wider band reaches the last block
+    assert select_pairs([0.1, 0.5, 0.5, 0.2])[1]["strong"] == 2
+    assert select_pairs(acc, middle=(0.0, 1.0))[1]["strong"] == 12
+
+
+def test_several_weak_blocks_and_the_weight():
+    acc = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    pairs, why = select_pairs(acc, num_weak=2, weight=0.5)
+    # band 2..6, strong 6 (0.6); threshold 0.6 - 0.5 * 0.5 = 0.35: blocks 1..3 qualify, the 2 deepest are 2 and 3
+    assert pairs == ((2, 6, 0.5), (3, 6, 0.5))
+    assert select_pairs(acc, num_weak=10)[0] == ((1, 6, 0.2), (2, 6, 0.2), (3, 6, 0.2))
+
+
+def test_without_a_weaker_earlier_block_the_rule_falls_back_to_the_papers_proportion():
+    pairs, why = select_pairs([0.9, 0.6, 0.5, 0.4, 0.3, 0.2])  # block 1 is best: the premise does not hold
+    assert why["fallback"] and pairs == ((1, 2, 0.2),)
+    pairs, why = select_pairs([0.5] * 8)  # flat: strong = the band's first block, weak = half of it
+    assert why["fallback"] and pairs == ((1, 2, 0.2),)
+
+
+def test_random_measurements_never_give_weak_at_or_after_strong():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        depth = int(rng.integers(2, 40))
+        acc = rng.random(depth)
+        middle = tuple(sorted(rng.random(2)))
+        pairs, why = select_pairs(acc, middle=middle, rise=float(rng.uniform(0.05, 1.0)),
+                                  num_weak=int(rng.integers(1, 4)))
+        lo, hi = middle_band(depth, middle)
+        for weak, strong, _ in pairs:
+            assert 1 <= weak < strong <= depth
+            assert lo <= strong <= hi
+            assert acc[strong - 1] == max(acc[lo - 1:hi])
+            if not why["fallback"]:
+                assert acc[weak - 1] <= why["threshold"] + 1e-12
+
+
+@pytest.mark.parametrize("acc, kwargs, match", [([0.5], {}, "at least 2 blocks"),
+                                                ([0.5, float("nan")], {}, "finite"),
+                                                ([0.1, 0.2], dict(rise=0.0), "rise"),
+                                                ([0.1, 0.2], dict(num_weak=0), "num_weak"),
+                                                ([0.1, 0.2], dict(middle=(0.8, 0.2)), "middle band")])
+def test_bad_selection_inputs_are_named(acc, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_pairs(acc, **kwargs)
+
+
+def test_auto_is_recognised_and_not_built_as_pairs():
+    assert is_auto("auto") and is_auto(("auto",)) and not is_auto(((1, 2, 0.2),)) and not is_auto(None)
+    with pytest.raises(ValueError, match="chosen from measurements by the training loop"):
+        build_objective({"regularizers": ("layersync",), "layersync": {"pairs": ("auto",)}}, create_transport(),
+                        depth=4)

@@ -1,6 +1,7 @@
 """Pure losses: the transport loss plus registered regularisers (one module per method)."""
 
 # Importing a regulariser's module registers it.
+from lsync_jax.objectives.diversity import Diversity
 from lsync_jax.objectives.layersync import LayerSync, default_pair, layersync_loss, validate_pairs
 from lsync_jax.objectives.objective import Objective, build_objective, objective_loss
 from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, register_regularizer
@@ -10,5 +11,6 @@ __all__ = [
     "Objective", "build_objective", "objective_loss",
     "LayerSync", "layersync_loss", "default_pair", "validate_pairs",
     "REPA", "repa_loss", "repa_coefficient",
+    "Diversity",
     "REGULARIZERS", "Regularizer", "register_regularizer",
 ]

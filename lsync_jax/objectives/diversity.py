@@ -1,0 +1,120 @@
+"""DiverseDiT's representation diversity loss across blocks (arXiv 2603.04239; code unreleased).
+
+The paper names three parts: orthogonality ("independence"), mutual information ("correlation")
+and dispersion ("variance"). Its code is not public; the formulas below follow a public research
+branch that appears to be the authors' (see REFERENCE.md), with one deliberate change (all pairs).
+For block features h_a (N, T, D), in float32, with cos() over channels:
+
+- independence(a, b) = cos(mean_{n,t} h_a, mean_{n,t} h_b): the batch-and-token mean features of
+  two blocks should point in different directions.
+- correlation(a, b) = | mean_{n,t} cos(h_a[n, t], h_b[n, t]) |: token by token, two blocks should
+  be neither aligned nor anti-aligned.
+- dispersion = -clip(Var_c(u) / 0.25, 0, 1) over channels c, where for each block h is flattened
+  to (N T, D), each channel is L2-normalised over the N T rows, u_b = mean |.| per channel,
+  u = mean over blocks of u_b, divided by max_c u. (Rewards unevenly used channels, as the
+  branch does; it is one term for all blocks, not per pair.)
+
+loss = min(w_i * mean_pairs independence + w_c * mean_pairs correlation + w_d * dispersion) / 3, cap)
+and the objective adds weight * loss. Pairs: every pair of the selected blocks (the branch pairs
+one shallow block with the next ten, which looks accidental; all pairs treat every block alike).
+Defaults: weight 0.001, all three parts weighted 1, cap 5 (the branch's values). No stop-gradient
+and no projector: the loss acts on the raw (post-fusion, with long residuals) block outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import numbers
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lsync_jax.models.sit import block_name
+from lsync_jax.objectives.layersync import cosine_similarity
+from lsync_jax.objectives.registry import check_keys, register_regularizer
+
+Array = jax.Array
+
+
+def independence(h_a: Array, h_b: Array) -> Array:
+    """cos of the two blocks' batch-and-token mean features."""
+    return cosine_similarity(jnp.mean(h_a.astype(jnp.float32), axis=(0, 1)), jnp.mean(h_b.astype(jnp.float32),
+                                                                                      axis=(0, 1)))
+
+
+def correlation(h_a: Array, h_b: Array) -> Array:
+    """|mean per-token cos| of two blocks' features."""
+    return jnp.abs(jnp.mean(cosine_similarity(h_a, h_b)))
+
+
+def dispersion(features: Sequence[Array], eps: float = 1e-12) -> Array:
+    """-clip(Var(u) / 0.25, 0, 1) of the blocks' mean channel usage u (module docstring)."""
+    usage = []
+    for h in features:
+        flat = h.astype(jnp.float32).reshape(-1, h.shape[-1])
+        flat = flat / jnp.maximum(jnp.linalg.norm(flat, axis=0, keepdims=True), eps)
+        usage.append(jnp.mean(jnp.abs(flat), axis=0))
+    u = jnp.mean(jnp.stack(usage), axis=0)
+    u = u / jnp.maximum(jnp.max(u), eps)
+    return -jnp.clip(jnp.var(u) / 0.25, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Diversity:
+    """The diversity loss over `blocks` (1-indexed), weighted by `weight`."""
+
+    blocks: tuple[int, ...]
+    weight: float = 0.001
+    independence_weight: float = 1.0
+    correlation_weight: float = 1.0
+    dispersion_weight: float = 1.0
+    cap: float = 5.0
+    name: str = "diversity"
+
+    @property
+    def features_needed(self) -> tuple[str, ...]:
+        return tuple(block_name(b) for b in self.blocks)
+
+    def loss(self, features: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """(the unweighted, capped loss, its parts) from sown features."""
+        hs = [features[block_name(b)] for b in self.blocks]
+        pairs = list(itertools.combinations(range(len(hs)), 2))
+        ind = jnp.mean(jnp.stack([independence(hs[i], hs[j]) for i, j in pairs]))
+        cor = jnp.mean(jnp.stack([correlation(hs[i], hs[j]) for i, j in pairs]))
+        dis = dispersion(hs)
+        total = (self.independence_weight * ind + self.correlation_weight * cor + self.dispersion_weight * dis) / 3
+        total = jnp.minimum(total, self.cap)
+        return total, {f"{self.name}/independence": ind, f"{self.name}/correlation": cor,
+                       f"{self.name}/dispersion": dis, f"{self.name}/loss": total}
+
+    def __call__(self, features: Mapping[str, Array], batch: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
+        total, metrics = self.loss(features)
+        return self.weight * total, metrics
+
+
+CONFIG_KEYS = ("weight", "blocks", "independence_weight", "correlation_weight", "dispersion_weight", "cap")
+
+
+@register_regularizer("diversity")
+def build_diversity(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.diversity") -> Diversity:
+    """From config: `blocks` (None: all 1..depth; at least 2), `weight` (0.001), the three parts'
+    weights (1 each) and `cap` (5)."""
+    check_keys(cfg, CONFIG_KEYS, prefix)
+    blocks = cfg.get("blocks")
+    blocks = tuple(range(1, depth + 1)) if blocks is None else tuple(blocks)
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= depth:
+            raise ValueError(f"{prefix}.blocks: {b!r} is not a block in 1..{depth} (blocks are 1-indexed)")
+    if len(set(blocks)) != len(blocks) or len(blocks) < 2:
+        raise ValueError(f"{prefix}.blocks must list at least 2 distinct blocks, got {blocks}")
+    values = {}
+    for key, default in (("weight", 0.001), ("independence_weight", 1.0), ("correlation_weight", 1.0),
+                         ("dispersion_weight", 1.0), ("cap", 5.0)):
+        value = cfg.get(key, default)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise ValueError(f"{prefix}.{key} must be a number >= 0, got {value!r}")
+        values[key] = float(value)
+    return Diversity(tuple(int(b) for b in blocks), **values)

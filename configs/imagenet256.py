@@ -26,4 +26,7 @@ def get_config():
     config.train.update(dict(num_steps=4_000_000, ema_decay=0.9999, log_every=100, checkpoint_every=50_000,
                              sample_every=50_000))
     config.eval.update(dict(every=0, num_samples=10_000, batch_size=250))
+    # pairs="auto": 1,000 classes need more probe examples than the default 2,048 (20 per class;
+    # a test split of 4,000 puts the accuracy's standard error under 0.8%)
+    config.objective.layersync.selection.update(dict(warmup_steps=10_000, num_samples=20_000))
     return config

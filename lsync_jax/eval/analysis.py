@@ -35,7 +35,8 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
     `collected` is `collect_block_features`' output. Returns
     {'blocks': [1, ..., D], 't_values': [...], 'num_samples': N, 'num_classes': C,
      'per_t': [{'t', 'probe_accuracy', 'probe_train_accuracy', 'cka_linear', 'cka_unbiased'
-                [, 'mutual_knn', 'cknna']}], 'probe_accuracy_mean': [...], 'settings': {...}}.
+                [, 'mutual_knn', 'cknna']}], 'probe_accuracy_mean': [...], 'probe_stderr': [...],
+     'num_test': test-split size, 'settings': {...}}.
     """
     labels = np.asarray(collected["labels"])
     if int(num_classes) < 2:
@@ -65,9 +66,14 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
     if not per_t:
         raise ValueError("no features to measure (no t values)")
     accuracy = np.array([[np.nan if a is None else a for a in e["probe_accuracy"]] for e in per_t], np.float64)
+    mean = np.mean(accuracy, axis=0)
+    num_test = int(round(test_fraction * len(labels)))
     return {"blocks": blocks, "t_values": [e["t"] for e in per_t], "num_samples": int(len(labels)),
-            "num_classes": int(num_classes), "per_t": per_t,
-            "probe_accuracy_mean": _floats(np.mean(accuracy, axis=0)),
+            "num_classes": int(num_classes), "per_t": per_t, "num_test": num_test,
+            "probe_accuracy_mean": _floats(mean),
+            # binomial standard error of one accuracy on the test split: differences between blocks
+            # smaller than about twice this are noise
+            "probe_stderr": _floats(np.sqrt(np.clip(mean * (1 - mean), 0, None) / max(num_test, 1))),
             "settings": {"k": int(k), "test_fraction": float(test_fraction), "seed": int(seed), "l2": float(l2),
                          "reference": reference is not None}}
 

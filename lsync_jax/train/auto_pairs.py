@@ -156,7 +156,8 @@ def choose_pairs(config: Any, workdir: str, sel: dict[str, Any]) -> dict[str, An
     logging.info("  rule: %s; strong-block band %s, threshold %.4f%s", why["rule"], why["band"], why["threshold"],
                  " (FALLBACK to the paper's proportion: no block before the strong one is weaker)"
                  if why["fallback"] else "")
-    logging.info("  probe accuracy per block (mean over t = %s): %s", tuple(measured["t_values"]),
+    logging.info("  probe accuracy per block (mean over t = %s; standard error about %.3f on %d test examples): "
+                 "%s", tuple(measured["t_values"]), max(measured["probe_stderr"]), measured["num_test"],
                  " ".join(f"{b}:{a:.3f}" for b, a in zip(measured["blocks"], measured["probe_accuracy_mean"])))
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, CHOICE_FILE), dict(record, measurements=measured))

@@ -28,6 +28,8 @@ def test_measurements_follow_the_planted_signal_in_block_order():
     out = measure_blocks(collected, 3, k=10)
     assert out["blocks"] == list(range(1, 11)) and out["t_values"] == [0.5, 1.0] and out["num_samples"] == 300
     acc = out["probe_accuracy_mean"]
+    assert out["num_test"] == 60  # 20% of 300
+    np.testing.assert_allclose(out["probe_stderr"], np.sqrt(np.array(acc) * (1 - np.array(acc)) / 60))
     assert acc[0] < 0.5 and acc[-1] > 0.95 and np.mean(acc[:3]) < np.mean(acc[3:6]) < np.mean(acc[-3:])  # chance is 1/3
     per_t = out["per_t"][0]
     assert per_t["probe_accuracy"] == out["per_t"][1]["probe_accuracy"]  # same features, same split

@@ -1,8 +1,10 @@
-"""Networks: the SiT/DiT backbone and its named configurations.
+"""Networks: the SiT/DiT and U-ViT backbones and their named configurations.
 
 `get_model('SiT-XL/2', depth=..., ...)` builds one of the twelve official configurations with
 overrides named as the official code names them (REPA's for its projectors: `z_dims`,
-`encoder_depth`, `projector_dim`).
+`encoder_depth`, `projector_dim`). `get_model('UViT-H/2', skip_scaling='cs', ...)` builds a U-ViT
+of the paper's sizes (its `depth` counts every block: in-blocks + mid + out-blocks) with
+ScaleLong's long-skip scaling.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from lsync_jax.models.layers import ATTENTION_IMPLS
 from lsync_jax.models.sit import SiT, block_name, projection_name
+from lsync_jax.models.uvit import UViT
 
 # depth / hidden_size / num_heads of the official sizes.
 SIZES: dict[str, dict[str, int]] = {
@@ -37,14 +40,54 @@ OFFICIAL_OVERRIDES = (
     "z_dims",
     "encoder_depth",
     "projector_dim",
+    # muP (the muP-DiT code's parametrisation; its `output_mult` and base shapes, see models/mup.py)
+    "parametrization",
+    "mup_base_width",
+    "output_multiplier",
+    # DiverseDiT's long residuals and DDAE++ self-conditioning (models/rerouting.py)
+    "long_skips",
+    "self_condition",
+    "self_condition_stop_gradient",
 )
 COMPUTE_OVERRIDES = ("dtype", "attention_impl", "remat")
+
+# U-ViT's sizes (Bao et al., Table 1; the official configs' `depth` + 1): total blocks / hidden /
+# heads. Patch 2 for CIFAR-10 (S/2) and 32x32x4 ImageNet-256 latents (L/2, H/2), 4 at 64 px.
+UVIT_SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=13, hidden_size=512, num_heads=8),
+    "S-Deep": dict(depth=17, hidden_size=512, num_heads=8),
+    "M": dict(depth=17, hidden_size=768, num_heads=12),
+    "L": dict(depth=21, hidden_size=1024, num_heads=16),
+    "H": dict(depth=29, hidden_size=1152, num_heads=16),
+}
+UVIT_MODEL_NAMES: tuple[str, ...] = tuple(f"UViT-{s}/{p}" for s in UVIT_SIZES for p in PATCH_SIZES)
+UVIT_OVERRIDES = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "learn_sigma",
+    "class_dropout_prob",
+    "mlp_ratio",
+    "z_dims",
+    "mlp_time_embed",
+    "pos_embed",
+    "final_conv",
+    "skip_scaling",
+    "skip_kappa",
+    "ls_shared",
+)
 
 
 def model_config(name: str) -> dict[str, int]:
     """The architecture fields (depth, hidden_size, num_heads, patch_size) of a named model."""
+    if name in UVIT_MODEL_NAMES:
+        size, patch = name[len("UViT-") :].split("/")
+        return dict(UVIT_SIZES[size], patch_size=int(patch))
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES + UVIT_MODEL_NAMES)}")
     size, patch = name[len("SiT-") :].split("/")
     return dict(SIZES[size], patch_size=int(patch))
 
@@ -54,7 +97,10 @@ def get_model(name: str, **overrides: Any) -> SiT:
 
     Raises ValueError for an unknown name, an unknown override or an inconsistent shape
     (hidden_size not divisible by num_heads or by 4, non-positive sizes), before any compile.
+    U-ViT names go to `get_uvit`.
     """
+    if name in UVIT_MODEL_NAMES:
+        return get_uvit(name, **overrides)
     fields = model_config(name)
     allowed = OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
     unknown = sorted(set(overrides) - set(allowed))
@@ -95,4 +141,22 @@ def get_model(name: str, **overrides: Any) -> SiT:
     return SiT(**fields)
 
 
-__all__ = ["SiT", "get_model", "model_config", "block_name", "projection_name", "MODEL_NAMES", "SIZES"]
+def get_uvit(name: str, **overrides: Any) -> UViT:
+    """Build the named U-ViT (e.g. 'UViT-H/2'); overrides replace its size and `UViT`'s defaults.
+
+    Raises ValueError for an unknown override; `UViT` itself rejects bad values (even depth,
+    skip_kappa outside [0.5, 0.95], unknown skip_scaling, ...) naming the field, before any compile.
+    """
+    fields = model_config(name)
+    allowed = UVIT_OVERRIDES + COMPUTE_OVERRIDES
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
+    fields.update(overrides)
+    if "z_dims" in fields:
+        fields["z_dims"] = tuple(fields["z_dims"])
+    return UViT(**fields)
+
+
+__all__ = ["SiT", "UViT", "get_model", "get_uvit", "model_config", "block_name", "projection_name", "MODEL_NAMES",
+           "SIZES", "UVIT_MODEL_NAMES", "UVIT_SIZES"]

@@ -24,6 +24,10 @@ xavier_uniform = nn.initializers.xavier_uniform()
 patch_embed_init = nn.initializers.variance_scaling(
     1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
 )
+# muP (the muP-DiT code, ML-GSAI): every Linear/patch weight, input or hidden, N(0, 1/fan_in), as
+# torch's kaiming_normal_(a=1, mode='fan_in'); 'sp' keeps the official DiT initialisers above.
+PARAMETRIZATIONS = ("sp", "mup")
+fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
@@ -75,10 +79,11 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
     dtype: Dtype = jnp.float32
+    parametrization: str = "sp"
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        init = nn.initializers.normal(0.02)
+        init = fan_in_normal if self.parametrization == "mup" else nn.initializers.normal(0.02)
         h = timestep_frequencies(t, self.frequency_embedding_size)
         h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(h)
         h = nn.silu(h)
@@ -96,6 +101,7 @@ class LabelEmbedder(nn.Module):
     hidden_size: int
     dropout_prob: float
     dtype: Dtype = jnp.float32
+    parametrization: str = "sp"
 
     @nn.compact
     def __call__(self, labels: jax.Array, train: bool) -> jax.Array:
@@ -103,7 +109,8 @@ class LabelEmbedder(nn.Module):
         table = nn.Embed(
             self.num_classes + use_cfg_embedding,
             self.hidden_size,
-            embedding_init=nn.initializers.normal(0.02),
+            # muP: an input layer, torch's default N(0, 1) as the muP-DiT code keeps it
+            embedding_init=nn.initializers.normal(1.0 if self.parametrization == "mup" else 0.02),
             dtype=self.dtype,
             name="embedding_table",
         )
@@ -142,15 +149,18 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "auto"
+    parametrization: str = "sp"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        qkv = nn.Dense(3 * self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="qkv")(x)
+        # Logits stay scaled by 1/sqrt(head_dim) under muP too, as the muP-DiT code: width grows by heads.
+        kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
+        qkv = nn.Dense(3 * self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
         impl = resolve_attention_impl(self.implementation, jax.default_backend(), q.dtype, q.shape[-1])
         out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         out = einops.rearrange(out, "b t h d -> b t (h d)")
-        return nn.Dense(self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="proj")(out)
+        return nn.Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -159,12 +169,14 @@ class Mlp(nn.Module):
     hidden_size: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    parametrization: str = "sp"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=xavier_uniform, dtype=self.dtype, name="fc1")(x)
+        kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
+        h = nn.Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=kernel_init, dtype=self.dtype, name="fc1")(x)
         h = nn.gelu(h, approximate=True)
-        return nn.Dense(self.hidden_size, kernel_init=xavier_uniform, dtype=self.dtype, name="fc2")(h)
+        return nn.Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="fc2")(h)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -172,10 +184,13 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
 
 
-def adaln_modulation(features: int, dtype: Dtype, name: str = "adaLN_modulation") -> nn.Dense:
-    """The zero-initialised Linear behind SiLU that produces shift/scale/gate (adaLN-Zero)."""
+def adaln_modulation(features: int, dtype: Dtype, name: str = "adaLN_modulation",
+                     parametrization: str = "sp") -> nn.Dense:
+    """The Linear behind SiLU that produces shift/scale/gate: zero-initialised (adaLN-Zero), except
+    under muP, where it is a hidden layer initialised N(0, 1/fan_in) as the muP-DiT code does."""
+    kernel_init = fan_in_normal if parametrization == "mup" else nn.initializers.zeros
     return nn.Dense(
-        features, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros, dtype=dtype, name=name
+        features, kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype, name=name
     )
 
 
@@ -187,31 +202,42 @@ class AdaLNBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    parametrization: str = "sp"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        mod = adaln_modulation(6 * self.hidden_size, self.dtype)(nn.silu(c))
+        mod = adaln_modulation(6 * self.hidden_size, self.dtype, parametrization=self.parametrization)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
-        h = Attention(self.hidden_size, self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+        h = Attention(self.hidden_size, self.num_heads, self.dtype, self.attention_impl, self.parametrization,
+                      name="attn")(h)
         x = x + gate_msa[:, None, :] * h
         h = modulate(layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
-        h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, name="mlp")(h)
+        h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, self.parametrization, name="mlp")(h)
         return x + gate_mlp[:, None, :] * h
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a zero-initialised Linear to patch * patch * out_channels."""
+    """adaLN (shift, scale) then a zero-initialised Linear to patch * patch * out_channels.
+
+    Under muP the Linear is a readout (microsoft/mup's MuReadout): its input is multiplied by
+    output_multiplier / width_multiplier, so its output stays O(1) as the width grows."""
 
     hidden_size: int
     patch_size: int
     out_channels: int
     dtype: Dtype = jnp.float32
+    parametrization: str = "sp"
+    output_multiplier: float = 1.0
+    width_multiplier: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        shift, scale = jnp.split(adaln_modulation(2 * self.hidden_size, self.dtype)(nn.silu(c)), 2, axis=-1)
+        mod = adaln_modulation(2 * self.hidden_size, self.dtype, parametrization=self.parametrization)(nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm("norm_final", self.dtype)(x), shift, scale)
+        if self.parametrization == "mup":
+            x = x * (self.output_multiplier / self.width_multiplier)
         return nn.Dense(
             self.patch_size * self.patch_size * self.out_channels,
             kernel_init=nn.initializers.zeros,

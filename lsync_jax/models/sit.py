@@ -27,10 +27,13 @@ from lsync_jax.models.layers import (
     FinalLayer,
     LabelEmbedder,
     TimestepEmbedder,
+    fan_in_normal,
     patch_embed_init,
     sincos_2d,
     xavier_uniform,
 )
+from lsync_jax.models.mup import check_parametrization
+from lsync_jax.models.rerouting import LongSkipFusion, SelfCondition
 
 Dtype = Any
 
@@ -71,7 +74,11 @@ class SiT(nn.Module):
     per entry of `z_dims` (none by default) on the output of block `encoder_depth` (1-indexed),
     sown as `projection_{k}`. `dtype` is the compute dtype; parameters stay float32 and the
     output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16),
-    'xla' or 'cudnn'.
+    'xla' or 'cudnn'. `parametrization`: 'sp' (the official initialisation) or 'mup' (muP as the
+    muP-DiT code: N(0, 1/fan_in) weights, adaLN not zero, readout input times
+    `output_multiplier * mup_base_width / hidden_size`; the optimizer side is
+    `lsync_jax.models.mup.mup_lr_multipliers`). `long_skips` (DiverseDiT) and `self_condition`
+    (DDAE++) feed the model's own block outputs to later blocks (`lsync_jax.models.rerouting`).
     """
 
     input_size: int = 32
@@ -90,6 +97,12 @@ class SiT(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
+    parametrization: str = "sp"
+    mup_base_width: int = 288  # the muP-DiT base: 4 heads of 72 (DiT-XL/2 is 16 of 72)
+    output_multiplier: float = 1.0
+    long_skips: bool = False  # DiverseDiT's long residuals (lsync_jax/models/rerouting.py)
+    self_condition: int = 0  # DDAE++ self-conditioning from this block (1-indexed; 0: off)
+    self_condition_stop_gradient: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -123,6 +136,8 @@ class SiT(nn.Module):
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False) -> jax.Array:
         """x: (N, H, W, C) inputs; t: (N,) times (t = 1 is data); y: (N,) labels -> (N, H, W, C)."""
         self.check_inputs(x, t, y)
+        check_parametrization(self.parametrization, self.hidden_size, self.num_heads, self.mup_base_width,
+                              self.output_multiplier)
         _, height, width, _ = x.shape
         p = self.patch_size
         gh, gw = height // p, width // p
@@ -132,31 +147,46 @@ class SiT(nn.Module):
             kernel_size=(p, p),
             strides=(p, p),
             padding="VALID",
-            kernel_init=patch_embed_init,
+            kernel_init=fan_in_normal if self.parametrization == "mup" else patch_embed_init,
             dtype=self.dtype,
             name="x_embedder",
         )(x.astype(self.dtype))
         x = x.reshape(x.shape[0], gh * gw, self.hidden_size)
         x = x + jnp.asarray(sincos_2d(self.hidden_size, gh, gw), self.dtype)[None]
 
-        c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        mup = dict(parametrization=self.parametrization)
+        c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder", **mup)(t)
         if self.num_classes > 0:
             c = c + LabelEmbedder(
-                self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder"
+                self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder", **mup
             )(y, train)
 
         block_cls = nn.remat(AdaLNBlock) if self.remat else AdaLNBlock
+        if not 0 <= self.self_condition < self.depth:
+            raise ValueError(f"self_condition={self.self_condition} must name a block in 1..{self.depth - 1} that has "
+                             "later blocks to condition (0: off)")
+        outputs = []
         for i in range(self.depth):
             x = block_cls(
-                self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name=f"blocks_{i}"
+                self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name=f"blocks_{i}",
+                **mup
             )(x, c)
+            if self.long_skips and 2 * i > self.depth - 1:  # the mirror block's output, U-ViT's pairing
+                x = LongSkipFusion(self.hidden_size, self.dtype, name=f"long_skips_{i}", **mup)(
+                    x, outputs[self.depth - 1 - i])
+            outputs.append(x)
             self.sow("intermediates", block_name(i + 1), x)
+            if i + 1 == self.self_condition:
+                c = c + SelfCondition(self.hidden_size, self.self_condition_stop_gradient, self.dtype,
+                                      name="self_condition", **mup)(x).astype(c.dtype)
             if i + 1 == self.encoder_depth:
                 for k, z_dim in enumerate(self.z_dims):
                     z = Projector(self.projector_dim, z_dim, self.dtype, name=f"projectors_{k}")(x)
                     self.sow("intermediates", projection_name(k), z)
 
-        x = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(x, c)
+        x = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer",
+                       output_multiplier=self.output_multiplier,
+                       width_multiplier=self.hidden_size / self.mup_base_width, **mup)(x, c)
         x = einops.rearrange(x, "n (h w) (p q c) -> n (h p) (w q) c", h=gh, w=gw, p=p, q=p)
         if self.learn_sigma:
             x = x[..., : self.in_channels]

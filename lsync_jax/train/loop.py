@@ -34,6 +34,7 @@ from lsync_jax.train.encoders import build_encoder_features
 from lsync_jax.train.images import make_grid, save_png, to_uint8
 from lsync_jax.host import gather_to_host
 from lsync_jax.train.sharding import batch_sharding, make_mesh, with_shardings
+from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.train.state import create_train_state, init_state_fn, make_optimizer, state_shardings
 from lsync_jax.train.sample import make_decoder
 from lsync_jax.train.step import make_train_step
@@ -134,7 +135,7 @@ def train_run(config: Any, workdir: str, *, stop_at: int | None = None, meta_ext
     model = build_model(config)
     transport = build_transport(config)
     objective = build_objective(config.objective, transport, depth=model.depth)
-    tx, schedule = make_optimizer(dict(config.optimizer))
+    tx, schedule = make_optimizer(dict(config.optimizer), lr_multipliers=mup_lr_multipliers(model))  # None: sp
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     validate_guidance(model, cfg_scale, interval)  # now, not at the first sample grid hours later
     if config.train.get("init_include") and not config.train.get("init_from"):

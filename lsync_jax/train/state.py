@@ -40,10 +40,24 @@ def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
 OPTIMIZER_KEYS = ("lr", "b1", "b2", "eps", "weight_decay", "warmup_steps", "grad_clip")
 
 
-def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer") -> tuple[optax.GradientTransformation,
-                                                                                optax.Schedule]:
+def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
+    """Multiply each update by its factor in `multipliers` (a pytree like the params; 1.0: untouched)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer", lr_multipliers: Any = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW as the papers use it (lr 1e-4, betas (0.9, 0.999), weight decay 0), with optional
-    warmup and global-norm gradient clipping (`grad_clip`: None or a positive max norm)."""
+    warmup and global-norm gradient clipping (`grad_clip`: None or a positive max norm).
+
+    `lr_multipliers` (muP, `lsync_jax.models.mup.mup_lr_multipliers`): per-parameter factors on the
+    Adam step only, so lr * weight_decay stays the same for every parameter, as microsoft/mup's
+    MuAdamW (decoupled_wd=False) scales lr by 1/m and weight decay by m."""
     unknown = sorted(set(cfg) - set(OPTIMIZER_KEYS))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
@@ -52,8 +66,13 @@ def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer") -> tuple[o
     if lr <= 0:
         raise ValueError(f"{prefix}.lr must be positive, got {lr}")
     schedule = learning_rate_schedule(lr, int(cfg.get("warmup_steps", 0)))
-    adamw = optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-                        weight_decay=cfg.get("weight_decay", 0.0))
+    b1, b2, eps = cfg.get("b1", 0.9), cfg.get("b2", 0.999), cfg.get("eps", 1e-8)
+    weight_decay = cfg.get("weight_decay", 0.0)
+    if lr_multipliers is None:
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    else:  # optax.adamw's own chain, with the factors between the Adam step and the weight decay
+        adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), scale_by_multipliers(lr_multipliers),
+                            optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
     clip = cfg.get("grad_clip")
     if clip is not None:
         if clip <= 0:

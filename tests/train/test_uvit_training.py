@@ -1,0 +1,55 @@
+"""U-ViT configs through the whole training system: every variant builds, two of them train."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import fashion_mnist_uvit, imagenet256_uvit
+from lsync_jax.models import UViT
+from lsync_jax.train import train_and_evaluate
+from lsync_jax.train.checkpoint import Checkpointer
+from lsync_jax.train.config import build_model, validate_config
+
+
+def quick(config, steps=2):
+    config.data.batch_size = 8
+    config.train.update(dict(num_steps=steps, log_every=1, checkpoint_every=steps, sample_every=0,
+                             num_grid_samples=4, async_checkpoints=False))
+    config.sampler.num_steps = 2
+    config.eval.every = 0
+    return config
+
+
+def test_every_uvit_config_builds_its_model():
+    for variant in fashion_mnist_uvit.VARIANTS:
+        config = fashion_mnist_uvit.get_config(variant)
+        validate_config(config)
+        model = build_model(config)
+        assert isinstance(model, UViT) and model.skip_scaling == variant and model.depth == 7
+        params = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
+        assert ("skip_calibration" in params) == (variant == "ls")
+    for variant in imagenet256_uvit.VARIANTS:
+        config = imagenet256_uvit.get_config(variant)
+        validate_config(config)
+        model = build_model(config)
+        assert (model.depth, model.hidden_size, model.patch_size, model.skip_scaling) == (29, 1152, 2, variant)
+        assert not model.final_conv and not model.mlp_time_embed and model.remat
+    with pytest.raises(ValueError, match=":none, :constant, :cs, :ls"):
+        fashion_mnist_uvit.get_config("scalelong")
+
+
+def test_fashion_mnist_uvit_trains_with_layersync(tmp_path):
+    """':ls' end to end (its calibration nets are the only extra parameters; the other variants
+    differ by a constant factor, checked in tests/models/test_uvit.py): ~30 s of CPU compiles."""
+    metrics = train_and_evaluate(quick(fashion_mnist_uvit.get_config("ls")), str(tmp_path))
+    for key in ("loss", "loss/velocity", "loss/layersync"):
+        assert np.isfinite(metrics[key]), key
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert os.listdir(tmp_path / "samples") == ["step_0000002.png"]
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    meta = checkpointer.read_meta(2)
+    checkpointer.close()
+    assert meta["model"]["name"] == "UViT-S/4" and meta["model"]["skip_scaling"] == "ls"
+    assert any(k.startswith("skip_calibration") for k in meta["param_shapes"])

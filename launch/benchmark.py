@@ -30,7 +30,8 @@ flags.DEFINE_integer("sample_steps", 50, "Sampler steps per row; 0 skips the sam
 flags.DEFINE_integer("sample_batch", 64, "Sampler batch size.")
 flags.DEFINE_list("attention", ["auto"], "Attention implementations: auto (cuDNN where supported), xla, cudnn.")
 flags.DEFINE_list("variants", ["baseline", "layersync"], "Train-step variants: baseline, layersync, repa, "
-                  "layersync+repa (REPA variants add a DINOv2-B/14 encoder row).")
+                  "layersync+repa (REPA variants add a DINOv2-B/14 encoder row), diversity, layersync+diversity "
+                  "(DiverseDiT's loss over all blocks).")
 flags.DEFINE_list("sample_cfg", ["1.0", "1.5"], "Guidance scales of the sampler rows.")
 flags.DEFINE_integer("inception_batch", 0, "> 0: time the FID Inception pass on batches of this size.")
 flags.DEFINE_integer("fid_samples", 0, "> 0: time a whole FID-N evaluation of this many images.")

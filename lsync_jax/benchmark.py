@@ -22,7 +22,7 @@ import numpy as np
 
 from lsync_jax.models import get_model, model_config
 from lsync_jax.models.layers import resolve_attention_impl
-from lsync_jax.objectives import REPA, LayerSync, Objective, default_pair
+from lsync_jax.objectives import REPA, Diversity, LayerSync, Objective, default_pair
 from lsync_jax.train import batch_sharding, create_train_state, make_mesh, make_optimizer, make_train_step
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 
@@ -154,7 +154,7 @@ def peak_flops() -> float | None:
     return None
 
 
-VARIANTS = ("baseline", "layersync", "repa", "layersync+repa")
+VARIANTS = ("baseline", "layersync", "repa", "layersync+repa", "diversity", "layersync+diversity")
 REPA_DIM = 768  # DINOv2-B/14's tokens, REPA's encoder
 
 
@@ -173,7 +173,8 @@ def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) 
                       dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **overrides)
     pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
     regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
-        (REPA(0.5),) if "repa" in variant else ())
+        (REPA(0.5),) if "repa" in variant else ()) + (
+        (Diversity(tuple(range(1, model.depth + 1))),) if "diversity" in variant else ())  # DiverseDiT's loss
     objective = Objective(create_transport(), regularizers)
     tx, schedule = make_optimizer({"lr": 1e-4})
     mesh = make_mesh()

@@ -142,8 +142,8 @@ def select_pairs(probe_accuracy: Sequence[float], *, middle: tuple[float, float]
        the earliest blocks carry the low-level detail velocity prediction needs, and a nearer
        block is easier to align. For a probe curve that climbs evenly from block 1 to s, the
        default rise = 0.5 gives w = s / 2, the paper's 8 -> 16.
-    3. If no block before s is weaker than s (the measurements do not show the premise), w falls
-       back to the paper's proportion round(s / 2) and `why['fallback']` says so.
+    3. If no block before s is weaker than s (the measurements do not show the premise), the pair
+       falls back to the paper's, scaled to the depth (`default_pair`), and `why['fallback']` says so.
     Every returned pair has 1 <= weak < strong <= D and weight `weight`.
     """
     acc = [float(a) for a in probe_accuracy]
@@ -163,7 +163,8 @@ def select_pairs(probe_accuracy: Sequence[float], *, middle: tuple[float, float]
     below = [w for w in range(strong - 1, 0, -1) if acc[w - 1] <= threshold]
     fallback = acc[strong - 1] <= floor
     if fallback:
-        weak = [min(max(1, round(strong / 2)), strong - 1)]
+        weak_default, strong = default_pair(depth)
+        weak = [weak_default]
     else:
         weak = sorted(below[: int(num_weak)])
     pairs = tuple((w, strong, float(weight)) for w in weak)

@@ -13,14 +13,17 @@
 4. Train on from the warm-up checkpoint with those pairs. The choice, the rule's numbers and the
    step measured are logged, written to WORKDIR/layersync_pairs.json with every measurement, and
    stored in every later checkpoint's meta: a resume reads it there and never re-measures. A run
-   interrupted between the warm-up and its first LayerSync checkpoint measures the same
-   checkpoint again with the same seed, so it makes the same choice.
+   interrupted between the warm-up and its first LayerSync checkpoint takes the choice from
+   layersync_pairs.json (made for that warm-up step); only if that file is gone is the warm-up
+   checkpoint measured again (same seed and data: the same choice, unless accuracies within
+   their standard error reorder on another device count).
 The warm-up counts towards `train.num_steps`: an auto run has the same budget as a fixed-pair run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -28,8 +31,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from lsync_jax.objectives.layersync import is_auto, select_pairs
+from lsync_jax.objectives.layersync import PAPER_WEIGHT, is_auto, select_pairs
 from lsync_jax.train import checkpoint as ckpt_lib
+from lsync_jax.train.config import set_field
 
 CHOICE_FILE = "layersync_pairs.json"
 META_KEY = "layersync_auto"
@@ -77,20 +81,16 @@ def measure_settings(sel: dict[str, Any]):
 
 def warmup_config(config: Any) -> Any:
     """The run with LayerSync off (the rest of the objective unchanged)."""
-    from lsync_jax.train.erw import _set
-
     warm = copy.deepcopy(config)
     with warm.unlocked():
-        _set(warm.objective, "regularizers", tuple(r for r in config.objective.regularizers if r != "layersync"))
+        set_field(warm.objective, "regularizers", tuple(r for r in config.objective.regularizers if r != "layersync"))
     return warm
 
 
 def with_pairs(config: Any, pairs: Any) -> Any:
-    from lsync_jax.train.erw import _set
-
     chosen = copy.deepcopy(config)
     with chosen.unlocked():
-        _set(chosen.objective.layersync, "pairs", tuple(tuple(p) for p in pairs))
+        set_field(chosen.objective.layersync, "pairs", tuple(tuple(p) for p in pairs))
     return chosen
 
 
@@ -108,26 +108,38 @@ def stored_choice(workdir: str) -> dict[str, Any] | None:
 
 
 def _latest_step(workdir: str) -> int | None:
-    from lsync_jax.train.erw import _latest_step
-
-    return _latest_step(os.path.join(workdir, "checkpoints"))
+    return ckpt_lib.latest_step(os.path.join(workdir, "checkpoints"))
 
 
 def _measured_params(config: Any, workdir: str, warmup: int) -> tuple[Any, Any]:
     """(model, online params) to measure: the warm-up checkpoint, or train.init_from's weights."""
-    from lsync_jax.train.config import build_model, mesh_rules
-    from lsync_jax.train.sample import load_params
-    from lsync_jax.train.sharding import make_mesh, tree_shardings, with_shardings
+    from lsync_jax.train.config import build_model
+    from lsync_jax.train.sample import abstract_params, load_params
+    from lsync_jax.train.sharding import make_mesh
 
     mesh = make_mesh(config.mesh.get("data", -1), config.mesh.get("fsdp", 1))
     if warmup:
         model, params, _ = load_params(config, workdir, mesh, step=warmup, which="params")
         return model, params
     model = build_model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
-    abstract = with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
-    params, _ = ckpt_lib.restore_params(config.train.init_from, abstract)
+    params, _ = ckpt_lib.restore_params(config.train.init_from, abstract_params(config, model, mesh))
     return model, params
+
+
+def written_choice(workdir: str, warmup: int) -> dict[str, Any] | None:
+    """The choice WORKDIR/layersync_pairs.json holds for this warm-up (a run stopped between the
+    warm-up and its first LayerSync checkpoint): kept as made, never re-measured. None when absent
+    (on any process) or made for another step."""
+    from lsync_jax.host import all_processes
+
+    path = os.path.join(workdir, CHOICE_FILE)
+    if not all_processes(os.path.exists(path)):
+        return None
+    with open(path) as f:
+        written = json.load(f)
+    if written.get("step") != warmup or not written.get("pairs"):
+        return None
+    return {k: written[k] for k in ("pairs", "why", "measured", "step")}
 
 
 def choose_pairs(config: Any, workdir: str, sel: dict[str, Any]) -> dict[str, Any]:
@@ -144,14 +156,14 @@ def choose_pairs(config: Any, workdir: str, sel: dict[str, Any]) -> dict[str, An
     weight = config.objective.layersync.get("auto_weight")
     pairs, why = select_pairs(measured["probe_accuracy_mean"], middle=tuple(float(v) for v in sel["middle"]),
                               rise=float(sel["rise"]), num_weak=int(sel["num_weak"]),
-                              weight=0.2 if weight is None else float(weight))
+                              weight=PAPER_WEIGHT if weight is None else float(weight))
     if jax.process_count() > 1:  # every process measured the same; take process 0's word for it
         from jax.experimental import multihost_utils
 
         flat = multihost_utils.broadcast_one_to_all(np.asarray(pairs, np.float64))
         pairs = tuple((int(w), int(s), float(x)) for w, s, x in flat)
     where = f"step {warmup} of {workdir}" if warmup else f"train.init_from={config.train.init_from}"
-    record = {"pairs": [list(p) for p in pairs], "why": why, "measured": where}
+    record = {"pairs": [list(p) for p in pairs], "why": why, "measured": where, "step": warmup}
     logging.info("LayerSync automatic pairs: %s (weak, strong, weight), measured on %s", pairs, where)
     logging.info("  rule: %s; strong-block band %s, threshold %.4f%s", why["rule"], why["band"], why["threshold"],
                  " (FALLBACK to the paper's proportion: no block before the strong one is weaker)"
@@ -186,13 +198,23 @@ def train_auto_pairs(config: Any, workdir: str) -> dict[str, float]:
     warm_objective = build_objective(warm.objective, build_transport(warm), depth=model.depth)
     build_objective(with_pairs(config, [(*default_pair(model.depth), 1.0)]).objective, build_transport(config),
                     depth=model.depth)
+    if (sel["condition"] == "null" and model.num_classes > 0
+            and not getattr(model, "class_dropout_prob", 0.0) > 0):
+        raise ValueError(f"{PREFIX}.condition='null' measures the model on its null class, which this model lacks "
+                         "(class_dropout_prob=0): set the condition to 'label' (probe accuracies then include the "
+                         "label) or train with label dropout")
     record = stored_choice(workdir)
+    latest = _latest_step(workdir)
+    if record is None and latest == warmup:
+        record = written_choice(workdir, warmup)
+        if record is not None:
+            logging.info("LayerSync automatic pairs %s, chosen after the warm-up (%s), read from %s", record["pairs"],
+                         record["measured"], os.path.join(workdir, CHOICE_FILE))
     if record is None:
-        latest = _latest_step(workdir)
         if latest is not None and latest > warmup:
             raise ValueError(f"{workdir} holds a checkpoint at step {latest}, beyond {PREFIX}.warmup_steps={warmup}, "
                              "with no LayerSync choice: it is not this run's warm-up. Use another --workdir.")
-        if warmup:
+        if warmup and (latest or 0) < warmup:
             logging.info("LayerSync automatic pairs: %d warm-up steps without LayerSync, then the pairs are chosen "
                          "from measurements", warmup)
             metrics = train_run(warm, workdir, stop_at=warmup)

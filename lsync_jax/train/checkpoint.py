@@ -111,6 +111,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(checkpoint_dir: str) -> int | None:
+    """The latest step saved in `checkpoint_dir` (None: no directory or no checkpoint)."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    checkpointer = Checkpointer(checkpoint_dir, read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
 def _step_dir(path: str) -> str:
     """A checkpoint step directory from a workdir, its checkpoints/ directory or a step directory."""
     path = os.path.abspath(path)

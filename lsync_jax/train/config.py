@@ -145,3 +145,14 @@ def vae_path(config: Mapping[str, Any]) -> str | None:
     if "://" not in path and not os.path.exists(path):
         raise FileNotFoundError(f"the SD-VAE weights {path!r} (config.vae.path or the latents' metadata) not found")
     return path
+
+
+def set_field(section: Any, key: str, value: Any) -> None:
+    """Set a config value even where the config holds another type there (ConfigDict refuses, e.g., a
+    float into a field that holds an int): the field is replaced. For derived configs (ERW's stages,
+    the automatic-pairs warm-up)."""
+    try:
+        section[key] = value
+    except TypeError:
+        del section[key]
+        section[key] = value

@@ -24,6 +24,7 @@ from typing import Any
 from absl import logging
 
 from lsync_jax.train import checkpoint as ckpt_lib
+from lsync_jax.train.config import set_field
 
 STAGE1_DIR = "erw_stage1"
 # What stage 2 takes from stage 1: embedders, blocks and REPA projectors (not the untrained final layer).
@@ -44,37 +45,28 @@ def stage1_config(config: Any) -> Any:
         raise ValueError("ERW's stage 2 trains with REPA: config.objective.regularizers must include 'repa'")
     stage = copy.deepcopy(config)
     with stage.unlocked():
-        _set(stage.erw, "enabled", False)
-        _set(stage.model.overrides, "depth", blocks)
-        _set(stage.model.overrides, "encoder_depth", blocks)
-        _set(stage.objective, "regularizers", ("repa",))
-        _set(stage.objective, "transport_weight", 0.0)
-        _set(stage.objective, "clean_input", True)
-        _set(stage.objective.repa, "weight", float(erw.get("warmup_weight", 0.5)))
-        _set(stage.objective.repa, "half_life", 0.0)
-        _set(stage.train, "num_steps", steps)
-        _set(stage.train, "init_from", "")
-        _set(stage.train, "init_include", "")
-        _set(stage.eval, "every", 0)
+        set_field(stage.erw, "enabled", False)
+        set_field(stage.model.overrides, "depth", blocks)
+        set_field(stage.model.overrides, "encoder_depth", blocks)
+        set_field(stage.objective, "regularizers", ("repa",))
+        set_field(stage.objective, "transport_weight", 0.0)
+        set_field(stage.objective, "clean_input", True)
+        set_field(stage.objective.repa, "weight", float(erw.get("warmup_weight", 0.5)))
+        set_field(stage.objective.repa, "half_life", 0.0)
+        set_field(stage.train, "num_steps", steps)
+        set_field(stage.train, "init_from", "")
+        set_field(stage.train, "init_include", "")
+        set_field(stage.eval, "every", 0)
     return stage
 
 
 def stage2_config(config: Any, stage1_dir: str) -> Any:
     stage = copy.deepcopy(config)
     with stage.unlocked():
-        _set(stage.erw, "enabled", False)
-        _set(stage.train, "init_from", stage1_dir)
-        _set(stage.train, "init_include", config.erw.get("carry") or DEFAULT_CARRY)
+        set_field(stage.erw, "enabled", False)
+        set_field(stage.train, "init_from", stage1_dir)
+        set_field(stage.train, "init_include", config.erw.get("carry") or DEFAULT_CARRY)
     return stage
-
-
-def _latest_step(checkpoint_dir: str) -> int | None:
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
-    step = checkpointer.latest_step()
-    checkpointer.close()
-    return step
 
 
 def check_stages(first: Any, second: Any) -> None:
@@ -118,13 +110,13 @@ def train_erw(config: Any, workdir: str) -> dict[str, float]:
     second = stage2_config(config, stage1_dir)
     check_stages(first, second)
     warmup = int(first.train.num_steps)
-    if _latest_step(os.path.join(workdir, "checkpoints")) is not None:
+    if ckpt_lib.latest_step(os.path.join(workdir, "checkpoints")) is not None:
         logging.info("ERW stage 2 has started in %s: resuming it", workdir)
-    elif (_latest_step(os.path.join(stage1_dir, "checkpoints")) or 0) < warmup:
+    elif (ckpt_lib.latest_step(os.path.join(stage1_dir, "checkpoints")) or 0) < warmup:
         logging.info("ERW stage 1: %d blocks + projector on clean inputs, REPA only, %d steps, in %s",
                      first.model.overrides.depth, warmup, stage1_dir)
         metrics = train_run(first, stage1_dir)
-        done = _latest_step(os.path.join(stage1_dir, "checkpoints")) or 0
+        done = ckpt_lib.latest_step(os.path.join(stage1_dir, "checkpoints")) or 0
         if done < warmup:
             logging.warning("ERW stage 1 stopped at step %d of %d; run the same command again to continue", done,
                             warmup)
@@ -138,13 +130,3 @@ def _model_depth(config: Any) -> int:
     from lsync_jax.models import model_config
 
     return int(model_config(config.model.name)["depth"])
-
-
-def _set(section: Any, key: str, value: Any) -> None:
-    """Set a config value even where the config holds another type there (ConfigDict refuses, e.g., a
-    float into a field that holds an int): the field is replaced."""
-    try:
-        section[key] = value
-    except TypeError:
-        del section[key]
-        section[key] = value

@@ -54,15 +54,20 @@ def load_params(config: Any, workdir: str, mesh, *, step: int | None = None,
         raise FileNotFoundError(f"no checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}; it holds "
                                 f"steps {steps}")
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
+    abstract = abstract_params(config, model, mesh)
     saved = checkpointer.read_meta(step)
     ckpt_lib.check_compatible({k: saved[k] for k in ("model", "param_shapes") if k in saved},
-                              ckpt_lib.describe(model_fields(config), shapes), checkpointer.directory)
+                              ckpt_lib.describe(model_fields(config), abstract), checkpointer.directory)
     checkpointer.close()
-    # placed as in training: the rules match paths of the whole state ('params/...')
-    abstract = with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
     params, ema = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints", str(step)), abstract)
     return model, (ema if which == "ema" else params), step
+
+
+def abstract_params(config: Any, model: Any, mesh) -> Any:
+    """The model's parameter shapes, placed over `mesh` as in training (the rules match paths of the
+    whole state, 'params/...'): the target a checkpoint's weights are restored into."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
+    return with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
 
 
 def load_ema_params(config: Any, workdir: str, mesh) -> tuple[Any, Any, int]:

@@ -68,18 +68,32 @@ def test_the_choice_survives_a_resume_and_is_never_remeasured(auto_run, tmp_path
     stored = meta(workdir, 4)[META_KEY]["pairs"]
     with open(os.path.join(workdir, CHOICE_FILE)) as f:
         accuracy = json.load(f)["measurements"]["probe_accuracy_mean"]
-    # selection settings that would choose another pair now (strong = the last block)
-    other, _ = select_pairs(accuracy, middle=(1.0, 1.0))
+    # settings that would choose another pair now (another weight)
+    other, _ = select_pairs(accuracy, weight=0.5)
     assert [list(p) for p in other] != stored
     os.remove(os.path.join(workdir, CHOICE_FILE))  # a re-measurement would write it again
     config = auto_config(steps=6)
-    config.objective.layersync.selection.middle = (1.0, 1.0)
+    config.objective.layersync.auto_weight = 0.5
     train_and_evaluate(config, workdir)
     assert meta(workdir, 6)[META_KEY]["pairs"] == stored
     assert not os.path.exists(os.path.join(workdir, CHOICE_FILE))
 
 
-def test_an_interruption_between_the_phases_remeasures_the_same_choice(auto_run, tmp_path):
+def test_an_interruption_between_the_phases_keeps_the_written_choice(auto_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(auto_run[0], workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # stopped after the warm-up's checkpoint
+    path = os.path.join(workdir, CHOICE_FILE)
+    with open(path) as f:
+        written = json.load(f)
+    written["pairs"] = [[1, 4, 0.3]]  # a choice measuring could not give: proves the file is used
+    with open(path, "w") as f:
+        json.dump(written, f)
+    train_and_evaluate(auto_config(), workdir)
+    assert meta(workdir, 4)[META_KEY]["pairs"] == [[1, 4, 0.3]]
+
+
+def test_an_interruption_without_the_written_choice_remeasures_the_same_choice(auto_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(auto_run[0], workdir)
     with open(os.path.join(workdir, CHOICE_FILE)) as f:
@@ -111,9 +125,11 @@ def test_without_a_warm_up_the_init_from_weights_are_measured(auto_run, tmp_path
     (dict(middle=(0.9, 0.1)), "middle"),
     (dict(t_values=(2.0,)), "t_values"),
     (dict(condition="both"), "condition"),
+    (dict(condition="null", class_dropout=0.0), "lacks"),
 ])
 def test_bad_selection_settings_fail_before_training(tmp_path, change, match):
     config = auto_config()
+    config.model.overrides.class_dropout_prob = change.pop("class_dropout", 0.1)
     config.objective.layersync.selection.update(change)
     with pytest.raises(ValueError, match=match):
         train_and_evaluate(config, str(tmp_path))

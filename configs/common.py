@@ -5,6 +5,13 @@ import ml_collections
 from lsync_jax.train.auto_pairs import SELECTION_DEFAULTS
 
 
+# SiT's method switches, listed in the SiT configs so that any of them can be set from the command line
+# (e.g. --config.model.overrides.long_skips=True): muP, DiverseDiT's long residuals, DDAE++
+# self-conditioning. Their values here are the model's defaults (the official SiT).
+SIT_SWITCHES = dict(parametrization="sp", mup_base_width=288, output_multiplier=1.0, long_skips=False,
+                    self_condition=0, self_condition_stop_gradient=False)
+
+
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0

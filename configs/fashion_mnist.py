@@ -8,7 +8,7 @@
 Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or --config.data.dir.
 """
 
-from configs.common import base_config
+from configs.common import SIT_SWITCHES, base_config
 
 
 def get_config(variant: str = "layersync"):
@@ -18,6 +18,7 @@ def get_config(variant: str = "layersync"):
     config.model.name = "SiT-S/4"
     config.model.overrides.update(dict(depth=6, hidden_size=128, num_heads=2, input_size=28, in_channels=1,
                                        num_classes=10, learn_sigma=False, class_dropout_prob=0.1))
+    config.model.overrides.update(SIT_SWITCHES)
     # 6 blocks: the paper's 8 -> 16 of 28 scales to block 2 guided by block 3 (weight 0.2).
     if variant == "baseline":
         config.objective.regularizers = ()

@@ -14,6 +14,7 @@ steps, batch 64, 800 steps, Euler 32 steps with CFG 2, FID-1K at the end), so ru
 """
 
 from configs import fashion_mnist
+from configs.common import SIT_SWITCHES
 
 VARIANTS = ("none", "constant", "cs", "ls")
 
@@ -24,6 +25,8 @@ def get_config(variant: str = "none"):
                          f"{', '.join(':' + v for v in VARIANTS)}")
     config = fashion_mnist.get_config("layersync")
     config.model.name = "UViT-S/4"
+    for key in SIT_SWITCHES:  # SiT-only switches
+        del config.model.overrides[key]
     # 7 blocks (3 in, mid, 3 out) of width 128: about the SiT demo's size and cost. 7 x 7 patches plus
     # the time and label tokens. Every U-ViT field a variant sets is listed, so that all can be
     # overridden from the command line.

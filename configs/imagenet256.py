@@ -13,7 +13,7 @@ ADM's VIRTUAL_imagenet256_labeled.npz); to track it, set --config.eval.every=500
 --config.eval.reference=/data/VIRTUAL_imagenet256_labeled.npz.
 """
 
-from configs.common import base_config
+from configs.common import SIT_SWITCHES, base_config
 
 
 def get_config():
@@ -21,6 +21,7 @@ def get_config():
     config.model.name = "SiT-XL/2"
     config.model.overrides.update(dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
                                        class_dropout_prob=0.1, dtype="bfloat16"))
+    config.model.overrides.update(SIT_SWITCHES)
     config.objective.layersync.pairs = ((8, 16, 0.2),)
     config.data.update(dict(name="imagenet_latents", dir="", image_size=256, batch_size=256, flip=True))
     config.train.update(dict(num_steps=4_000_000, ema_decay=0.9999, log_every=100, checkpoint_every=50_000,

@@ -3,7 +3,7 @@
     python launch/train.py --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-from configs.common import base_config
+from configs.common import SIT_SWITCHES, base_config
 
 
 def get_config():
@@ -11,6 +11,7 @@ def get_config():
     config.model.name = "SiT-S/4"
     config.model.overrides.update(dict(depth=4, hidden_size=64, num_heads=4, input_size=28, in_channels=1,
                                        num_classes=10, learn_sigma=False, class_dropout_prob=0.1))
+    config.model.overrides.update(SIT_SWITCHES)
     config.optimizer.lr = 1e-3
     config.data.update(dict(name="synthetic", synthetic_size=256, synthetic_shape=(28, 28, 1), num_classes=10,
                             batch_size=8, flip=False))

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lsync_jax.eval.representations import cka_matrix, cknna, mutual_knn, probe_blocks
+from lsync_jax.eval.representations import cka_matrix, cknna, mutual_knn, probe_blocks, probe_split
 
 
 def _block_number(name: str) -> int:
@@ -67,7 +67,7 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
         raise ValueError("no features to measure (no t values)")
     accuracy = np.array([[np.nan if a is None else a for a in e["probe_accuracy"]] for e in per_t], np.float64)
     mean = np.mean(accuracy, axis=0)
-    num_test = int(round(test_fraction * len(labels)))
+    num_test = len(probe_split(len(labels), test_fraction, seed)[1])
     return {"blocks": blocks, "t_values": [e["t"] for e in per_t], "num_samples": int(len(labels)),
             "num_classes": int(num_classes), "per_t": per_t, "num_test": num_test,
             "probe_accuracy_mean": _floats(mean),

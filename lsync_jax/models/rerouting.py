@@ -22,7 +22,7 @@
   * gradient: flows through by default (the velocity loss shapes the summary as it does every
     feature); `self_condition_stop_gradient=True` detaches block s's pooled feature instead.
   Cost: 2 D^2 parameters and 2 D^2 multiply-adds per sample (SiT-B/2: 1.2M of 131M parameters,
-  0.9%; FLOPs about 0.01%; tests/models/test_sit.py computes both).
+  0.9%; FLOPs about 0.01%; tests/models/test_rerouting.py computes both).
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ class UViT(nn.Module):
         if self.skip_scaling not in SKIP_SCALINGS:
             raise ValueError(f"UViT skip_scaling={self.skip_scaling!r}; expected one of {SKIP_SCALINGS}")
         low, high = KAPPA_RANGE
-        if not low <= self.skip_kappa <= high:
+        if self.skip_scaling == "cs" and not low <= self.skip_kappa <= high:  # read only by 'cs'
             raise ValueError(f"UViT skip_kappa={self.skip_kappa} must be in [{low}, {high}] (ScaleLong's range)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"UViT attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")

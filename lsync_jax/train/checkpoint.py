@@ -43,11 +43,26 @@ def describe(model_config: Mapping[str, Any], params: Any, state: Any = None,
     return meta
 
 
+def _model_default(name: Any, key: str) -> Any:
+    """The value model `name` has for field `key` when no override sets it (None if unknown)."""
+    try:
+        from lsync_jax.models import get_model
+
+        return _plain(getattr(get_model(str(name)), key))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
     """Raise ValueError naming what differs between a checkpoint's meta and this run's."""
     problems = []
-    for key in sorted(set(saved.get("model", {})) | set(wanted["model"])):
-        a, b = saved.get("model", {}).get(key), wanted["model"].get(key)
+    saved_model, wanted_model = saved.get("model", {}), wanted["model"]
+    for key in sorted(set(saved_model) | set(wanted_model)):
+        a, b = saved_model.get(key), wanted_model.get(key)
+        if a != b and (key not in saved_model or key not in wanted_model):
+            # a field one side's config does not list has the model's default (configs gain switches)
+            default = _model_default(saved_model.get("name") or wanted_model.get("name"), key)
+            a, b = (default if key not in saved_model else a), (default if key not in wanted_model else b)
         if a != b and key not in ("dtype", "attention_impl", "remat"):  # compute options may change
             problems.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
     shapes_a, shapes_b = saved.get("param_shapes", {}), wanted["param_shapes"]

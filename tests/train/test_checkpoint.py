@@ -75,3 +75,15 @@ def test_init_from_another_run(tmp_path):
     other, _ = tiny(hidden_size=64)
     with pytest.raises(ValueError, match="incompatible"):
         restore_params(str(tmp_path / "run"), jax.eval_shape(other.init, jax.random.key(0), *other.init_inputs(1))["params"])
+
+
+def test_a_switch_one_config_does_not_list_compares_as_the_models_default():
+    # a run saved before its config listed `long_skips` resumes with long_skips=False, not with True
+    saved = {"model": {"name": "SiT-S/4", "depth": 6}, "param_shapes": {}}
+    check_compatible(saved, {"model": {"name": "SiT-S/4", "depth": 6, "long_skips": False}, "param_shapes": {}}, "w")
+    with pytest.raises(ValueError, match="model.long_skips: checkpoint False, config True"):
+        check_compatible(saved, {"model": {"name": "SiT-S/4", "depth": 6, "long_skips": True}, "param_shapes": {}},
+                         "w")
+    with pytest.raises(ValueError, match="model.self_condition: checkpoint 3, config 0"):
+        check_compatible({"model": {"name": "SiT-S/4", "self_condition": 3}, "param_shapes": {}},
+                         {"model": {"name": "SiT-S/4"}, "param_shapes": {}}, "w")

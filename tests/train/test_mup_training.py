@@ -12,7 +12,7 @@ from lsync_jax.train import train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.config import build_model
 from lsync_jax.train.state import init_state_fn, make_optimizer
-from tests.train.test_repa_erw import quick
+from tests.helpers import quick
 
 
 def max_change(after, before):

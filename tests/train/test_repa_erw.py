@@ -20,15 +20,7 @@ from lsync_jax.train.encoders import build_encoder_features
 from lsync_jax.train.erw import DEFAULT_CARRY, STAGE1_DIR, stage1_config
 from lsync_jax.train.sharding import batch_sharding, make_mesh
 from lsync_jax.train.state import init_state_fn, make_optimizer
-
-
-def quick(config, steps=2):
-    config.data.batch_size = 8
-    config.train.update(dict(num_steps=steps, log_every=1, checkpoint_every=steps, sample_every=0,
-                             num_grid_samples=4, async_checkpoints=False))
-    config.sampler.num_steps = 2
-    config.eval.every = 0
-    return config
+from tests.helpers import quick
 
 
 @pytest.mark.parametrize("variant, terms", [("repa", {"loss/repa"}), ("layersync", {"loss/repa", "loss/layersync"})])

@@ -9,15 +9,7 @@ import pytest
 
 from configs import fashion_mnist_diversedit, fashion_mnist_selfcond
 from lsync_jax.train import train_and_evaluate
-
-
-def quick(config, steps=2):
-    config.data.batch_size = 8
-    config.train.update(dict(num_steps=steps, log_every=1, checkpoint_every=steps, sample_every=0,
-                             num_grid_samples=4, async_checkpoints=False))
-    config.sampler.num_steps = 2
-    config.eval.every = 0
-    return config
+from tests.helpers import quick
 
 
 @pytest.mark.parametrize("module, terms, params", [

@@ -65,17 +65,33 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
         per_t.append(entry)
     if not per_t:
         raise ValueError("no features to measure (no t values)")
-    accuracy = np.array([[np.nan if a is None else a for a in e["probe_accuracy"]] for e in per_t], np.float64)
+    measured = {"blocks": blocks, "num_samples": int(len(labels)), "num_classes": int(num_classes), "per_t": per_t,
+                "num_test": len(probe_split(len(labels), test_fraction, seed)[1]),
+                "settings": {"k": int(k), "test_fraction": float(test_fraction), "seed": int(seed), "l2": float(l2),
+                             "reference": reference is not None}}
+    return _summarised(measured)
+
+
+def _summarised(measured: dict[str, Any]) -> dict[str, Any]:
+    """`measured` with 't_values', 'probe_accuracy_mean' (over t) and 'probe_stderr' (the binomial
+    standard error of one accuracy on the test split: block differences below about twice it are noise)."""
+    accuracy = np.array([[np.nan if a is None else a for a in e["probe_accuracy"]] for e in measured["per_t"]])
     mean = np.mean(accuracy, axis=0)
-    num_test = len(probe_split(len(labels), test_fraction, seed)[1])
-    return {"blocks": blocks, "t_values": [e["t"] for e in per_t], "num_samples": int(len(labels)),
-            "num_classes": int(num_classes), "per_t": per_t, "num_test": num_test,
-            "probe_accuracy_mean": _floats(mean),
-            # binomial standard error of one accuracy on the test split: differences between blocks
-            # smaller than about twice this are noise
-            "probe_stderr": _floats(np.sqrt(np.clip(mean * (1 - mean), 0, None) / max(num_test, 1))),
-            "settings": {"k": int(k), "test_fraction": float(test_fraction), "seed": int(seed), "l2": float(l2),
-                         "reference": reference is not None}}
+    return dict(measured, t_values=[e["t"] for e in measured["per_t"]], probe_accuracy_mean=_floats(mean),
+                probe_stderr=_floats(np.sqrt(np.clip(mean * (1 - mean), 0, None) / max(measured["num_test"], 1))))
+
+
+def merge_measurements(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One measurement from several of the same samples at different t (measured one t at a time,
+    so that only one t's features are held at once)."""
+    if not parts:
+        raise ValueError("no measurements to merge")
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("blocks", "num_samples", "num_classes", "num_test", "settings"):
+            if part[key] != first[key]:
+                raise ValueError(f"measurements to merge differ in {key}: {first[key]} vs {part[key]}")
+    return _summarised(dict(first, per_t=[e for part in parts for e in part["per_t"]]))
 
 
 # --- Figures -----------------------------------------------------------------------------------

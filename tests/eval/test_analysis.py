@@ -70,3 +70,14 @@ def test_figures_render_as_rgb():
     for image in (heat, curve):
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
         assert image.std() > 10  # something was drawn
+
+
+def test_measuring_one_t_at_a_time_and_merging_equals_measuring_all_at_once():
+    from lsync_jax.eval.analysis import merge_measurements
+
+    collected = planted(num=80)
+    whole = measure_blocks(collected, 3, k=5)
+    parts = [measure_blocks(dict(collected, features={t: f}), 3, k=5) for t, f in collected["features"].items()]
+    assert merge_measurements(parts) == whole
+    with pytest.raises(ValueError, match="differ in num_samples"):
+        merge_measurements([parts[0], measure_blocks(planted(num=60), 3, k=5)])

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 # `configs/` is a directory of get_config() files, imported as a package from the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -11,6 +12,18 @@ import jax  # noqa: E402
 # Threefry inlines a large graph per random call, and CPU compiles of model inits dominate the
 # suite's time; the 'rbg' generator compiles about twice as fast. Tests assert no random stream.
 jax.config.update("jax_default_prng_impl", "rbg")
+
+# Compiles dominate the suite, and many tests compile the same small programs (the tiny model's
+# train step, its init) in different processes: a persistent compilation cache shared by the xdist
+# workers and the CLI subprocesses they start cut a training-heavy subset from 207 s to 147 s.
+# The cache key covers the program, the JAX version and the flags, so a hit is the same executable.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), f"lsync_jax_test_jit_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 import pytest  # noqa: E402

@@ -61,7 +61,9 @@ def test_bench_config_from_a_training_config():
     cfg = bench_config_from(imagenet256.get_config(), steps=3)
     assert cfg.models == ("SiT-XL/2",) and cfg.batch_size == 256 and cfg.dtype == "bfloat16"
     assert cfg.layersync_pairs == ((8, 16, 0.2),) and cfg.input_size == 32 and cfg.in_channels == 4
-    assert cfg.model_overrides == {"learn_sigma": True, "class_dropout_prob": 0.1} and cfg.steps == 3
+    from configs.common import SIT_SWITCHES
+
+    assert cfg.model_overrides == {"learn_sigma": True, "class_dropout_prob": 0.1, **SIT_SWITCHES} and cfg.steps == 3
     small = bench_config_from(tiny.get_config())
     assert small.model_overrides["depth"] == 4 and small.input_size == 28 and small.layersync_pairs == ()
 

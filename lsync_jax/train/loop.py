@@ -140,9 +140,12 @@ def train_run(config: Any, workdir: str, *, stop_at: int | None = None, meta_ext
     validate_guidance(model, cfg_scale, interval)  # now, not at the first sample grid hours later
     if config.train.get("init_include") and not config.train.get("init_from"):
         raise ValueError("config.train.init_include selects parameters of config.train.init_from, which is empty")
-    for key in ("num_steps", "log_every", "checkpoint_every", "num_grid_samples"):
+    for key in ("num_steps", "log_every", "checkpoint_every"):
         if int(config.train.get(key, 1)) < 1:
             raise ValueError(f"config.train.{key} must be >= 1, got {config.train.get(key)}")
+    if int(config.train.get("num_grid_samples", 64)) < 0:
+        raise ValueError(f"config.train.num_grid_samples must be >= 0 (0: no sample grids), got "
+                         f"{config.train.get('num_grid_samples')}")
     if int(config.train.get("sample_every", 0)) < 0:
         raise ValueError("config.train.sample_every must be >= 0 (0: only at the end)")
     rules = mesh_rules(config)
@@ -210,7 +213,8 @@ def train_run(config: Any, workdir: str, *, stop_at: int | None = None, meta_ext
     log_every = int(config.train.get("log_every", 50))
     ckpt_every = int(config.train.get("checkpoint_every", 1000))
     # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
-    sample_every = int(config.train.get("sample_every", 0)) if objective.transport_weight > 0 else 0
+    grids = objective.transport_weight > 0 and int(config.train.get("num_grid_samples", 64)) > 0
+    sample_every = int(config.train.get("sample_every", 0)) if grids else 0
     pending: list[tuple[int, dict]] = []
     last_saved = latest
     last_metrics: dict[str, float] = {}
@@ -280,8 +284,7 @@ def train_run(config: Any, workdir: str, *, stop_at: int | None = None, meta_ext
                     logging.warning("preempted at step %d; checkpoint saved", step)
                     break
             flush_metrics(step)
-            if (step == num_steps and num_steps > start and objective.transport_weight > 0
-                    and not (sample_every and step % sample_every == 0)):
+            if step == num_steps and num_steps > start and grids and not (sample_every and step % sample_every == 0):
                 sample_grid(step)
             if fid is not None and step == num_steps and not fid.done(step) and not (
                     preemption.requested if jax.process_count() == 1 else preemption.any_process()):

@@ -22,7 +22,8 @@ SETTINGS = MeasureSettings(num_samples=40, t_values=(0.5, 0.9), batch_size=16, k
 def fashion_tiny():
     config = tiny.get_config()
     config.data.update(dict(name="fashion_mnist", dir="", split="train"))
-    config.train.update(dict(num_steps=4, checkpoint_every=2, log_every=2, async_checkpoints=False))
+    config.train.update(dict(num_steps=4, checkpoint_every=2, log_every=2, async_checkpoints=False,
+                             num_grid_samples=0))
     return config
 
 

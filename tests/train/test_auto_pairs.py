@@ -19,7 +19,8 @@ from lsync_jax.train.checkpoint import Checkpointer
 def auto_config(steps=4, warmup=2):
     config = tiny.get_config()
     config.data.update(dict(name="fashion_mnist", dir="", split="train"))  # real classes: probes above chance
-    config.train.update(dict(num_steps=steps, checkpoint_every=2, log_every=1, async_checkpoints=False))
+    config.train.update(dict(num_steps=steps, checkpoint_every=2, log_every=1, async_checkpoints=False,
+                             num_grid_samples=0))
     config.objective.layersync.pairs = ("auto",)
     config.objective.layersync.selection.update(dict(warmup_steps=warmup, num_samples=60, t_values=(0.5, 1.0),
                                                      batch_size=32))

@@ -23,3 +23,4 @@ def test_method_config_trains(tmp_path, module, terms, params):
         shapes = json.load(f)["param_shapes"]
     assert any(name.startswith(params) for name in shapes)
     assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert not os.path.exists(tmp_path / "samples")  # num_grid_samples=0: no grids

@@ -35,7 +35,9 @@ def test_every_uvit_config_builds_its_model():
 def test_fashion_mnist_uvit_trains_with_layersync(tmp_path):
     """':ls' end to end (its calibration nets are the only extra parameters; the other variants
     differ by a constant factor, checked in tests/models/test_uvit.py): ~30 s of CPU compiles."""
-    metrics = train_and_evaluate(quick(fashion_mnist_uvit.get_config("ls")), str(tmp_path))
+    config = quick(fashion_mnist_uvit.get_config("ls"))
+    config.train.num_grid_samples = 4  # U-ViT through the sampler too
+    metrics = train_and_evaluate(config, str(tmp_path))
     for key in ("loss", "loss/velocity", "loss/layersync"):
         assert np.isfinite(metrics[key]), key
     assert os.listdir(tmp_path / "checkpoints") == ["2"]

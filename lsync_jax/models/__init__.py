@@ -26,8 +26,8 @@ SIZES: dict[str, dict[str, int]] = {
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
 
-# Overrides named as in the official constructor, plus our compute options.
-OFFICIAL_OVERRIDES = (
+# Overrides every backbone takes (U-ViT refuses learn_sigma=True and z_dims by name).
+SHARED_OVERRIDES = (
     "depth",
     "hidden_size",
     "num_heads",
@@ -38,6 +38,9 @@ OFFICIAL_OVERRIDES = (
     "class_dropout_prob",
     "mlp_ratio",
     "z_dims",
+)
+# SiT's overrides named as in the official constructor, plus our compute options.
+OFFICIAL_OVERRIDES = SHARED_OVERRIDES + (
     "encoder_depth",
     "projector_dim",
     # muP (the muP-DiT code's parametrisation; its `output_mult` and base shapes, see models/mup.py)
@@ -61,17 +64,7 @@ UVIT_SIZES: dict[str, dict[str, int]] = {
     "H": dict(depth=29, hidden_size=1152, num_heads=16),
 }
 UVIT_MODEL_NAMES: tuple[str, ...] = tuple(f"UViT-{s}/{p}" for s in UVIT_SIZES for p in PATCH_SIZES)
-UVIT_OVERRIDES = (
-    "depth",
-    "hidden_size",
-    "num_heads",
-    "input_size",
-    "in_channels",
-    "num_classes",
-    "learn_sigma",
-    "class_dropout_prob",
-    "mlp_ratio",
-    "z_dims",
+UVIT_OVERRIDES = SHARED_OVERRIDES + (
     "mlp_time_embed",
     "pos_embed",
     "final_conv",

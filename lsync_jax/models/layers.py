@@ -194,6 +194,28 @@ def adaln_modulation(features: int, dtype: Dtype, name: str = "adaLN_modulation"
     )
 
 
+def dummy_inputs(batch_size: int, input_size: int, in_channels: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero (x, t, y) of an image model's input shape, for `init` and `jax.eval_shape`."""
+    x = jnp.zeros((batch_size, input_size, input_size, in_channels), jnp.float32)
+    return x, jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+
+
+def check_image_inputs(kind: str, x: jax.Array, t: jax.Array, y: jax.Array, in_channels: int,
+                       patch_size: int) -> None:
+    """Raise a ValueError naming the problem for (x, t, y) a patch-based `kind` model cannot take."""
+    if x.ndim != 4:
+        raise ValueError(f"{kind} expects NHWC inputs of rank 4, got shape {x.shape}")
+    n, h, w, c = x.shape
+    if c != in_channels:
+        raise ValueError(f"{kind} has in_channels={in_channels} but the input has shape {x.shape} (NHWC)")
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={patch_size}")
+    if t.shape != (n,):
+        raise ValueError(f"t must have shape ({n},) for a batch of {n}, got {t.shape}")
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) for a batch of {n}, got {y.shape}")
+
+
 class AdaLNBlock(nn.Module):
     """DiT/SiT adaLN-Zero transformer block: x + gate * f(modulate(LN(x))) for attention and MLP."""
 

@@ -27,6 +27,8 @@ from lsync_jax.models.layers import (
     FinalLayer,
     LabelEmbedder,
     TimestepEmbedder,
+    check_image_inputs,
+    dummy_inputs,
     fan_in_normal,
     patch_embed_init,
     sincos_2d,
@@ -115,22 +117,11 @@ class SiT(nn.Module):
 
     def init_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Dummy (x, t, y) of the configured shape, for `init` and `jax.eval_shape`."""
-        x = jnp.zeros((batch_size, self.input_size, self.input_size, self.in_channels), jnp.float32)
-        return x, jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+        return dummy_inputs(batch_size, self.input_size, self.in_channels)
 
     def check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
         """Raise a ValueError naming the problem for inputs this model cannot take."""
-        if x.ndim != 4:
-            raise ValueError(f"SiT expects NHWC inputs of rank 4, got shape {x.shape}")
-        n, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"SiT has in_channels={self.in_channels} but the input has shape {x.shape} (NHWC)")
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={self.patch_size}")
-        if t.shape != (n,):
-            raise ValueError(f"t must have shape ({n},) for a batch of {n}, got {t.shape}")
-        if y.shape != (n,):
-            raise ValueError(f"y must have shape ({n},) for a batch of {n}, got {y.shape}")
+        check_image_inputs("SiT", x, t, y, self.in_channels, self.patch_size)
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False) -> jax.Array:

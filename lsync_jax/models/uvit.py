@@ -72,7 +72,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsync_jax.models.layers import ATTENTION_IMPLS, Attention, LabelEmbedder, Mlp, sincos_2d, timestep_frequencies
+from lsync_jax.models.layers import (ATTENTION_IMPLS, Attention, LabelEmbedder, Mlp, check_image_inputs, dummy_inputs,
+                                     sincos_2d, timestep_frequencies)
 from lsync_jax.models.sit import block_name
 
 Dtype = Any
@@ -245,26 +246,16 @@ class UViT(nn.Module):
 
     def init_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Dummy (x, t, y) of the configured shape, for `init` and `jax.eval_shape`."""
-        x = jnp.zeros((batch_size, self.input_size, self.input_size, self.in_channels), jnp.float32)
-        return x, jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+        return dummy_inputs(batch_size, self.input_size, self.in_channels)
 
     def check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
         """Raise a ValueError naming the problem for inputs this model cannot take."""
-        if x.ndim != 4:
-            raise ValueError(f"UViT expects NHWC inputs of rank 4, got shape {x.shape}")
-        n, h, w, c = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"UViT has in_channels={self.in_channels} but the input has shape {x.shape} (NHWC)")
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={self.patch_size}")
+        check_image_inputs("UViT", x, t, y, self.in_channels, self.patch_size)
+        h, w = x.shape[1:3]
         fixed = self.pos_embed == "learned" or self.skip_scaling == "ls"
         if fixed and (h, w) != (self.input_size, self.input_size):
             raise ValueError(f"UViT with pos_embed={self.pos_embed!r}, skip_scaling={self.skip_scaling!r} takes "
                              f"{self.input_size}x{self.input_size} inputs (input_size), got {h}x{w}")
-        if t.shape != (n,):
-            raise ValueError(f"t must have shape ({n},) for a batch of {n}, got {t.shape}")
-        if y.shape != (n,):
-            raise ValueError(f"y must have shape ({n},) for a batch of {n}, got {y.shape}")
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False) -> jax.Array:

@@ -75,9 +75,9 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
     source = source if source is not None else build_source(config.data, settings.split or None)
     num_classes = int(getattr(source, "num_classes", 0) or model.num_classes)
     indices = sample_indices(len(source), settings.num_samples, settings.seed)
-    parts, reference_features = [], None
+    parts, reference_features, path = [], None, build_transport(config).path
     for t in settings.t_values:  # one t at a time: ImageNet's 20,000 x 28 blocks x 1152 floats are 2.6 GB per t
-        collected = collect_block_features(model, params, build_transport(config).path, source, len(indices),
+        collected = collect_block_features(model, params, path, source, len(indices),
                                            (float(t),), batch_size=settings.batch_size, seed=settings.seed,
                                            indices=indices, condition=settings.condition,
                                            reference=reference if reference_features is None else None)
@@ -90,6 +90,11 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
     measured["settings"] = dict(measured["settings"], **dict(dataclasses.asdict(settings),
                                                              t_values=[float(t) for t in settings.t_values]))
     return measured
+
+
+def _mean_over_t(measured: dict[str, Any], key: str) -> np.ndarray:
+    """A per-block measurement (e.g. 'cknna') averaged over the measured t (null entries skipped)."""
+    return np.nanmean([[np.nan if v is None else v for v in e[key]] for e in measured["per_t"]], axis=0)
 
 
 def _t_name(t: float) -> str:
@@ -141,8 +146,8 @@ def analyze_workdir(config: Any, workdir: str, out_dir: str, settings: MeasureSe
             scalars = {f"analysis/probe/block_{b}": a for b, a in zip(blocks, measured["probe_accuracy_mean"])
                        if a is not None}
             if reference is not None:
-                cknna_mean = np.nanmean([[np.nan if v is None else v for v in e["cknna"]] for e in measured["per_t"]], 0)
-                scalars.update({f"analysis/cknna/block_{b}": float(v) for b, v in zip(blocks, cknna_mean)})
+                scalars.update({f"analysis/cknna/block_{b}": float(v)
+                                for b, v in zip(blocks, _mean_over_t(measured, "cknna"))})
             writer.write_scalars(step, scalars)
     blocks = next(iter(results["steps"].values()))["blocks"]
     summary = {"probe_by_step": probe_figure(
@@ -151,8 +156,7 @@ def analyze_workdir(config: Any, workdir: str, out_dir: str, settings: MeasureSe
         chance=1.0 / next(iter(results["steps"].values()))["num_classes"])}
     if reference is not None:
         summary["alignment_by_step"] = probe_figure(
-            {f"step {s}": list(np.nanmean([[np.nan if v is None else v for v in e["cknna"]] for e in m["per_t"]], 0))
-             for s, m in results["steps"].items()}, blocks, f"CKNNA with {reference_name} (k = {settings.k})",
+            {f"step {s}": list(_mean_over_t(m, "cknna")) for s, m in results["steps"].items()}, blocks, f"CKNNA with {reference_name} (k = {settings.k})",
             ylabel="CKNNA")
     if main:
         for name, image in summary.items():

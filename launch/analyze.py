@@ -9,14 +9,12 @@ step_S/probe.png, probe_by_step.png (alignment_by_step.png with an encoder) and 
 """
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
-
-from lsync_jax.train.analysis import MeasureSettings, analyze_workdir  # noqa: E402
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.train.analysis import MeasureSettings, analyze_workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")
@@ -39,6 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    quiet_library_logs()
     from clu import metric_writers
 
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "analysis")

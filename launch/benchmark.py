@@ -6,15 +6,12 @@
     python launch/benchmark.py --models= --sample_steps=0 --vae_batch=64 --image_size=256  # SD-VAE only
 """
 
-import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
-
-from lsync_jax.benchmark import BenchConfig, bench_config_from, run, write_json  # noqa: E402
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, run, write_json
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Optional training config: benchmark its model, batch and "
@@ -42,6 +39,7 @@ flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 def main(argv):
     del argv
+    quiet_library_logs()
     common = dict(steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
                   attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
                   sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg), inception_batch=FLAGS.inception_batch,

@@ -7,15 +7,12 @@ launch/sample.py (--workdir=OUT) and training (--config.train.init_from=OUT) rea
 """
 
 import ast
-import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lsync_jax.checkpoints.official import CHECKPOINT_KEYS, CONVENTIONS  # noqa: E402
-from lsync_jax.train.convert import convert_to_workdir  # noqa: E402
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.porting.official import CHECKPOINT_KEYS, CONVENTIONS
+from lsync_jax.tools.convert import convert_to_workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Official .pt/.pth/.safetensors file: a raw state dict or a training "
@@ -43,6 +40,7 @@ def parse_override(text):
 
 def main(argv):
     del argv
+    quiet_library_logs()
     overrides = dict(parse_override(text) for text in FLAGS.override)
     done = convert_to_workdir(FLAGS.checkpoint, FLAGS.model, FLAGS.out, which=FLAGS.which,
                               convention=FLAGS.convention, allow_pickle=FLAGS.allow_pickle, **overrides)

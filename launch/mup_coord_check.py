@@ -8,13 +8,11 @@ later steps grow with the width. See lsync_jax/train/coord_check.py.
 """
 
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lsync_jax.train.coord_check import (  # noqa: E402
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.tools.coord_check import (
     CoordCheckSetup,
     coord_check,
     format_table,
@@ -39,6 +37,7 @@ flags.DEFINE_float("output_multiplier", 1.0, "muP readout multiplier.")
 
 def main(argv):
     del argv
+    quiet_library_logs()
     setup = CoordCheckSetup(head_dim=FLAGS.head_dim, depth=FLAGS.depth, image_size=FLAGS.image_size,
                             batch_size=FLAGS.batch_size, lr=FLAGS.lr, output_multiplier=FLAGS.output_multiplier)
     records = coord_check([int(w) for w in FLAGS.widths], FLAGS.parametrizations, num_steps=FLAGS.num_steps,

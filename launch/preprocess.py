@@ -9,14 +9,12 @@ Then train with --config.data.dir=OUT.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lsync_jax.data.preprocess import PreprocessSpec, preprocess_latents  # noqa: E402
-from lsync_jax.data.sources import ImageFolderSource, TfdsSource  # noqa: E402
+from lsync_jax.data.sources import ImageFolderSource, TfdsSource
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.tools.preprocess import PreprocessSpec, preprocess_latents
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "An ImageNet-style class-folder tree (ILSVRC2012's train/).")
@@ -43,6 +41,7 @@ flags.mark_flags_as_required(["vae", "out"])
 
 def main(argv):
     del argv
+    quiet_library_logs()
     if (FLAGS.images is None) == (FLAGS.tfds_name is None):
         raise app.UsageError("give exactly one of --images (class-folder tree) or --tfds_name")
     if not os.path.exists(FLAGS.vae):  # before listing a million files

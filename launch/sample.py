@@ -2,14 +2,12 @@
 --num_samples=1000 (writes an ADM-style .npz, arr_0 uint8 NHWC, and a PNG grid into --out_dir)."""
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
-
-from lsync_jax.train.sample import sample_from_workdir  # noqa: E402
+from lsync_jax.eval.sampling import sample_from_workdir
+from lsync_jax.host import quiet_library_logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")
@@ -23,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    quiet_library_logs()
     out = sample_from_workdir(FLAGS.config, FLAGS.workdir, FLAGS.out_dir or os.path.join(FLAGS.workdir, "samples"),
                               FLAGS.num_samples, FLAGS.batch_size, FLAGS.seed)
     print(f"wrote {out['npz']} and {out['png']}")

@@ -1,14 +1,11 @@
 """Train: python launch/train.py --config=configs/fashion_mnist.py --workdir=/tmp/run"""
 
-import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ as a package
-
-from lsync_jax.train import train_and_evaluate  # noqa: E402
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.recipes import train_and_evaluate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A get_config() file, e.g. configs/fashion_mnist.py.",
@@ -19,6 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    quiet_library_logs()
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import uuid
 import zipfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -31,6 +32,44 @@ def all_processes(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def initialize_distributed(dist: Mapping[str, Any]) -> None:
+    """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call); once
+    per process (a recipe's phases share it). Empty / -1 values are auto-detected (TPU pods, SLURM)."""
+    if not dist["enabled"] or jax.distributed.is_initialized():
+        return
+    if dist["cpu_collectives"]:
+        jax.config.update("jax_cpu_collectives_implementation", dist["cpu_collectives"])
+    num, pid = dist["num_processes"], dist["process_id"]
+    jax.distributed.initialize(coordinator_address=dist["coordinator_address"] or None,
+                               num_processes=None if num is None or num < 0 else num,
+                               process_id=None if pid is None or pid < 0 else pid)
+
+
+# Whose INFO lines reach the console: lsync-jax's own, clu's metric lines and progress reports.
+_CONSOLE_INFO_FROM = (os.sep + "lsync_jax" + os.sep, os.sep + "launch" + os.sep,
+                      os.path.join("clu", "metric_writers"), os.path.join("clu", "periodic_actions"))
+
+
+class _OwnInfoOnly:
+    """A logging filter: warnings and errors from anyone, INFO only from the modules above."""
+
+    def filter(self, record: Any) -> bool:
+        return record.levelno >= 30 or any(part in record.pathname for part in _CONSOLE_INFO_FROM)
+
+
+def quiet_library_logs() -> None:
+    """Keep the console to what a user needs: metric lines, progress, lsync-jax's own messages and every
+    warning. Libraries' INFO logging (Orbax prints about 93 lines for 10 steps of the tiny config) is
+    dropped; set LSYNC_JAX_LIBRARY_LOGS=1 to see it."""
+    if os.environ.get("LSYNC_JAX_LIBRARY_LOGS", "") not in ("", "0"):
+        return
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
 
 
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -100,3 +139,28 @@ def write_adm_batch(path: str, batches: Iterable[tuple[np.ndarray, np.ndarray]])
             if os.path.exists(leftover):
                 os.remove(leftover)
     return np.concatenate(first), labels_all
+
+
+# -- sample grids: model-space images in [-1, 1] -> one uint8 picture, saved as PNG --------------------
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] float NHWC -> uint8 NHWC, as ADM sample batches store them."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows * (H + pad) + pad, ..., C) grid, row-major."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)

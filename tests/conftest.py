@@ -1,11 +1,7 @@
 """Shared test settings: tests run on whatever JAX backend is present (CPU in CI)."""
 
 import os
-import sys
 import tempfile
-
-# `configs/` is a directory of get_config() files, imported as a package from the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
@@ -57,7 +53,7 @@ def tiny_latents(tmp_path_factory, tiny_vae_dir):
     """(image tree, latent dir, spec, summary): 18 generated images in 3 classes, preprocessed at 32 px
     (8x8x4 latents) into 3 shards with flipped encodings and crops."""
     from lsync_jax.data import ImageFolderSource
-    from lsync_jax.data.preprocess import PreprocessSpec, preprocess_latents
+    from lsync_jax.tools.preprocess import PreprocessSpec, preprocess_latents
     from tests.helpers import make_image_tree
 
     root = tmp_path_factory.mktemp("imagenet")

@@ -1,8 +1,7 @@
 """Data: sources (Fashion-MNIST IDX files, tfds ArrayRecord, class folders, VAE latent shards,
-synthetic) and grain pipelines; offline latent preprocessing in `lsync_jax.data.preprocess`."""
+synthetic) and grain pipelines; offline latent preprocessing in `lsync_jax.tools.preprocess`."""
 
-from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
-from lsync_jax.data.fashion_mnist import load_fashion_mnist, read_idx
+from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR, load_fashion_mnist, read_idx
 from lsync_jax.data.latents import LatentSource
 from lsync_jax.data.pipeline import LoaderSpec, global_batch, make_loader
 from lsync_jax.data.sources import ArraySource, ImageFolderSource, SyntheticSource, TfdsSource

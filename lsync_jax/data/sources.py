@@ -6,9 +6,8 @@ Every source here yields records {'image': uint8 (H, W, C), 'label': int32}.
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
+from typing import Any
 
 import numpy as np
 

@@ -20,14 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lsync_jax.data.pipeline import to_example
 from lsync_jax.host import gather_to_host, pad_rows
 from lsync_jax.transport.paths import Path
 
 
 def _batches(source: Any, indices: np.ndarray, batch_size: int,
              fields: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
-    from lsync_jax.data.pipeline import to_example
-
     rng = np.random.default_rng(0)  # latent sources draw their posterior sample from it
     for start in range(0, len(indices), batch_size):
         examples = [to_example(source, source[int(i)], rng, False, fields) for i in indices[start:start + batch_size]]
@@ -35,8 +34,6 @@ def _batches(source: Any, indices: np.ndarray, batch_size: int,
 
 
 def source_shape(source: Any) -> tuple[int, ...]:
-    from lsync_jax.data.pipeline import to_example
-
     return tuple(to_example(source, source[0], np.random.default_rng(0), False)["x"].shape)
 
 

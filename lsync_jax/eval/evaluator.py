@@ -24,8 +24,10 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
-from lsync_jax.eval import inception, metrics, weights
+from lsync_jax.eval import metrics
 from lsync_jax.host import all_processes, gather_to_host, pad_rows, save_npz_atomic, write_json_atomic
+from lsync_jax.models import inception
+from lsync_jax.porting import inception as weights
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 

@@ -9,7 +9,9 @@ ScaleLong's long-skip scaling.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import typing
 from typing import Any
 
 from lsync_jax.models.layers import ATTENTION_IMPLS
@@ -85,6 +87,26 @@ def model_config(name: str) -> dict[str, int]:
     return dict(SIZES[size], patch_size=int(patch))
 
 
+def override_types(name: str) -> dict[str, type]:
+    """Every field the named model takes as an override, with its plain type (int, float, bool, str,
+    tuple; dtypes are given as strings): derived from the model class, so configs list every switch
+    without a hand-copied list. The size and patch fields come from the name."""
+    model_config(name)  # an unknown name fails here
+    cls = UViT if name in UVIT_MODEL_NAMES else SiT
+    allowed = UVIT_OVERRIDES + COMPUTE_OVERRIDES if cls is UViT else OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for field in dataclasses.fields(cls):
+        if field.name in allowed:
+            hint = hints[field.name]
+            origin = typing.get_origin(hint) or hint
+            types[field.name] = origin if origin in (int, float, bool, str, tuple) else str
+    missing = sorted(set(allowed) - set(types))
+    if missing:  # the override lists below and the model's fields must agree
+        raise TypeError(f"{cls.__name__} has no field(s) {missing} that get_model accepts")
+    return types
+
+
 def get_model(name: str, **overrides: Any) -> SiT:
     """Build the named SiT (e.g. 'SiT-XL/2'); overrides replace the official defaults.
 
@@ -152,4 +174,4 @@ def get_uvit(name: str, **overrides: Any) -> UViT:
 
 
 __all__ = ["SiT", "UViT", "get_model", "get_uvit", "model_config", "block_name", "projection_name", "MODEL_NAMES",
-           "SIZES", "UVIT_MODEL_NAMES", "UVIT_SIZES"]
+           "SIZES", "UVIT_MODEL_NAMES", "UVIT_SIZES", "override_types"]

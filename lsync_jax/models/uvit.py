@@ -72,8 +72,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsync_jax.models.layers import (ATTENTION_IMPLS, Attention, LabelEmbedder, Mlp, check_image_inputs, dummy_inputs,
-                                     sincos_2d, timestep_frequencies)
+from lsync_jax.models.layers import (
+    ATTENTION_IMPLS,
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    check_image_inputs,
+    dummy_inputs,
+    sincos_2d,
+    timestep_frequencies,
+)
 from lsync_jax.models.sit import block_name
 
 Dtype = Any

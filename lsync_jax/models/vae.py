@@ -4,7 +4,7 @@ The latent space of every ImageNet SiT/REPA/LayerSync result: `stabilityai/sd-va
 (or `-mse`), images in [-1, 1] -> a diagonal Gaussian posterior over 4-channel latents at 1/8
 resolution; latents are used times 0.18215. Module and parameter names follow diffusers'
 (`encoder.down_blocks.0.resnets.1.conv2` is `encoder/down_blocks_0/resnets_1/conv2`), so the
-converter in `lsync_jax.checkpoints.vae` is a rename and a transpose.
+converter in `lsync_jax.porting.vae` is a rename and a transpose.
 """
 
 from __future__ import annotations

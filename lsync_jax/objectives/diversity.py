@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lsync_jax.models.sit import block_name
-from lsync_jax.objectives.registry import check_keys, register_regularizer
+from lsync_jax.objectives.registry import register_regularizer
 
 Array = jax.Array
 
@@ -94,15 +94,16 @@ class Diversity:
         return self.weight * total, metrics
 
 
-CONFIG_KEYS = ("weight", "blocks", "independence_weight", "correlation_weight", "dispersion_weight", "cap")
+# blocks=None: all blocks 1..depth.
+DEFAULTS: dict[str, Any] = dict(blocks=None, weight=0.001, independence_weight=1.0, correlation_weight=1.0,
+                                dispersion_weight=1.0, cap=5.0)
 
 
-@register_regularizer("diversity")
+@register_regularizer("diversity", DEFAULTS)
 def build_diversity(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.diversity") -> Diversity:
     """From config: `blocks` (None: all 1..depth; at least 2), `weight` (0.001), the three parts'
     weights (1 each) and `cap` (5)."""
-    check_keys(cfg, CONFIG_KEYS, prefix)
-    blocks = cfg.get("blocks")
+    blocks = cfg["blocks"]
     blocks = tuple(range(1, depth + 1)) if blocks is None else tuple(blocks)
     for b in blocks:
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= depth:
@@ -110,10 +111,8 @@ def build_diversity(cfg: Mapping[str, Any], *, depth: int, prefix: str = "object
     if len(set(blocks)) != len(blocks) or len(blocks) < 2:
         raise ValueError(f"{prefix}.blocks must list at least 2 distinct blocks, got {blocks}")
     values = {}
-    for key, default in (("weight", 0.001), ("independence_weight", 1.0), ("correlation_weight", 1.0),
-                         ("dispersion_weight", 1.0), ("cap", 5.0)):
-        value = cfg.get(key, default)
-        value = default if value is None else value
+    for key in ("weight", "independence_weight", "correlation_weight", "dispersion_weight", "cap"):
+        value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
             raise ValueError(f"{prefix}.{key} must be a number >= 0, got {value!r}")
         values[key] = float(value)

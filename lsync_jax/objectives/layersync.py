@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lsync_jax.models.sit import block_name
-from lsync_jax.objectives.registry import check_keys, register_regularizer
+from lsync_jax.objectives.registry import register_regularizer
 
 Array = jax.Array
 
@@ -176,22 +176,26 @@ def select_pairs(probe_accuracy: Sequence[float], *, middle: tuple[float, float]
     return validate_pairs(pairs, depth, "selected pairs"), why
 
 
-CONFIG_KEYS = ("pairs", "auto_weight", "stop_gradient", "selection")
+# How `pairs='auto'` measures and chooses (lsync_jax.recipes.auto_pairs; the rule is `select_pairs`).
+SELECTION_DEFAULTS: dict[str, Any] = dict(warmup_steps=10_000, num_samples=2048, t_values=(0.25, 0.5, 0.75),
+                                          batch_size=256, seed=0, middle=(0.25, 0.75), rise=0.5, num_weak=1,
+                                          condition="null")
+# pairs=None: the paper's block 8 -> 16 of 28 scaled to the depth, weight auto_weight.
+DEFAULTS: dict[str, Any] = dict(pairs=None, auto_weight=PAPER_WEIGHT, stop_gradient=True,
+                                selection=SELECTION_DEFAULTS)
 
 
-@register_regularizer("layersync")
+@register_regularizer("layersync", DEFAULTS)
 def build_layersync(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.layersync") -> LayerSync:
     """From config: `pairs` is a list of (weak, strong, weight), or None for the paper's pair scaled
     to `depth` (`default_pair`) with weight `auto_weight` (default 0.2); `stop_gradient` defaults
     to True. `pairs='auto'` is measured and resolved by the training loop
-    (`lsync_jax.train.auto_pairs`, settings in `selection`) before the objective is built."""
-    check_keys(cfg, CONFIG_KEYS, prefix)
-    pairs = cfg.get("pairs")
+    (`lsync_jax.recipes.auto_pairs`, settings in `selection`) before the objective is built."""
+    pairs = cfg["pairs"]
     if is_auto(pairs):
         raise ValueError(f"{prefix}.pairs='auto' is chosen from measurements by the training loop "
-                         "(lsync_jax.train.auto_pairs.resolve_pairs) before the objective is built")
+                         "(lsync_jax.recipes.auto_pairs.resolve_pairs) before the objective is built")
     if pairs is None:
         weak, strong = default_pair(depth)
-        weight = cfg.get("auto_weight")
-        pairs = ((weak, strong, PAPER_WEIGHT if weight is None else weight),)
-    return LayerSync(validate_pairs(pairs, depth, f"{prefix}.pairs"), bool(cfg.get("stop_gradient", True)))
+        pairs = ((weak, strong, cfg["auto_weight"]),)
+    return LayerSync(validate_pairs(pairs, depth, f"{prefix}.pairs"), bool(cfg["stop_gradient"]))

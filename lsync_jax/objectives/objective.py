@@ -13,10 +13,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, check_keys
+from lsync_jax.objectives.registry import DEFAULTS, REGULARIZERS, Regularizer, with_defaults
 from lsync_jax.transport.transport import Transport
 
 Array = jax.Array
+# config.objective's own keys; each regulariser's section is registered with its defaults.
+OBJECTIVE_DEFAULTS: dict[str, Any] = dict(regularizers=(), transport_weight=1.0, clean_input=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +41,16 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
 
         objective.regularizers = ('layersync',)
         objective.layersync = {'pairs': ((8, 16, 0.2),), 'stop_gradient': True}
-        objective.transport_weight = 1.0     # optional; 0 trains the regularisers alone
-        objective.clean_input = False        # optional; True feeds the clean data at t = 1
+        objective.transport_weight = 1.0     # 0 trains the regularisers alone
+        objective.clean_input = False        # True feeds the clean data at t = 1
 
-    Every name in `regularizers` must be registered and have its own section; sections of
-    regularisers not listed are ignored (so a config can keep settings for a method it turns off).
+    Every name in `regularizers` must be registered; keys left out take the defaults in
+    `OBJECTIVE_DEFAULTS` and the regulariser's registered defaults. Sections of regularisers not
+    listed are ignored (so a config keeps settings for a method it turns off).
     """
-    cfg = dict(cfg)
-    names = tuple(cfg.get("regularizers", ()))
-    check_keys(cfg, ("regularizers", "transport_weight", "clean_input") + tuple(REGULARIZERS), prefix)
-    transport_weight = cfg.get("transport_weight", 1.0)
+    cfg = with_defaults(dict(cfg), dict(OBJECTIVE_DEFAULTS, **{name: None for name in REGULARIZERS}), prefix)
+    names = tuple(cfg["regularizers"])
+    transport_weight = cfg["transport_weight"]
     if isinstance(transport_weight, bool) or not isinstance(transport_weight, (int, float)) or transport_weight < 0:
         raise ValueError(f"{prefix}.transport_weight must be a number >= 0, got {transport_weight!r}")
     if transport_weight == 0 and not names:
@@ -57,11 +59,11 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
     for name in names:
         if name not in REGULARIZERS:
             raise ValueError(f"{prefix}.regularizers: unknown regulariser {name!r}; registered: {sorted(REGULARIZERS)}")
-        section = cfg.get(name) or {}
-        regs.append(REGULARIZERS[name](dict(section), depth=depth, prefix=f"{prefix}.{name}"))
+        section = with_defaults(dict(cfg[name] or {}), DEFAULTS[name], f"{prefix}.{name}")
+        regs.append(REGULARIZERS[name](section, depth=depth, prefix=f"{prefix}.{name}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{prefix}.regularizers lists a regulariser twice: {names}")
-    return Objective(transport, tuple(regs), float(transport_weight), bool(cfg.get("clean_input", False)))
+    return Objective(transport, tuple(regs), float(transport_weight), bool(cfg["clean_input"]))
 
 
 def objective_loss(

@@ -31,18 +31,30 @@ class Regularizer(Protocol):
 
 Builder = Callable[..., Regularizer]
 REGULARIZERS: dict[str, Builder] = {}
+# Each regulariser's config section with its defaults: the one place they are defined. The
+# shipped configs list these sections (lsync_jax/configs/base.py) and `build_objective` fills a
+# section given by hand (the Python API) from them.
+DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def register_regularizer(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering `builder(cfg, *, depth, prefix) -> Regularizer` under `name`."""
+def register_regularizer(name: str, defaults: Mapping[str, Any]) -> Callable[[Builder], Builder]:
+    """Decorator registering `builder(section, *, depth, prefix) -> Regularizer` under `name`, with
+    the defaults of its config section (the builder receives every key filled in)."""
 
     def wrap(builder: Builder) -> Builder:
         if name in REGULARIZERS:
             raise ValueError(f"regulariser {name!r} is registered twice")
         REGULARIZERS[name] = builder
+        DEFAULTS[name] = dict(defaults)
         return builder
 
     return wrap
+
+
+def with_defaults(cfg: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """`cfg` checked against the keys of `defaults` (unknown keys name the key) and completed from them."""
+    check_keys(cfg, tuple(defaults), prefix)
+    return {**defaults, **cfg}
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:

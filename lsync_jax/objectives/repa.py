@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from lsync_jax.models.sit import projection_name
 from lsync_jax.objectives.layersync import cosine_similarity
-from lsync_jax.objectives.registry import check_keys, register_regularizer
+from lsync_jax.objectives.registry import register_regularizer
 
 Array = jax.Array
 FEATURES_KEY = "encoder_features"
@@ -64,20 +64,18 @@ class REPA:
 
 
 # Config keys: the loss's own, and the encoder the train loop runs (or whose precomputed tokens it reads).
-LOSS_KEYS = ("weight", "half_life", "projector")
-ENCODER_KEYS = ("encoder", "encoder_path", "encoder_dtype", "precomputed")
-CONFIG_KEYS = LOSS_KEYS + ENCODER_KEYS
+DEFAULTS: dict[str, Any] = dict(weight=0.5, half_life=0.0, projector=0,
+                                encoder="dinov2", encoder_path="", encoder_dtype="bfloat16", precomputed=False)
 
 
-@register_regularizer("repa")
+@register_regularizer("repa", DEFAULTS)
 def build_repa(cfg: Mapping[str, Any], *, depth: int, prefix: str = "objective.repa") -> REPA:
     """From config: `weight` (0.5), `half_life` (0: constant), `projector` (0). The encoder keys
     (`encoder`, `encoder_path`, `encoder_dtype`, `precomputed`) are read by the train loop."""
-    check_keys(cfg, CONFIG_KEYS, prefix)
-    weight = cfg.get("weight", 0.5)
+    weight = cfg["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ValueError(f"{prefix}.weight must be a positive number, got {weight!r}")
-    half_life = cfg.get("half_life", 0.0) or 0.0
+    half_life = cfg["half_life"] or 0.0
     if half_life < 0:
         raise ValueError(f"{prefix}.half_life must be >= 0 (0: constant weight), got {half_life}")
-    return REPA(float(weight), float(half_life), int(cfg.get("projector", 0)))
+    return REPA(float(weight), float(half_life), int(cfg["projector"]))

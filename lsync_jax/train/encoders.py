@@ -15,9 +15,10 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from lsync_jax.checkpoints.dinov2 import load_encoder
+from lsync_jax.data.latents import read_metadata
 from lsync_jax.models.encoders.features import encoder_tokens
-from lsync_jax.train.sharding import batch_sharding, replicated
+from lsync_jax.porting.dinov2 import load_encoder
+from lsync_jax.sharding import batch_sharding, replicated
 
 
 @dataclasses.dataclass
@@ -36,21 +37,20 @@ class EncoderFeatures:
 
 def build_encoder_features(config: Any, model: Any, mesh: Any) -> EncoderFeatures | None:
     """None unless REPA is on; checks the model's projector against the encoder before any compile."""
-    if "repa" not in tuple(config.objective.get("regularizers", ())):
+    if "repa" not in tuple(config.objective.regularizers):
         return None
-    repa = config.objective.get("repa", {})
-    projector = int(repa.get("projector", 0))
+    repa = config.objective.repa
+    projector = int(repa.projector)
     if not model.z_dims or not 0 <= projector < len(model.z_dims):
         raise ValueError("REPA needs the model's projector: set config.model.overrides.z_dims (e.g. (768,) for "
                          "DINOv2-B) and encoder_depth (REPA: 8 for L/XL, 4 for B)"
                          + (f"; objective.repa.projector={projector} is not one of them" if model.z_dims else ""))
     grid = model.input_size // model.patch_size
     tokens_needed = (grid * grid, model.z_dims[projector])
-    if repa.get("precomputed", False):
-        if config.data.get("name") != "imagenet_latents":
+    if repa.precomputed:
+        if config.data.name != "imagenet_latents":
             raise ValueError("objective.repa.precomputed=True reads tokens stored in latent shards "
                              "(data.name='imagenet_latents', launch/preprocess.py --encoder_path)")
-        from lsync_jax.data.latents import read_metadata
 
         stored = {name: shape for name, _, shape in read_metadata(config.data.dir)["fields"]}
         shape = tuple(stored.get("encoder_features", ()))
@@ -59,7 +59,7 @@ def build_encoder_features(config: Any, model: Any, mesh: Any) -> EncoderFeature
                              f"model's projector {projector} needs {tokens_needed} (token grid {grid} x {grid}, "
                              f"z_dims[{projector}]={model.z_dims[projector]})")
         return EncoderFeatures(("encoder_features",), None, f"precomputed tokens {shape} from {config.data.dir}")
-    module, params, description = load_encoder(repa.get("encoder_path", ""), repa.get("encoder_dtype", "bfloat16"))
+    module, params, description = load_encoder(repa.encoder_path, repa.encoder_dtype)
     if module.config.embed_dim != model.z_dims[projector]:
         raise ValueError(f"the REPA encoder ({description}) gives {module.config.embed_dim}-d tokens but the model's "
                          f"projector {projector} has z_dims[{projector}]={model.z_dims[projector]}")

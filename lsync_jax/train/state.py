@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from lsync_jax.train.sharding import DEFAULT_RULES, tree_shardings
+from lsync_jax.configs.base import OPTIMIZER_DEFAULTS
+from lsync_jax.objectives.registry import with_defaults
+from lsync_jax.sharding import DEFAULT_RULES, tree_shardings, with_shardings
 
 
 @flax.struct.dataclass
@@ -37,9 +39,6 @@ def learning_rate_schedule(lr: float, warmup_steps: int = 0) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
-OPTIMIZER_KEYS = ("lr", "b1", "b2", "eps", "weight_decay", "warmup_steps", "grad_clip")
-
-
 def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
     """Multiply each update by its factor in `multipliers` (a pytree like the params; 1.0: untouched)."""
 
@@ -57,23 +56,20 @@ def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer", lr_multipl
 
     `lr_multipliers` (muP, `lsync_jax.models.mup.mup_lr_multipliers`): per-parameter factors on the
     Adam step only, so lr * weight_decay stays the same for every parameter, as microsoft/mup's
-    MuAdamW (decoupled_wd=False) scales lr by 1/m and weight decay by m."""
-    unknown = sorted(set(cfg) - set(OPTIMIZER_KEYS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-                         f"allowed: {', '.join(OPTIMIZER_KEYS)}")
-    lr = float(cfg.get("lr", 1e-4))
+    MuAdamW (decoupled_wd=False) scales lr by 1/m and weight decay by m. Keys `cfg` leaves out take
+    `lsync_jax.configs.base.OPTIMIZER_DEFAULTS`."""
+    cfg = with_defaults(dict(cfg), OPTIMIZER_DEFAULTS, prefix)
+    lr = float(cfg["lr"])
     if lr <= 0:
         raise ValueError(f"{prefix}.lr must be positive, got {lr}")
-    schedule = learning_rate_schedule(lr, int(cfg.get("warmup_steps", 0)))
-    b1, b2, eps = cfg.get("b1", 0.9), cfg.get("b2", 0.999), cfg.get("eps", 1e-8)
-    weight_decay = cfg.get("weight_decay", 0.0)
+    schedule = learning_rate_schedule(lr, int(cfg["warmup_steps"]))
+    b1, b2, eps, weight_decay = cfg["b1"], cfg["b2"], cfg["eps"], cfg["weight_decay"]
     if lr_multipliers is None:
         adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     else:  # optax.adamw's own chain, with the factors between the Adam step and the weight decay
         adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), scale_by_multipliers(lr_multipliers),
                             optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
-    clip = cfg.get("grad_clip")
+    clip = cfg["grad_clip"]
     if clip is not None:
         if clip <= 0:
             raise ValueError(f"{prefix}.grad_clip must be None or positive, got {clip}")
@@ -87,21 +83,33 @@ def init_state_fn(model: Any, tx: optax.GradientTransformation) -> Callable[[jax
     def init(key: jax.Array) -> TrainState:
         key_init, key_state = jax.random.split(key)
         params = model.init(key_init, *model.init_inputs(1))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=jax.random.key_data(key_state))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                          opt_state=tx.init(params), rng=jax.random.key_data(key_state))
 
     return init
+
+
+def abstract_state(model: Any, tx: optax.GradientTransformation, mesh: Mesh,
+                   rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> TrainState:
+    """The train state's shapes with their shardings (traced once, nothing allocated): the target of
+    a restore, the layout of a fresh state and of the jitted step."""
+    shapes = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
+    return with_shardings(shapes, tree_shardings(shapes, mesh, rules))
 
 
 def state_shardings(model: Any, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> Any:
     """Shardings of the whole train state, derived from its shapes (nothing is allocated)."""
-    abstract = jax.eval_shape(init_state_fn(model, tx), jax.random.key(0))
-    return tree_shardings(abstract, mesh, rules)
+    return shardings_of(abstract_state(model, tx, mesh, rules))
+
+
+def shardings_of(abstract: Any) -> Any:
+    return jax.tree.map(lambda s: s.sharding, abstract)
 
 
 def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Array, mesh: Mesh,
-                       rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> TrainState:
-    """The train state initialised directly in its sharded layout (no full copy on one device)."""
-    shardings = state_shardings(model, tx, mesh, rules)
-    return jax.jit(init_state_fn(model, tx), out_shardings=shardings)(key)
+                       rules: Sequence[tuple[str, str]] = DEFAULT_RULES, abstract: Any = None) -> TrainState:
+    """The train state initialised directly in its sharded layout (no full copy on one device);
+    `abstract` (from `abstract_state`) saves tracing the shapes again."""
+    abstract = abstract_state(model, tx, mesh, rules) if abstract is None else abstract
+    return jax.jit(init_state_fn(model, tx), out_shardings=shardings_of(abstract))(key)

@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from lsync_jax.objectives import Objective, objective_loss
-from lsync_jax.train.sharding import DEFAULT_RULES, batch_sharding, replicated
+from lsync_jax.sharding import DEFAULT_RULES, batch_sharding, replicated
 from lsync_jax.train.state import TrainState, state_shardings
 
 
@@ -30,12 +30,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, apply_fn: A
 
 
 def make_train_step(model: Any, objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, *, ema_decay: float = 0.9999, rules: Sequence[tuple[str, str]] = DEFAULT_RULES):
+                    mesh: Mesh, *, ema_decay: float, rules: Sequence[tuple[str, str]] = DEFAULT_RULES,
+                    shardings: Any = None):
     """`train_step` jitted with NamedShardings over `mesh`: the state stays in its sharded layout and
-    is donated, the batch is split over every device, metrics come back replicated."""
+    is donated, the batch is split over every device, metrics come back replicated. `shardings`: the
+    state's (from `abstract_state`), else derived here."""
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {ema_decay}")
-    shardings = state_shardings(model, tx, mesh, rules)
+    shardings = state_shardings(model, tx, mesh, rules) if shardings is None else shardings
     step = functools.partial(train_step, apply_fn=model.apply, objective=objective, tx=tx, schedule=schedule,
                              ema_decay=ema_decay)
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),

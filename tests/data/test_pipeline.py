@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lsync_jax.data import ArraySource, LoaderSpec, SyntheticSource, global_batch, make_loader
-from lsync_jax.train import batch_sharding, make_mesh
+from lsync_jax.sharding import batch_sharding, make_mesh
 
 
 def source(n=64):

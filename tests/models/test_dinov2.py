@@ -16,10 +16,10 @@ from lsync_jax.models.encoders import (
     DINOv2Config,
     bicubic_matrix,
     encoder_input_size,
-    load_dinov2,
     preprocess_images,
     random_dinov2,
 )
+from lsync_jax.porting.dinov2 import load_dinov2
 from tests.helpers import import_torchvision
 
 torch = pytest.importorskip("torch", reason="torch runs the reference DINOv2 and F.interpolate")

@@ -12,7 +12,7 @@ import pytest
 
 from lsync_jax.models import get_model
 from lsync_jax.models.mup import mup_lr_multipliers
-from lsync_jax.train.coord_check import (
+from lsync_jax.tools.coord_check import (
     CoordCheckSetup,
     coord_check,
     format_table,

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsync_jax.benchmark import hlo_flops
 from lsync_jax.models import get_model
 from lsync_jax.models.rerouting import SelfCondition
+from lsync_jax.tools.benchmark import hlo_flops
 from tests.helpers import perturbed
 
 SMALL = dict(hidden_size=32, num_heads=2, input_size=8, in_channels=1, num_classes=4, learn_sigma=False)
@@ -55,7 +55,8 @@ def test_self_condition_starts_as_the_baseline_and_conditions_only_later_blocks(
     params["self_condition"] = perturbed(params["self_condition"], 2, 0.5)
     _, state = model.apply({"params": params}, *inputs(), mutable=["intermediates"])
     for b in (1, 2):
-        np.testing.assert_array_equal(state["intermediates"][f"block_{b}"][0], ref_state["intermediates"][f"block_{b}"][0])
+        np.testing.assert_array_equal(state["intermediates"][f"block_{b}"][0],
+                                      ref_state["intermediates"][f"block_{b}"][0])
     for b in (3, 5):
         assert not np.allclose(state["intermediates"][f"block_{b}"][0], ref_state["intermediates"][f"block_{b}"][0])
 

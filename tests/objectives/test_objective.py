@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from lsync_jax.configs import tiny
 from lsync_jax.models import get_model
 from lsync_jax.objectives import REGULARIZERS, Objective, build_objective, objective_loss
 from lsync_jax.objectives.layersync import LayerSync, layersync_loss
@@ -44,7 +44,8 @@ def test_total_is_velocity_plus_weighted_terms(setup):
     objective = Objective(transport, (LayerSync(((1, 3, 0.2), (2, 4, 0.1))),))
     key = jax.random.key(5)
     loss, metrics = jax.jit(lambda p: objective_loss(p, model.apply, batch, key, objective))(params)
-    expected = metrics["loss/velocity"] + 0.2 * metrics["layersync/block1_block3"] + 0.1 * metrics["layersync/block2_block4"]
+    expected = (metrics["loss/velocity"] + 0.2 * metrics["layersync/block1_block3"]
+                + 0.1 * metrics["layersync/block2_block4"])
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss"], loss)
     np.testing.assert_allclose(metrics["loss/layersync"], loss - metrics["loss/velocity"], rtol=1e-5, atol=1e-7)

@@ -6,9 +6,11 @@ import pytest
 
 from lsync_jax.data import ArraySource, LoaderSpec, make_loader
 from lsync_jax.models import get_model
-from lsync_jax.train import create_train_state, make_mesh, make_optimizer, state_shardings
-from lsync_jax.train.checkpoint import Checkpointer, check_compatible, describe, restore_params
+from lsync_jax.sharding import make_mesh
+from lsync_jax.train import create_train_state, make_optimizer, state_shardings
+from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.state import init_state_fn
+from lsync_jax.workdir import check_compatible, describe, restore_params
 
 
 def tiny(**kw):
@@ -74,7 +76,8 @@ def test_init_from_another_run(tmp_path):
         restore_params(str(tmp_path / "nothing"), target)
     other, _ = tiny(hidden_size=64)
     with pytest.raises(ValueError, match="incompatible"):
-        restore_params(str(tmp_path / "run"), jax.eval_shape(other.init, jax.random.key(0), *other.init_inputs(1))["params"])
+        shapes = jax.eval_shape(other.init, jax.random.key(0), *other.init_inputs(1))["params"]
+        restore_params(str(tmp_path / "run"), shapes)
 
 
 def test_a_switch_one_config_does_not_list_compares_as_the_models_default():

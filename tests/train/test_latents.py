@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import imagenet256, tiny
-from lsync_jax.train import train_and_evaluate
-from lsync_jax.train.sample import sample_from_workdir
+from lsync_jax.configs import imagenet256, tiny
+from lsync_jax.eval.sampling import sample_from_workdir
+from lsync_jax.recipes import train_and_evaluate
 
 
 def latent_config(latent_dir, **data):

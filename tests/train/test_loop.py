@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from lsync_jax.train import train_and_evaluate
+from lsync_jax.builders import build_model
+from lsync_jax.configs import tiny
+from lsync_jax.eval.sampling import sample_from_workdir
+from lsync_jax.recipes import train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
-from lsync_jax.train.config import build_model
+from lsync_jax.train.hooks import NonFiniteLossError
 from lsync_jax.train.state import init_state_fn, make_optimizer
-from lsync_jax.train.loop import NonFiniteLossError
-from lsync_jax.train.sample import sample_from_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,7 +55,8 @@ def test_run_writes_checkpoints_samples_and_events(tmp_path):
     config = tiny.get_config()
     config.train.sample_every = 3
     metrics = train_and_evaluate(config, str(tmp_path))
-    assert {"loss", "loss/velocity", "loss/layersync", "grad_norm", "learning_rate", "images_per_second"} <= set(metrics)
+    expected = {"loss", "loss/velocity", "loss/layersync", "grad_norm", "learning_rate", "images_per_second"}
+    assert expected <= set(metrics)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert sorted(os.listdir(tmp_path / "samples")) == ["step_0000003.png", "step_0000006.png"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
@@ -123,7 +124,7 @@ def test_bad_input_fails_before_compiling_and_keeps_the_workdir(tmp_path):
 
 
 def test_imagenet_config_names_the_missing_data(tmp_path):
-    from configs import imagenet256
+    from lsync_jax.configs import imagenet256
 
     config = imagenet256.get_config()
     with pytest.raises(FileNotFoundError, match="launch/preprocess.py"):
@@ -165,7 +166,7 @@ def test_sample_cli_writes_an_adm_batch_and_a_grid(tmp_path):
 
 
 def test_fashion_mnist_config_and_its_baseline():
-    from configs import fashion_mnist
+    from lsync_jax.configs import fashion_mnist
 
     with_ls, base = fashion_mnist.get_config(), fashion_mnist.get_config("baseline")
     assert with_ls.objective.regularizers == ("layersync",) and base.objective.regularizers == ()

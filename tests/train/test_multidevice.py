@@ -15,7 +15,8 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from lsync_jax.models import get_model
     from lsync_jax.objectives import LayerSync, Objective
-    from lsync_jax.train import create_train_state, make_mesh, make_optimizer, make_train_step
+    from lsync_jax.sharding import make_mesh
+    from lsync_jax.train import create_train_state, make_optimizer, make_train_step
     from lsync_jax.transport import create_transport
 
     assert jax.device_count() == 8, jax.devices()
@@ -39,8 +40,8 @@ SCRIPT = textwrap.dedent(
     multi = run(make_mesh(data=4, fsdp=2))
     single = run(make_mesh(data=1, fsdp=1, devices=jax.devices()[:1]))
 
-    from configs import tiny
-    from lsync_jax.train import train_and_evaluate
+    from lsync_jax.configs import tiny
+    from lsync_jax.recipes import train_and_evaluate
     config = tiny.get_config()
     config.data.batch_size = 12
     try:

@@ -26,7 +26,8 @@ def test_two_processes_match_one(tmp_path):
     multi = tmp_path / "multi"
     port = free_port()
     cmd = lambda pid: [
-        sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+        sys.executable, os.path.join(ROOT, "launch", "train.py"),
+        "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
         f"--workdir={multi}", "--config.train.num_steps=4", "--config.distributed.enabled=True",
         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
         f"--config.distributed.process_id={pid}", "--config.distributed.cpu_collectives=gloo"]

@@ -6,11 +6,11 @@ import os
 import jax
 import numpy as np
 
-from configs import fashion_mnist_mup
+from lsync_jax.builders import build_model
+from lsync_jax.configs import fashion_mnist_mup
 from lsync_jax.models.mup import mup_lr_multipliers
-from lsync_jax.train import train_and_evaluate
+from lsync_jax.recipes import train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
-from lsync_jax.train.config import build_model
 from lsync_jax.train.state import init_state_fn, make_optimizer
 from tests.helpers import quick
 

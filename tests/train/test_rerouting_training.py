@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_diversedit, fashion_mnist_selfcond
-from lsync_jax.train import train_and_evaluate
+from lsync_jax.configs import fashion_mnist_diversedit, fashion_mnist_selfcond
+from lsync_jax.recipes import train_and_evaluate
 from tests.helpers import quick
 
 

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lsync_jax.models import get_model
-from lsync_jax.train.sharding import make_mesh, partition_spec, path_name, tree_shardings
+from lsync_jax.sharding import make_mesh, partition_spec, path_name, tree_shardings
 
 
 def test_mesh_covers_the_devices():
@@ -37,7 +37,6 @@ def test_tree_shardings_follow_the_parameter_paths():
     shardings = tree_shardings(shapes, mesh, min_shard_size=1)
     assert shardings["params"]["blocks_0"]["attn"]["qkv"]["kernel"].mesh is mesh
     # rules see the full '/'-joined path
-    rules = ((r"params/blocks_0/attn/qkv/kernel", "fsdp"), (r".*", "replicate"))
     names = {}
     jax.tree_util.tree_map_with_path(lambda p, x: names.setdefault(path_name(p), x.shape), shapes)
     assert "params/blocks_0/attn/qkv/kernel" in names and "params/y_embedder/embedding_table/embedding" in names

@@ -7,7 +7,8 @@ import pytest
 
 from lsync_jax.models import get_model
 from lsync_jax.objectives import LayerSync, Objective
-from lsync_jax.train import create_train_state, make_mesh, make_optimizer, make_train_step
+from lsync_jax.sharding import make_mesh
+from lsync_jax.train import create_train_state, make_optimizer, make_train_step
 from lsync_jax.transport import create_transport
 
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_uvit, imagenet256_uvit
+from lsync_jax.builders import build_model, validate_config
+from lsync_jax.configs import fashion_mnist_uvit, imagenet256_uvit
 from lsync_jax.models import UViT
-from lsync_jax.train import train_and_evaluate
+from lsync_jax.recipes import train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
-from lsync_jax.train.config import build_model, validate_config
 from tests.helpers import quick
 
 

@@ -1,0 +1,206 @@
+"""From a checked `get_config()` ConfigDict to the run's pieces: model, transport, sampler, data
+source, mesh and the SD-VAE decoder of latent models.
+
+Every entry point (training, sampling, analysis, the recipes) builds its pieces here, so that they
+agree. Everything here runs in Python before anything is traced: a typo or a bad value fails in
+seconds with the config key named. The keys and their defaults are `lsync_jax.configs.base`'s;
+nothing here carries a default of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from lsync_jax.configs.base import check_config
+from lsync_jax.data import (
+    ArraySource,
+    LatentSource,
+    SyntheticSource,
+    TfdsSource,
+    load_fashion_mnist,
+)
+from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
+from lsync_jax.data.latents import read_metadata
+from lsync_jax.data.pipeline import to_example
+from lsync_jax.models import get_model
+from lsync_jax.models.vae import decode_latents
+from lsync_jax.porting.vae import load_vae
+from lsync_jax.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, replicated
+from lsync_jax.transport import SamplerConfig, Transport, create_transport
+
+DATA_NAMES = ("fashion_mnist", "tfds", "synthetic", "imagenet_latents")
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """The config's keys against the schema (`check_config`) and the values no builder checks."""
+    check_config(config)
+    if config.data.name not in DATA_NAMES:
+        raise ValueError(f"config.data.name={config.data.name!r}; expected one of {DATA_NAMES}")
+    train = config.train
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if int(train[key]) < 1:
+            raise ValueError(f"config.train.{key} must be >= 1, got {train[key]}")
+    for key in ("num_grid_samples", "sample_every"):
+        if int(train[key]) < 0:
+            raise ValueError(f"config.train.{key} must be >= 0 (0: off), got {train[key]}")
+    if train.init_include and not train.init_from:
+        raise ValueError("config.train.init_include selects parameters of config.train.init_from, which is empty")
+    if int(config.vae.decode_chunk) < 1:
+        raise ValueError(f"config.vae.decode_chunk must be >= 1, got {config.vae.decode_chunk}")
+
+
+def mesh_rules(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """config.mesh.rules as (regex, rule) pairs, or the default placement when empty."""
+    return tuple(tuple(r) for r in config.mesh.rules) or DEFAULT_RULES
+
+
+def build_mesh(config: Mapping[str, Any]) -> Mesh:
+    """The (data, fsdp) device mesh of config.mesh: the one mesh every entry point uses."""
+    return make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+
+
+def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's name and the overrides the config sets (None: the model's own value) as one
+    plain dict: what `get_model` takes, and what checkpoints record."""
+    return dict(name=config.model.name, **{k: v for k, v in dict(config.model.overrides).items() if v is not None})
+
+
+def build_model(config: Mapping[str, Any]):
+    overrides = model_fields(config)
+    name = overrides.pop("name")
+    if "dtype" in overrides:
+        overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    return get_model(name, **overrides)
+
+
+def build_transport(config: Mapping[str, Any]) -> Transport:
+    return create_transport(**dict(config.transport))
+
+
+def build_sampler(config: Mapping[str, Any]) -> tuple[SamplerConfig, float, tuple[float, float]]:
+    """(SamplerConfig, cfg_scale, guidance_interval) from config.sampler."""
+    cfg = dict(config.sampler)
+    scale = float(cfg.pop("cfg_scale"))
+    interval = tuple(float(v) for v in cfg.pop("guidance_interval"))
+    return SamplerConfig(**cfg), scale, interval
+
+
+def build_source(data: Mapping[str, Any], split: str | None = None):
+    """The grain source named by config.data (never downloads; missing data says what to do)."""
+    name = data["name"]
+    split = split or data["split"]
+    if name == "fashion_mnist":
+        images, labels = load_fashion_mnist(split, data["dir"] or FASHION_MNIST_DIR)
+        return ArraySource(images, labels, name=f"fashion_mnist/{split}")
+    if name == "tfds":
+        return TfdsSource(data["tfds_name"], split=split, data_dir=data["dir"] or None)
+    if name == "synthetic":
+        return SyntheticSource(int(data["synthetic_size"]), tuple(data["synthetic_shape"]), int(data["num_classes"]),
+                               seed=0)
+    if name == "imagenet_latents":
+        source = LatentSource(data["dir"])
+        wanted = int(data["image_size"] or source.image_size)
+        if wanted != source.image_size:
+            raise ValueError(f"config.data.image_size={wanted} but the latents in {source.directory} were made from "
+                             f"{source.image_size} px crops (latents {source.latent_shape})")
+        return source
+    raise ValueError(f"config.data.name={name!r}; expected one of {DATA_NAMES}")
+
+
+def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -> None:
+    """The examples' shape and label range must fit the model (before any compile)."""
+    example = to_example(source, source[0], np.random.default_rng(0), False)
+    x, label = example["x"], example["y"]
+    h, w, c = x.shape
+    kind = "latents" if hasattr(source, "latent_shape") else "images"
+    if c != model.in_channels or h % model.patch_size or w % model.patch_size:
+        raise ValueError(f"config.data ({data['name']}) gives {h}x{w}x{c} {kind} but the model takes "
+                         f"in_channels={model.in_channels} with patch_size={model.patch_size}")
+    if h != model.input_size or w != model.input_size:
+        raise ValueError(f"config.data ({data['name']}) gives {h}x{w} {kind} but "
+                         f"config.model.overrides.input_size={model.input_size}")
+    classes = getattr(source, "num_classes", 0)
+    if model.num_classes and classes and classes > model.num_classes:
+        raise ValueError(f"config.data ({data['name']}) has {classes} classes but the model "
+                         f"num_classes={model.num_classes}")
+    if model.num_classes and not 0 <= int(label) < model.num_classes:
+        raise ValueError(f"label {label} is outside the model's {model.num_classes} classes")
+
+
+def vae_path(config: Mapping[str, Any]) -> str | None:
+    """The SD-VAE that decodes a latent model's samples: config.vae.path, else the one the latents in
+    config.data.dir were encoded with (their metadata records it); None for pixel data."""
+    if config.data.name != "imagenet_latents":
+        return None
+    path = config.vae.path
+    if not path and config.data.dir:
+        try:
+            path = read_metadata(config.data.dir)["vae"]["path"]
+        except FileNotFoundError:
+            path = ""
+    if not path:
+        raise FileNotFoundError("a latent model's samples are decoded by the SD-VAE: set --config.vae.path to the "
+                                "diffusers AutoencoderKL weights (file or directory), or --config.data.dir to "
+                                "latents whose metadata names them")
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"the SD-VAE weights {path!r} (config.vae.path or the latents' metadata) not found")
+    return path
+
+
+def build_decoder(config: Mapping[str, Any], mesh: Mesh) -> Callable[[jax.Array], jax.Array] | None:
+    """For a latent model: scaled latents (sharded over the batch) -> images in [-1, 1], decoded by the
+    SD-VAE on every device, `config.vae.decode_chunk` latents at a time per device. None for pixel models.
+    The weights are loaded now, so a missing VAE fails before any model compiles."""
+    path = vae_path(config)
+    if path is None:
+        return None
+    from jax.sharding import PartitionSpec as P
+
+
+    module, params = load_vae(path)
+    params = jax.device_put(params, replicated(mesh))
+    chunk = int(config.vae.decode_chunk)
+    logging.info("latent samples are decoded by the SD-VAE in %s", path)
+
+    @jax.jit
+    def decode(params: Any, latents: jax.Array) -> jax.Array:
+        local = jax.shard_map(lambda p, z: decode_latents(module, p, z, chunk=chunk), mesh=mesh,
+                              in_specs=(P(), P(BATCH_AXES)), out_specs=P(BATCH_AXES))
+        return local(params, latents)
+
+    def run(latents: jax.Array) -> jax.Array:
+        n, pad = latents.shape[0], -latents.shape[0] % mesh.size  # shard_map needs whole shards
+        if pad:
+            latents = jnp.concatenate([latents, jnp.zeros((pad, *latents.shape[1:]), latents.dtype)])
+        images = decode(params, latents)
+        return images[:n] if pad else images
+
+    return run
+
+
+def derived_config(config: Any, changes: Mapping[str, Any]) -> Any:
+    """A copy of `config` with dotted keys set (e.g. {'train.num_steps': 100}), for a recipe's phases
+    (ERW's stages, the automatic-pairs warm-up). A field may change type (ConfigDict refuses, e.g., a
+    float into a field that holds an int): the field is then replaced."""
+    import copy
+
+    derived = copy.deepcopy(config)
+    with derived.unlocked():
+        for dotted, value in changes.items():
+            *parents, key = dotted.split(".")
+            section = derived
+            for part in parents:
+                section = section[part]
+            try:
+                section[key] = value
+            except TypeError:
+                del section[key]
+                section[key] = value
+    return derived

@@ -1,0 +1,98 @@
+"""FID while training: every `config.eval.every` steps, N EMA samples against a fixed reference.
+
+The reference is the training data's `eval.reference_split` (first `reference_size` images, the
+statistics cached on disk once) or an ADM reference batch (`eval.reference`, e.g.
+VIRTUAL_imagenet256_labeled.npz). Labels and noise are the same at every evaluation, so the
+curve moves only with the weights. The hook is built before the first train step compiles:
+weights, sizes and the model's image channels are checked and the reference statistics are
+loaded (or computed and cached) then, so nothing fails hours into a run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+from absl import logging
+from etils import epath
+
+from lsync_jax.builders import build_source
+from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
+from lsync_jax.eval.sampling import sample_batches
+from lsync_jax.host import all_processes, write_json_atomic
+
+# precision/recall's k-NN radii need k + 1 = 4 images on each side
+MIN_IMAGES = 4
+
+
+class TrainingFID:
+    """In-training FID, run by the training loop's `EvaluationHook`: `due(step, num_steps)`, `done(step)`
+    and `__call__(step, ema_params) -> scalars`."""
+
+    def __init__(self, config: Any, model: Any, sample_fn: Callable, mesh: Any, cfg_scale: float,
+                 interval: tuple[float, float], workdir: str, decode: Callable | None = None):
+        ev: Mapping[str, Any] = config.eval
+        self.every = int(ev.every)
+        self.num_samples = int(ev.num_samples)
+        self.batch_size = int(ev.batch_size)
+        if self.every < 0:
+            raise ValueError(f"config.eval.every must be >= 0 (0: no FID), got {self.every}")
+        if self.num_samples < MIN_IMAGES:
+            raise ValueError(f"config.eval.num_samples must be >= {MIN_IMAGES}, got {self.num_samples}")
+        if decode is None and model.in_channels not in (1, 3):
+            raise ValueError(f"config.eval: the model makes {model.in_channels}-channel samples; FID needs images "
+                             "(1 or 3 channels) or, for latents, the VAE decoder (config.data.name='imagenet_latents' "
+                             "and config.vae.path)")
+        if self.batch_size < 1 or self.batch_size % jax.device_count():
+            raise ValueError(f"config.eval.batch_size={self.batch_size} must be a positive multiple of the "
+                             f"{jax.device_count()} devices")
+        if config.data.name == "imagenet_latents" and not ev.reference:
+            # the shards are in class order: their first N crops would be a few classes' images
+            raise ValueError("config.eval.reference: FID on latent data needs an ADM reference batch (e.g. "
+                             "VIRTUAL_imagenet256_labeled.npz for ImageNet 256)")
+        self.model, self.sample_fn, self.mesh, self.decode = model, sample_fn, mesh, decode
+        self.cfg_scale, self.interval = cfg_scale, interval
+        self.seed = int(config.seed) + 2
+        self.out_dir = os.path.join(workdir, "eval")
+        self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
+        reference = ev.reference
+        if reference:
+            if not epath.Path(reference).exists():
+                raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
+            self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
+        else:
+            source = build_source(config.data, split=ev.reference_split)
+            size = int(ev.reference_size)
+            if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
+                raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
+                                 f"needs >= {MIN_IMAGES} images (0: the whole split)")
+            self.reference = source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info)
+        if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
+            raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
+
+    def due(self, step: int, num_steps: int) -> bool:
+        """A periodic evaluation inside the run; the loop adds the final one (`done` tells)."""
+        return bool(self.every) and step % self.every == 0 and step < num_steps
+
+    def result_path(self, step: int) -> str:
+        return os.path.join(self.out_dir, f"metrics_step{step:07d}.json")
+
+    def done(self, step: int) -> bool:
+        """Whether step's evaluation was written (on every process's view of the workdir)."""
+        return all_processes(os.path.exists(self.result_path(step)))
+
+    def __call__(self, step: int, ema_params: Any) -> dict[str, float]:
+        batches = sample_batches(self.sample_fn, {"params": ema_params}, self.mesh, self.model.num_classes,
+                                 self.num_samples, self.batch_size, self.seed, self.cfg_scale, self.interval,
+                                 self.decode)
+        stats = self.evaluator.statistics(images for images, _ in batches)
+        result = compute_metrics(self.reference, stats, fid_method="eigh")
+        n = self.num_samples
+        scalars = {f"eval/{name}_{n}": float(v) for name, v in result.items() if v is not None}
+        if jax.process_index() == 0:
+            write_json_atomic(self.result_path(step),
+                              {"step": step, "num_samples": n, "num_reference": self.reference.count,
+                               "metrics": result, "inception_weights": self.evaluator.weights_path})
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        return scalars

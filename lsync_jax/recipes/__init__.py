@@ -1,0 +1,59 @@
+"""Runs on top of the training engine: `train_and_evaluate(config, workdir)`, the entry point of
+`launch/train.py`, turns a config into its phases and runs them (`phases.run_phases`):
+
+- a plain run: one phase;
+- ERW (`config.erw.enabled`): stage 1 (warm-up of a prefix on REPA) then stage 2 (`erw.py`);
+- LayerSync's automatic pairs (`objective.layersync.pairs='auto'`): a warm-up, then the pairs
+  measured and chosen, then LayerSync (`auto_pairs.py`).
+
+In-training FID (`config.eval.every`) is added to every phase that evaluates, as a loop hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from lsync_jax.builders import validate_config
+from lsync_jax.eval.fid import TrainingFID
+from lsync_jax.host import initialize_distributed
+from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
+from lsync_jax.recipes.erw import erw_phases
+from lsync_jax.recipes.phases import Phase, run_phases
+from lsync_jax.train.hooks import EvaluationHook
+from lsync_jax.train.setup import HookFactory, Run
+
+
+def phases_of(config: Any, workdir: str) -> list[Phase]:
+    """The phases `config` asks for, each checked (errors name the key) before anything trains."""
+    validate_config(config)
+    if config.erw.enabled:
+        if uses_auto_pairs(config):
+            raise ValueError("objective.layersync.pairs='auto' with config.erw.enabled is not supported: set the "
+                             "pairs explicitly (launch/analyze.py on a run shows the measurements)")
+        return erw_phases(config, workdir)
+    if uses_auto_pairs(config):
+        return auto_pairs_phases(config, workdir)
+    return [Phase("train", workdir, config, int(config.train.num_steps))]
+
+
+def fid_hooks(phase: Phase) -> Sequence[HookFactory]:
+    """In-training FID for a phase whose config asks for it (its weights and reference are loaded
+    when the phase is set up, before the model compiles)."""
+    if not int(phase.config.eval.every):
+        return ()
+
+    def make(run: Run) -> EvaluationHook:
+        fid = TrainingFID(run.config, run.model, run.sample_fn, run.mesh, run.cfg_scale, run.interval, run.workdir,
+                          run.decode)
+        return EvaluationHook(fid, run)
+
+    return (make,)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics."""
+    initialize_distributed(config.distributed)
+    return run_phases(phases_of(config, workdir), fid_hooks)
+
+
+__all__ = ["Phase", "phases_of", "run_phases", "train_and_evaluate"]

@@ -1,0 +1,75 @@
+"""Runs made of phases, and the one routine that starts or resumes them.
+
+A phase is a name, a workdir, the step it trains to, its whole config (which says what it
+initialises from: `train.init_from` and `train.init_include`), what each of its checkpoints
+records, and the objectives of earlier phases in the same workdir that it may resume from. A phase
+whose settings depend on an earlier one (the automatic pairs' choice) has a `resolve` step that
+fills them in just before it starts; its `config` is then a stand-in of the same structure, so
+that every phase is validated before the first one trains.
+
+`run_phases` skips the phases that are done (their last checkpoint exists, or a later phase in
+another workdir has started), resumes the first one that is not, and stops after a phase that was
+interrupted (preemption), so that running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+
+from lsync_jax.builders import build_model, build_transport, validate_config
+from lsync_jax.objectives import build_objective
+from lsync_jax.train import train
+from lsync_jax.train.setup import HookFactory
+from lsync_jax.workdir import checkpoint_dir, latest_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    workdir: str
+    config: Any
+    until: int  # the last step of this phase
+    record: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # added to each checkpoint's meta
+    accepts: tuple[str, ...] = ()  # objectives (as recorded) of earlier phases in this workdir
+    resolve: Callable[["Phase"], "Phase"] | None = None  # fills in what an earlier phase decided
+
+
+def check_phases(phases: Sequence[Phase]) -> None:
+    """Every phase's config, model and objective build (errors name the key), before anything trains."""
+    if not phases:
+        raise ValueError("a run needs at least one phase")
+    for phase in phases:
+        validate_config(phase.config)
+        model = build_model(phase.config)
+        build_objective(phase.config.objective, build_transport(phase.config), depth=model.depth)
+        if not 0 < phase.until <= int(phase.config.train.num_steps):
+            raise ValueError(f"phase {phase.name!r}: its last step {phase.until} must lie in "
+                             f"[1, train.num_steps={phase.config.train.num_steps}]")
+
+
+def run_phases(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[HookFactory]] = lambda p: ()
+               ) -> dict[str, float]:
+    """Start or resume the phases in order (see the module docstring); returns the last metrics."""
+    check_phases(phases)
+    metrics: dict[str, float] = {}
+    for i, phase in enumerate(phases):
+        done = latest_step(checkpoint_dir(phase.workdir)) or 0
+        later = [p for p in phases[i + 1:] if p.workdir != phase.workdir]
+        if i < len(phases) - 1 and (done >= phase.until or any(latest_step(checkpoint_dir(p.workdir)) is not None
+                                                                for p in later)):
+            logging.info("phase %r is done (%s): skipped", phase.name, phase.workdir)
+            continue
+        if phase.resolve is not None:
+            phase = phase.resolve(phase)
+        logging.info("phase %r: up to step %d in %s", phase.name, phase.until, phase.workdir)
+        metrics = train(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
+                        extra_hooks=extra_hooks(phase))
+        reached = latest_step(checkpoint_dir(phase.workdir)) or 0
+        if reached < phase.until:
+            logging.warning("phase %r stopped at step %d of %d; run the same command again to continue", phase.name,
+                            reached, phase.until)
+            return metrics
+    return metrics

@@ -1,0 +1,411 @@
+"""Speed and memory on the present devices: train step (with and without LayerSync), attention
+implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a whole FID-N evaluation. Prints a table
+and returns rows for JSON.
+
+Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
+result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
+usual MFU accounting, so rows compare across devices and frameworks; mem_gib is the
+compiled train step's device memory (arguments + outputs + temporaries - donated buffers), peak_gib
+the allocator's peak so far (GPU/TPU), mfu the model TFLOP/s over the bf16 peak of known devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsync_jax.builders import model_fields
+from lsync_jax.configs.base import base_config
+from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
+from lsync_jax.models import get_model, model_config
+from lsync_jax.models.encoders import CONFIGS, random_dinov2
+from lsync_jax.models.encoders.features import encoder_tokens
+from lsync_jax.models.layers import resolve_attention_impl
+from lsync_jax.models.vae import (
+    AutoencoderKL,
+    VAEConfig,
+    decode_latents,
+    downsampling_factor,
+    encode_images,
+)
+from lsync_jax.objectives import REPA, Diversity, LayerSync, Objective, default_pair
+from lsync_jax.porting.inception import expected_shapes
+from lsync_jax.sharding import batch_sharding, make_mesh
+from lsync_jax.train import create_train_state, make_optimizer, make_train_step
+from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    models: Sequence[str] = ("SiT-B/2",)
+    batch_size: int = 32
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    dtype: str = "bfloat16"
+    steps: int = 10
+    sample_steps: int = 50
+    sample_batch: int = 64
+    attention: Sequence[str] = ("auto",)
+    variants: Sequence[str] = ("baseline", "layersync")
+    sample_cfg: Sequence[float] = (1.0, 1.5)
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    layersync_pairs: tuple = ()  # () : the paper's pair scaled to the depth, weight 0.2
+    inception_batch: int = 0  # > 0: time the FID Inception pass on batches of this many images
+    fid_samples: int = 0  # > 0: time a whole FID-N evaluation (features, statistics, five metrics)
+    image_size: int = 256  # pixel size of the images the evaluator and VAE rows feed (resized to 299 inside)
+    vae_batch: int = 0  # > 0: time SD-VAE encode (preprocessing) and decode (sampling) on batches of this size
+    vae_channels: Sequence[int] = (128, 256, 512, 512)  # SD's VAE (smaller only in tests)
+    mesh: tuple[int, int] = (-1, 1)  # (data, fsdp) devices, as config.mesh
+
+
+def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
+    """A BenchConfig for a training config's model, batch and LayerSync pairs (other fields from `kw`)."""
+    overrides = model_fields(config)
+    name = overrides.pop("name")
+    arch = {k: overrides.pop(k) for k in ("input_size", "in_channels", "num_classes") if k in overrides}
+    dtype = str(overrides.pop("dtype", "float32"))  # the model's own compute dtype when the config sets none
+    overrides.pop("attention_impl", None)
+    pairs = config.objective.layersync.pairs or ()
+    return BenchConfig(models=(name,), batch_size=int(config.data.batch_size), dtype=dtype,
+                       model_overrides=overrides, layersync_pairs=tuple(tuple(p) for p in pairs),
+                       mesh=(int(config.mesh.data), int(config.mesh.fsdp)), **{k: arch[k] for k in arch}, **kw)
+
+
+def forward_flops(model, height: int, width: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one SiT forward pass on one H x W input.
+
+    DiT/SiT papers quote half of this ("118.6 GFLOPs" for XL/2 count multiply-adds). Elementwise
+    work (norms, activations, softmax) is left out, as in MFU accounting.
+    """
+    d, p, depth = model.hidden_size, model.patch_size, model.depth
+    tokens = (height // p) * (width // p)
+    mlp = int(d * model.mlp_ratio)
+    per_token = depth * 2 * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1, fc2
+    per_token += depth * 2 * 2 * tokens * d  # q k^T and attn v
+    per_token += 2 * p * p * model.in_channels * d + 2 * d * p * p * model.out_channels  # patchify, final
+    per_sample = depth * 2 * d * 6 * d + 2 * d * 2 * d + 2 * (256 * d + d * d)  # adaLN, t-embedder
+    return float(tokens * per_token + per_sample)
+
+
+def _peak_gib() -> float | None:
+    """The process's peak device memory so far (allocator statistics; absent on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return None if "peak_bytes_in_use" not in stats else stats["peak_bytes_in_use"] / 2**30
+
+
+def _program_memory_gib(compiled) -> float | None:
+    """Device memory one compiled program needs: arguments + outputs + temporaries - donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        return total / 2**30
+    except Exception:  # best effort: not every backend reports it
+        return None
+
+
+def time_compiled(fn: Callable, args: tuple, steps: int, carry: bool = False) -> tuple[float, Any, float]:
+    """(median seconds per call, compiled program, compile seconds) of jitted `fn` on `args`.
+
+    With `carry`, the first output replaces the first argument each call (a donated train state).
+    """
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if carry:
+        args = (out[0],) + tuple(args[1:])
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+        if carry:
+            args = (out[0],) + tuple(args[1:])
+    return float(np.median(times)), compiled, compile_s
+
+
+def hlo_flops(fn: Callable, args: tuple) -> float | None:
+    """FLOPs of jitted `fn` on `args` from XLA's cost analysis of the lowered, unoptimised program.
+
+    Not the compiled one's: on GPUs convolutions become cuDNN custom calls, which the compiled
+    program's analysis does not count.
+    """
+    try:
+        analysis = fn.lower(*args).cost_analysis()
+    except Exception:  # best effort: not every backend reports it
+        return None
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return (analysis or {}).get("flops") or None
+
+
+def _round(x, n=2):
+    return None if x is None else round(x, n)
+
+
+def _attention_label(model) -> str:
+    resolved = resolve_attention_impl(model.attention_impl, jax.default_backend(), model.dtype,
+                                      model.hidden_size // model.num_heads)
+    return model.attention_impl if resolved == model.attention_impl else f"{model.attention_impl}->{resolved}"
+
+
+# Dense bf16 peak FLOP/s per device, for model-FLOPs utilisation (MFU); other kinds print no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name in kind:
+            return flops * jax.device_count()
+    return None
+
+
+VARIANTS = ("baseline", "layersync", "repa", "layersync+repa", "diversity", "layersync+diversity")
+REPA_DIM = 768  # DINOv2-B/14's tokens, REPA's encoder
+
+
+def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) -> dict[str, Any]:
+    """The library's train step (loss + gradient + AdamW + EMA, state donated), sharded over every
+    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`. REPA variants add
+    the projector (REPA's depth: 8 for >= 24 blocks, else 4) and its loss against given tokens (the
+    encoder's own cost is the `dinov2_encode` row)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown benchmark variant {variant!r}; expected one of {VARIANTS}")
+    overrides = dict(cfg.model_overrides)
+    depth = int(overrides.get("depth", model_config(name)["depth"]))
+    if "repa" in variant:
+        overrides.update(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **overrides)
+    pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
+    regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
+        (REPA(0.5),) if "repa" in variant else ()) + (
+        (Diversity(tuple(range(1, model.depth + 1))),) if "diversity" in variant else ())  # DiverseDiT's loss
+    objective = Objective(create_transport(), regularizers)
+    tx, schedule = make_optimizer({"lr": 1e-4})
+    mesh = make_mesh(*cfg.mesh)
+    if cfg.batch_size % jax.device_count():
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {jax.device_count()} devices")
+    state = create_train_state(model, tx, jax.random.key(0), mesh)
+    params = state.params
+    shape = (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)
+    batch = {"x": jax.random.normal(jax.random.key(1), shape),
+             "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)}
+    if "repa" in variant:
+        tokens = (cfg.input_size // model.patch_size) ** 2
+        batch["encoder_features"] = jax.random.normal(jax.random.key(3), (cfg.batch_size, tokens, REPA_DIM))
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=base_config().train.ema_decay)
+    seconds, compiled, compile_s = time_compiled(fn, (state, batch), cfg.steps, carry=True)
+    n_params = sum(l.size for l in jax.tree.leaves(params))
+    flops = 3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds
+    peak = peak_flops()
+    return dict(
+        bench="train_step", model=name, variant=variant,
+        attention=_attention_label(model),
+        dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
+        img_per_s=round(cfg.batch_size / seconds, 1),
+        tflops=round(flops / 1e12, 1), mfu=None if peak is None else round(flops / peak, 3),
+        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
+def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) -> dict[str, Any]:
+    """Sampling throughput of a jitted sampler (random weights: speed does not depend on them)."""
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), **cfg.model_overrides)
+    variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))
+    sampler = SamplerConfig(method=method, num_steps=cfg.sample_steps)
+    sample_fn = make_sample_fn(model, create_transport(), sampler)
+    labels = jnp.arange(cfg.sample_batch) % cfg.num_classes
+    key = jax.random.key(0)
+    out = sample_fn(variables, key, labels, cfg_scale)  # compile + warm up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(max(1, cfg.steps // 5)):
+        start = time.perf_counter()
+        jax.block_until_ready(sample_fn(variables, key, labels, cfg_scale))
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return dict(
+        bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}",
+        attention=_attention_label(model),
+        dtype=cfg.dtype, batch=cfg.sample_batch, params_m=None, ms=round(seconds * 1e3, 1),
+        img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, mfu=None, compile_s=None, mem_gib=None,
+        peak_gib=_round(_peak_gib()),
+    )
+
+
+def _inception_evaluator(cfg: BenchConfig, batch: int):
+    from flax import traverse_util
+
+
+    # Random weights drawn on the host: compiling Inception's init would cost more than the benchmark.
+    rng = np.random.default_rng(0)
+    flat = {tuple(k.split("/")): (rng.uniform(0.5, 1.5, shape) if k.endswith("var") else
+                                  rng.normal(0.0, 0.05, shape)).astype(np.float32)
+            for k, shape in expected_shapes().items()}
+    return InceptionEvaluator(batch_size=batch, params=traverse_util.unflatten_dict(flat))
+
+
+def _random_images(n: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def bench_inception(cfg: BenchConfig) -> dict[str, Any]:
+    """The FID Inception pass (TF-style resize to 299, float32 at highest precision, logits on),
+    sharded over every device; random weights, uint8 host images in and features out."""
+    evaluator = _inception_evaluator(cfg, cfg.inception_batch)
+    images = _random_images(evaluator.batch_size, cfg.image_size, 0)
+    placed = evaluator.place(images)  # time the device pass; host transfer is in the FID row
+    seconds, compiled, compile_s = time_compiled(evaluator.apply, (evaluator.params, placed), cfg.steps)
+    flops = hlo_flops(evaluator.apply, (evaluator.params, placed))
+    return dict(
+        bench="inception", model="InceptionV3-FID", variant=f"{cfg.image_size}px->299", attention=None,
+        dtype="float32", batch=evaluator.batch_size,
+        params_m=round(sum(x.size for x in jax.tree.leaves(evaluator.params)) / 1e6, 1), ms=round(seconds * 1e3, 1),
+        img_per_s=round(evaluator.batch_size / seconds, 1),
+        tflops=None if not flops else round(flops / seconds / 1e12, 3), mfu=None,
+        compile_s=round(compile_s, 1),
+        mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
+def bench_fid(cfg: BenchConfig) -> dict[str, Any]:
+    """A whole FID-N evaluation of N host images against a precomputed reference: Inception
+    features, float64 statistics, FID and sFID (eigh route) and precision/recall (k=3)."""
+    batch = cfg.inception_batch or 256
+    evaluator = _inception_evaluator(cfg, batch)
+    n = cfg.fid_samples
+    reference = evaluator.statistics([_random_images(n, cfg.image_size, 1)])  # also compiles
+    samples = _random_images(n, cfg.image_size, 2)
+    start = time.perf_counter()
+    stats = evaluator.statistics(samples[i:i + batch] for i in range(0, n, batch))
+    compute_metrics(reference, stats, fid_method="eigh")
+    seconds = time.perf_counter() - start
+    return dict(
+        bench="fid", model="InceptionV3-FID", variant=f"FID-{n} {cfg.image_size}px", attention=None,
+        dtype="float32", batch=evaluator.batch_size, params_m=None, ms=round(seconds * 1e3, 1),
+        img_per_s=round(n / seconds, 1), tflops=None, mfu=None, compile_s=None, mem_gib=None,
+        peak_gib=_round(_peak_gib()),
+    )
+
+
+def bench_vae(cfg: BenchConfig, direction: str) -> dict[str, Any]:
+    """SD-VAE (sd-vae-ft-* architecture, random weights drawn on the host) encode of uint8 images to the
+    posterior moments, as launch/preprocess.py runs it, or decode of latents to images, as sampling
+    runs it; float32, the batch split over every device."""
+    from flax import traverse_util
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+    module = AutoencoderKL(VAEConfig(block_out_channels=tuple(cfg.vae_channels)))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    rng = np.random.default_rng(0)
+    flat = {k: rng.normal(0.0, 0.02, v.shape).astype(np.float32) for k, v in traverse_util.flatten_dict(shapes).items()}
+    mesh = make_mesh(*cfg.mesh)
+    params = jax.device_put(traverse_util.unflatten_dict(flat), NamedSharding(mesh, P()))
+    n, size = cfg.vae_batch, cfg.image_size
+    if n % jax.device_count():
+        raise ValueError(f"vae_batch={n} is not divisible by the {jax.device_count()} devices")
+    if direction == "encode":
+        fn = jax.jit(lambda p, x: encode_images(module, p, x))
+        inputs = jax.device_put(_random_images(n, size, 0), batch_sharding(mesh))
+    else:
+        fn = jax.jit(lambda p, z: decode_latents(module, p, z))
+        latent = size // downsampling_factor(module.config)
+        inputs = jax.device_put(np.random.default_rng(1).normal(size=(n, latent, latent, 4)).astype(np.float32),
+                                batch_sharding(mesh))
+    seconds, compiled, compile_s = time_compiled(fn, (params, inputs), cfg.steps)
+    flops = hlo_flops(fn, (params, inputs))
+    return dict(
+        bench=f"vae_{direction}", model="SD-VAE" if tuple(cfg.vae_channels) == VAEConfig.block_out_channels
+        else f"VAE{tuple(cfg.vae_channels)}", variant=f"{size}px", attention=None,
+        dtype="float32", batch=n, params_m=round(sum(x.size for x in flat.values()) / 1e6, 1),
+        ms=round(seconds * 1e3, 1), img_per_s=round(n / seconds, 1),
+        tflops=None if not flops else round(flops / seconds / 1e12, 2), mfu=None,
+        compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
+def bench_encoder(cfg: BenchConfig) -> dict[str, Any]:
+    """REPA's encoder beside the train step: DINOv2-B/14 (random weights) tokens of a batch of uint8
+    images at `cfg.image_size`, resized to its input (SiT token grid x 14: 224 px for 256 px
+    images), in `cfg.dtype`, the batch split over every device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+    module, params = random_dinov2(CONFIGS["vitb14"], seed=0, dtype=jnp.dtype(cfg.dtype))
+    mesh = make_mesh(*cfg.mesh)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    grid = cfg.image_size // 16  # SiT-*/2 on 8x-downsampled latents
+    images = jax.device_put(_random_images(cfg.batch_size, cfg.image_size, 3), batch_sharding(mesh))
+    fn = jax.jit(lambda p, x: encoder_tokens(module, p, x, grid))
+    seconds, compiled, compile_s = time_compiled(fn, (params, images), cfg.steps)
+    flops = hlo_flops(fn, (params, images))
+    return dict(
+        bench="dinov2_encode", model="DINOv2-B/14", variant=f"{cfg.image_size}px->{grid * 14}px",
+        attention=None, dtype=cfg.dtype, batch=cfg.batch_size,
+        params_m=round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1), ms=round(seconds * 1e3, 2),
+        img_per_s=round(cfg.batch_size / seconds, 1),
+        tflops=None if not flops else round(flops / seconds / 1e12, 1), mfu=None, compile_s=round(compile_s, 1),
+        mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
+    )
+
+
+COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
+           "mfu", "compile_s", "mem_gib", "peak_gib")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    cells = [COLUMNS] + [tuple("-" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every benchmark in `cfg`; print the table as rows arrive; return {'device', 'rows'}."""
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}"
+    print_fn(f"device: {device}")
+    rows = []
+    for name in cfg.models:
+        for attention in cfg.attention:
+            for variant in cfg.variants:
+                rows.append(bench_train_step(name, cfg, variant, attention))
+                print_fn(format_table(rows[-1:]))
+        if cfg.sample_steps > 0:
+            for scale in cfg.sample_cfg:
+                rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
+                print_fn(format_table(rows[-1:]))
+    if any("repa" in v for v in cfg.variants) and cfg.models:
+        rows.append(bench_encoder(cfg))
+        print_fn(format_table(rows[-1:]))
+    if cfg.vae_batch > 0:
+        for direction in ("encode", "decode"):
+            rows.append(bench_vae(cfg, direction))
+            print_fn(format_table(rows[-1:]))
+    if cfg.inception_batch > 0:
+        rows.append(bench_inception(cfg))
+        print_fn(format_table(rows[-1:]))
+    if cfg.fid_samples > 0:
+        rows.append(bench_fid(cfg))
+        print_fn(format_table(rows[-1:]))
+    print_fn("\n" + format_table(rows))
+    return {"device": device, "config": dataclasses.asdict(cfg), "rows": rows}
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)

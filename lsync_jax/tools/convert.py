@@ -1,0 +1,60 @@
+"""Official PyTorch checkpoints as a workdir: OUT/checkpoints/0 holding the converted weights, which
+launch/sample.py (--workdir=OUT) and training (--config.train.init_from=OUT) read. The conversion
+itself is `lsync_jax.porting.official`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from lsync_jax.builders import model_fields
+from lsync_jax.models.sit import SiT
+from lsync_jax.porting.official import convert_state_dict, plan_conversion, read_checkpoint, transport_hints
+from lsync_jax.train.checkpoint import Checkpointer
+from lsync_jax.workdir import describe, param_shapes
+
+
+def _checkpoint_dir(out_dir: str) -> str:
+    directory = os.path.join(os.path.abspath(out_dir), "checkpoints")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise FileExistsError(f"{directory} already holds checkpoints; convert into another directory")
+    return directory
+
+
+def save_converted(model: SiT, params: Any, out_dir: str, fields: Mapping[str, Any]) -> str:
+    """Write `params` as a workdir's step-0 checkpoint, OUT_DIR/checkpoints/0/{state,meta}, with the
+    state {"params", "ema_params"} (both these weights) and the meta of `model_fields` (the config's
+    model name and overrides), so that --config.train.init_from=OUT_DIR and launch/sample.py
+    --workdir=OUT_DIR read it. Refuses a non-empty OUT_DIR/checkpoints. Returns that directory."""
+    directory = _checkpoint_dir(out_dir)
+    expected = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
+    if param_shapes(expected) != param_shapes(params):
+        raise ValueError("params do not have the model's shapes")
+    params = jax.tree.map(jnp.asarray, params)
+    checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
+    checkpointer.save(0, {"params": params, "ema_params": params}, describe(dict(fields), params),
+                      force=True)
+    checkpointer.close()
+    return directory
+
+
+def convert_to_workdir(path: str, model_name: str, out_dir: str, *, which: str = "ema", convention: str = "auto",
+                       allow_pickle: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Convert an official file into OUT_DIR/checkpoints (see `save_converted`); returns what was done:
+    model, convention, source entry, number of parameters, the config overrides the checkpoint records
+    (a config must name exactly these) and the transport settings of the training args, if saved."""
+    directory = _checkpoint_dir(out_dir)  # before reading a large file
+    checkpoint = read_checkpoint(path, which, allow_pickle)
+    state = dict(checkpoint.state)
+    convention, fields = plan_conversion(dict(state), model_name, convention, checkpoint.args, overrides)
+    model, params = convert_state_dict(state, model_name, convention, args=checkpoint.args, **fields)
+    recorded = model_fields(ConfigDict({"model": {"name": model_name, "overrides": fields}}))
+    save_converted(model, params, out_dir, recorded)
+    return dict(model=model_name, convention=convention, source=checkpoint.source, checkpoint_dir=directory,
+                num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+                overrides=fields, transport=transport_hints(checkpoint.args))

@@ -1,0 +1,76 @@
+"""The benchmark harness: FLOP accounting against the published numbers, table and JSON output."""
+
+import json
+
+import pytest
+
+from lsync_jax.models import get_model
+from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, format_table, forward_flops, run, write_json
+
+
+@pytest.mark.parametrize("name,gflops", [("SiT-XL/2", 118.64), ("SiT-L/2", 80.71), ("SiT-B/2", 23.01),
+                                         ("SiT-S/2", 6.06)])
+def test_forward_flops_match_the_published_multiply_adds(name, gflops):
+    # The papers' "GFLOPs" count multiply-adds of a 256x256 image (32x32x4 latent).
+    assert forward_flops(get_model(name), 32, 32) / 2e9 == pytest.approx(gflops, rel=2e-3)
+
+
+def test_run_prints_a_table_and_writes_json(tmp_path):
+    cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=2,
+                      sample_batch=2, sample_cfg=(1.0,), model_overrides={"depth": 2})
+    lines = []
+    result = run(cfg, print_fn=lines.append)
+    rows = result["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [
+        ("train_step", "baseline"), ("train_step", "layersync"), ("sample", "euler_maruyama x2 cfg=1.0")]
+    assert all(r["ms"] > 0 and r["img_per_s"] > 0 for r in rows)
+    assert "img_per_s" in lines[-1] and lines[0].startswith("device: ")
+    path = tmp_path / "bench.json"
+    write_json(result, str(path))
+    assert json.loads(path.read_text())["rows"][0]["model"] == "SiT-S/8"
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        run(BenchConfig(models=("SiT-S/8",), variants=("erw",), sample_steps=0), print_fn=lambda s: None)
+
+
+def test_repa_rows_add_the_projector_and_the_encoder():
+    cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=0,
+                      variants=("layersync+repa",), image_size=28, dtype="float32", model_overrides={"depth": 2})
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [("train_step", "layersync+repa"),
+                                                         ("dinov2_encode", "28px->14px")]
+    assert rows[0]["params_m"] > 0 and rows[1]["params_m"] == 86.6 and rows[1]["img_per_s"] > 0
+
+
+def test_vae_rows_time_encode_and_decode():
+    cfg = BenchConfig(models=(), sample_steps=0, steps=1, vae_batch=2, image_size=16, vae_channels=(32, 32))
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"], r["batch"]) for r in rows] == [("vae_encode", "16px", 2),
+                                                                      ("vae_decode", "16px", 2)]
+    assert all(r["img_per_s"] > 0 and r["model"] == "VAE(32, 32)" for r in rows)
+
+
+def test_format_table_aligns_missing_values():
+    table = format_table([{"bench": "x", "ms": 1.5}])
+    header, rule, row = table.splitlines()
+    assert len(header) == len(rule) and "-" in row
+
+
+def test_bench_config_from_a_training_config():
+    from lsync_jax.configs import imagenet256, tiny
+
+    cfg = bench_config_from(imagenet256.get_config(), steps=3)
+    assert cfg.models == ("SiT-XL/2",) and cfg.batch_size == 256 and cfg.dtype == "bfloat16"
+    assert cfg.layersync_pairs == ((8, 16, 0.2),) and cfg.input_size == 32 and cfg.in_channels == 4
+    # the switches a config leaves at None are the model's own values, not passed as overrides
+    assert cfg.model_overrides == {"learn_sigma": True, "class_dropout_prob": 0.1} and cfg.steps == 3
+    assert cfg.mesh == (-1, 1)
+    small = bench_config_from(tiny.get_config())
+    assert small.model_overrides["depth"] == 4 and small.input_size == 28 and small.layersync_pairs == ()
+
+
+def test_evaluator_rows_time_the_inception_pass_and_a_whole_fid():
+    cfg = BenchConfig(models=(), steps=1, sample_steps=0, inception_batch=2, fid_samples=5, image_size=16)
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["variant"]) for r in rows] == [("inception", "16px->299"), ("fid", "FID-5 16px")]
+    assert all(r["ms"] > 0 and r["img_per_s"] > 0 for r in rows)
+    assert rows[0]["batch"] == 2 and (rows[0]["tflops"] is None or rows[0]["tflops"] > 0)

@@ -13,8 +13,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from lsync_jax.eval.analysis import MeasureSettings, analyze_workdir
 from lsync_jax.host import quiet_library_logs
-from lsync_jax.train.analysis import MeasureSettings, analyze_workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")

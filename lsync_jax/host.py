@@ -52,11 +52,17 @@ _CONSOLE_INFO_FROM = (os.sep + "lsync_jax" + os.sep, os.sep + "launch" + os.sep,
                       os.path.join("clu", "metric_writers"), os.path.join("clu", "periodic_actions"))
 
 
+# Orbax warns each time a run's checkpoints are opened read-only (to list steps or read meta): noise.
+_ORBAX_READ_ONLY = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+
+
 class _OwnInfoOnly:
     """A logging filter: warnings and errors from anyone, INFO only from the modules above."""
 
     def filter(self, record: Any) -> bool:
-        return record.levelno >= 30 or any(part in record.pathname for part in _CONSOLE_INFO_FROM)
+        if record.levelno >= 30:
+            return not any(text in str(record.msg) for text in _ORBAX_READ_ONLY)
+        return any(part in record.pathname for part in _CONSOLE_INFO_FROM)
 
 
 def quiet_library_logs() -> None:

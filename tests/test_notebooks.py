@@ -3,6 +3,10 @@
 import json
 import pathlib
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

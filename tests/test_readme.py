@@ -3,6 +3,10 @@
 import pathlib
 import re
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 

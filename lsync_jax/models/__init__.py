@@ -116,14 +116,16 @@ def get_model(name: str, **overrides: Any) -> SiT:
     """
     if name in UVIT_MODEL_NAMES:
         return get_uvit(name, **overrides)
-    fields = model_config(name)
     allowed = OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown model override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
+    # SiT's own defaults, then the named size, then the overrides: every field present below
+    fields = {f.name: f.default for f in dataclasses.fields(SiT) if f.name in allowed}
+    fields.update(model_config(name))
     fields.update(overrides)
     for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels"):
-        if int(fields.get(key, 1)) < 1:
+        if int(fields[key]) < 1:
             raise ValueError(f"model.{key} must be positive, got {fields[key]}")
     if fields["hidden_size"] % fields["num_heads"]:
         raise ValueError(
@@ -131,27 +133,26 @@ def get_model(name: str, **overrides: Any) -> SiT:
         )
     if fields["hidden_size"] % 4:
         raise ValueError(f"model.hidden_size={fields['hidden_size']} must be a multiple of 4 (2-D sin-cos positions)")
-    if fields.get("num_classes", 1000) < 0:
+    if fields["num_classes"] < 0:
         raise ValueError(f"model.num_classes must be >= 0, got {fields['num_classes']}")
-    prob = fields.get("class_dropout_prob", 0.1)
+    prob = fields["class_dropout_prob"]
     if not 0.0 <= prob < 1.0:
         raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {prob}")
-    if fields.get("attention_impl", "auto") not in ATTENTION_IMPLS:
+    if fields["attention_impl"] not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={fields['attention_impl']!r}; expected one of {ATTENTION_IMPLS}")
-    if "z_dims" in fields:
-        z_dims = fields["z_dims"]
-        if isinstance(z_dims, (str, numbers.Number)) or not all(
-            isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 1 for z in z_dims
-        ):
-            raise ValueError(f"model.z_dims must be a tuple of positive ints (one REPA projector each, e.g. (768,)), "
-                             f"got {z_dims!r}")
-        fields["z_dims"] = tuple(int(z) for z in z_dims)
-    if fields.get("z_dims"):
-        encoder_depth = fields.get("encoder_depth", 8)
+    z_dims = fields["z_dims"]  # one REPA projector per entry
+    if isinstance(z_dims, (str, numbers.Number)) or not all(
+        isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 1 for z in z_dims
+    ):
+        raise ValueError(f"model.z_dims must be a tuple of positive ints (one REPA projector each, e.g. (768,)), "
+                         f"got {z_dims!r}")
+    fields["z_dims"] = tuple(int(z) for z in z_dims)
+    if fields["z_dims"]:
+        encoder_depth = fields["encoder_depth"]
         if not 1 <= encoder_depth <= fields["depth"]:
             raise ValueError(f"model.encoder_depth={encoder_depth} (the block whose output the REPA projectors read, "
                              f"1-indexed) must be in [1, depth={fields['depth']}]")
-        if fields.get("projector_dim", 2048) < 1:
+        if fields["projector_dim"] < 1:
             raise ValueError(f"model.projector_dim must be positive, got {fields['projector_dim']}")
     return SiT(**fields)
 

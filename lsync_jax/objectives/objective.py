@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from lsync_jax.objectives.registry import DEFAULTS, REGULARIZERS, Regularizer, with_defaults
+from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, with_defaults
 from lsync_jax.transport.transport import Transport
 
 Array = jax.Array
@@ -59,8 +59,7 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
     for name in names:
         if name not in REGULARIZERS:
             raise ValueError(f"{prefix}.regularizers: unknown regulariser {name!r}; registered: {sorted(REGULARIZERS)}")
-        section = with_defaults(dict(cfg[name] or {}), DEFAULTS[name], f"{prefix}.{name}")
-        regs.append(REGULARIZERS[name](section, depth=depth, prefix=f"{prefix}.{name}"))
+        regs.append(REGULARIZERS[name](dict(cfg[name] or {}), depth=depth, prefix=f"{prefix}.{name}"))
     if len(set(names)) != len(names):
         raise ValueError(f"{prefix}.regularizers lists a regulariser twice: {names}")
     return Objective(transport, tuple(regs), float(transport_weight), bool(cfg["clean_input"]))

@@ -13,6 +13,7 @@ those. A new method is one module in `lsync_jax/objectives/` that registers its 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
@@ -39,14 +40,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {}
 
 def register_regularizer(name: str, defaults: Mapping[str, Any]) -> Callable[[Builder], Builder]:
     """Decorator registering `builder(section, *, depth, prefix) -> Regularizer` under `name`, with
-    the defaults of its config section (the builder receives every key filled in)."""
+    the defaults of its config section: the decorated builder checks a section's keys and fills in
+    the missing ones, so it always reads every key."""
 
     def wrap(builder: Builder) -> Builder:
         if name in REGULARIZERS:
             raise ValueError(f"regulariser {name!r} is registered twice")
-        REGULARIZERS[name] = builder
+
+        @functools.wraps(builder)
+        def build(cfg: Mapping[str, Any], *, depth: int, prefix: str = f"objective.{name}") -> Regularizer:
+            return builder(with_defaults(dict(cfg or {}), defaults, prefix), depth=depth, prefix=prefix)
+
+        REGULARIZERS[name] = build
         DEFAULTS[name] = dict(defaults)
-        return builder
+        return build
 
     return wrap
 

@@ -15,6 +15,8 @@ from lsync_jax.recipes import train_and_evaluate
 from lsync_jax.sharding import make_mesh
 from lsync_jax.workdir import load_params
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = MeasureSettings(num_samples=40, t_values=(0.5, 0.9), batch_size=16, k=5)
 

@@ -21,6 +21,7 @@ def setup():
     return model, params, SyntheticSource(10, (8, 8, 1), 4, seed=3)
 
 
+@pytest.mark.slow
 def test_features_equal_a_direct_forward(setup):
     model, params, source = setup
     out = collect_block_features(model, params, LinearPath(), source, 7, (1.0, 0.5), batch_size=4, seed=2)
@@ -72,6 +73,7 @@ def test_a_model_without_a_null_class_needs_condition_label(setup):
         collect_block_features(model, params, LinearPath(), source, 4, (0.5,))
 
 
+@pytest.mark.slow
 def test_the_batch_size_does_not_change_the_noise_or_the_features(setup):
     model, params, source = setup
     a = collect_block_features(model, params, LinearPath(), source, 9, (0.3,), batch_size=9, seed=1, blocks=(2,))

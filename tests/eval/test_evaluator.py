@@ -72,6 +72,7 @@ def test_bad_batches_are_named(tmp_path):
         ev.reference_statistics(None, str(tmp_path / "other.npz"))
 
 
+@pytest.mark.slow
 def test_statistics_stream_equals_features(evaluator):
     x = images(11, seed=1)
     feats = evaluator.features(x)
@@ -84,6 +85,7 @@ def test_statistics_stream_equals_features(evaluator):
     assert stats.probs is None  # fid-helper's weights have no classifier: no IS
 
 
+@pytest.mark.slow
 def test_reference_batch_uses_stored_statistics_and_caches(evaluator, cache, tmp_path, monkeypatch):
     ref_images, other = images(10, seed=2), images(10, seed=3, smooth=True)
     other_stats = evaluator.statistics([other])
@@ -105,6 +107,7 @@ def test_reference_batch_uses_stored_statistics_and_caches(evaluator, cache, tmp
     np.testing.assert_array_equal(again.pool, ref.pool)
 
 
+@pytest.mark.slow
 def test_metrics_of_a_set_against_itself_and_another(evaluator, tmp_path):
     a, b = images(12, seed=4), images(12, seed=5, smooth=True)
     sa, sb = evaluator.statistics([a]), evaluator.statistics([b])
@@ -116,6 +119,7 @@ def test_metrics_of_a_set_against_itself_and_another(evaluator, tmp_path):
     assert diff["fid"] > 10 * abs(same["fid"]) + 1.0 and diff["sfid"] > 10 * abs(same["sfid"]) + 1.0
 
 
+@pytest.mark.slow
 def test_dataset_reference_is_cached_by_content(evaluator, cache, monkeypatch):
     source = SyntheticSource(9, (16, 16, 1), num_classes=3, seed=0)
     first = ev.source_statistics(evaluator, source, 6, batch_size=4, log=lambda s: None)
@@ -138,6 +142,7 @@ def test_dataset_reference_is_cached_by_content(evaluator, cache, monkeypatch):
     assert not np.allclose(ev.source_statistics(evaluator, other, 6, batch_size=4, log=lambda s: None).mu, first.mu)
 
 
+@pytest.mark.slow
 def test_sample_batch_statistics_stored_in_the_file_are_used_as_adm_does(evaluator, tmp_path):
     x, other = images(6, seed=8), evaluator.statistics([images(6, seed=9, smooth=True)])
     path = str(tmp_path / "with_stats.npz")
@@ -162,6 +167,7 @@ def test_truncated_batch_is_named(tmp_path):
         list(ev.iter_npz_batches(path, "arr_0", 3))
 
 
+@pytest.mark.slow
 def test_cli_evaluates_adm_batches(cache, tmp_path):
     needs_weights()
     ref, sample = str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")
@@ -179,6 +185,7 @@ def test_cli_evaluates_adm_batches(cache, tmp_path):
     assert payload["metrics"]["fid"] > 0 and payload["num_samples"] == 8 and payload["num_reference"] == 8
 
 
+@pytest.mark.slow
 def test_cli_fails_fast_on_bad_input(tmp_path, cache):
     env = dict(os.environ, LSYNC_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"),

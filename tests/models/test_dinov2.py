@@ -22,6 +22,8 @@ from lsync_jax.models.encoders import (
 from lsync_jax.porting.dinov2 import load_dinov2
 from tests.helpers import import_torchvision
 
+pytestmark = pytest.mark.torch_parity
+
 torch = pytest.importorskip("torch", reason="torch runs the reference DINOv2 and F.interpolate")
 F = torch.nn.functional
 TOL = 1e-5  # max |ours - ref| / max |ref|, float32

@@ -18,6 +18,7 @@ from lsync_jax.porting import inception as weights
 
 @pytest.mark.parametrize("shape", [(2, 28, 28, 3), (2, 64, 48, 1), (1, 320, 400, 3)],
                          ids=["up-square", "up-gray-nonsquare", "down"])
+@pytest.mark.slow
 def test_resize_matches_tf_legacy_bilinear(shape):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf = pytest.importorskip("tensorflow", reason="TensorFlow is the reference for the graph's resize")
@@ -71,6 +72,7 @@ def test_network_rejects_unpreprocessed_inputs():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.torch_parity
 def test_parameters_match_the_torchscript_graph():
     """Same convolutions as the TorchScript conversion (94 conv + BN layers, same shapes), plus one
     BN scale per channel (the graph has no gamma) and the 2048 x 1008 classifier without bias."""

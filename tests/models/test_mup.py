@@ -147,6 +147,7 @@ def coord_records():
     return coord_check((32, 128), ("sp", "mup"), num_steps=4, num_seeds=3, setup=CoordCheckSetup(lr=2e-2))
 
 
+@pytest.mark.slow
 def test_coordinate_check_mup_is_flat_in_the_width_and_sp_is_not(coord_records):
     last = "block_2"
     table = format_table(coord_records)
@@ -160,6 +161,7 @@ def test_coordinate_check_mup_is_flat_in_the_width_and_sp_is_not(coord_records):
     assert width_growth(coord_records, "sp", last, 4) > 4.0, table
 
 
+@pytest.mark.slow
 def test_coordinate_check_writes_a_plot_and_json(coord_records, tmp_path):
     plot_coord_check(coord_records, str(tmp_path / "coord.png"))
     write_json(coord_records, CoordCheckSetup(), str(tmp_path / "coord.json"))

@@ -21,6 +21,7 @@ def inputs(n=3, seed=0):
 
 
 @pytest.mark.parametrize("depth, fused", [(6, (3, 4, 5)), (7, (4, 5, 6))])
+@pytest.mark.slow
 def test_long_skips_fuse_each_late_block_with_its_mirror(depth, fused):
     model = get_model("SiT-S/4", depth=depth, long_skips=True, **SMALL)
     params = perturbed(model.init(jax.random.key(0), *model.init_inputs(1))["params"], 1, 0.1)

@@ -159,6 +159,7 @@ def test_official_initialisation():
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
 
 
+@pytest.mark.slow
 def test_label_dropout_uses_the_null_class_only_in_training():
     model = tiny(class_dropout_prob=0.5)
     x, t = jnp.ones((64, 28, 28, 1)), jnp.full((64,), 0.5)
@@ -219,6 +220,7 @@ def test_attention_implementations_agree():
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < (2e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
     model, ref = tiny(remat=True), tiny()
     x, t, y = jax.random.normal(jax.random.key(1), (2, 28, 28, 1)), jnp.array([0.2, 0.8]), jnp.array([1, 2])

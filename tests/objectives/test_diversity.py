@@ -51,6 +51,7 @@ def test_value_equals_a_direct_computation():
     np.testing.assert_allclose(sub, direct([hs[1], hs[3]])[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_weight_gives_no_gradient_and_the_same_total_gradient():
     from lsync_jax.models import get_model
     from lsync_jax.objectives import objective_loss

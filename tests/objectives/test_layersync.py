@@ -51,6 +51,7 @@ def grad_norm(tree):
     return float(sum(jnp.sum(jnp.abs(l)) for l in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_weak_side_and_stops_at_the_strong_side(net):
     grads = regulariser_grads(net, LayerSync(((2, 4, 1.0),), stop_gradient=True))
     assert grad_norm(grads["blocks_0"]) > 0 and grad_norm(grads["blocks_1"]) > 0  # blocks 1, 2 feed h_2
@@ -63,6 +64,7 @@ def test_without_stop_gradient_the_strong_side_is_pulled_too(net):
     assert grad_norm(grads["blocks_2"]) > 0 and grad_norm(grads["blocks_3"]) > 0
 
 
+@pytest.mark.slow
 def test_every_pair_contributes_with_its_weight(net):
     model, params, (x, t, y) = net
     _, state = jax.jit(lambda p: model.apply({"params": p}, x, t, y, mutable=["intermediates"]))(params)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsync_jax.builders import build_model
 from lsync_jax.configs import tiny
-from lsync_jax.models import get_model
 from lsync_jax.objectives import REGULARIZERS, Objective, build_objective, objective_loss
 from lsync_jax.objectives.layersync import LayerSync, layersync_loss
 from lsync_jax.transport import create_transport
@@ -16,7 +16,7 @@ from tests.helpers import perturbed
 @pytest.fixture(scope="module")
 def setup():
     config = tiny.get_config()
-    model = get_model(config.model.name, **config.model.overrides)
+    model = build_model(config)
     transport = create_transport(**config.transport)
     params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
     params = perturbed(params, 0)
@@ -39,6 +39,7 @@ def test_tiny_config_builds_the_paper_pair_scaled_to_depth(setup):
     assert objective.regularizers[0].pairs == ((1, 3, 0.2), (2, 4, 0.1))
 
 
+@pytest.mark.slow
 def test_total_is_velocity_plus_weighted_terms(setup):
     _, model, transport, params, batch = setup
     objective = Objective(transport, (LayerSync(((1, 3, 0.2), (2, 4, 0.1))),))
@@ -72,6 +73,7 @@ def test_no_regularisers_is_the_plain_transport_loss(setup):
     assert float(with_ls) != float(plain)
 
 
+@pytest.mark.slow
 def test_objective_gradient_is_finite_and_reaches_every_block(setup):
     config, model, transport, params, batch = setup
     objective = build_objective(config.objective, transport, depth=model.depth)

@@ -63,6 +63,7 @@ def norm(tree):
     return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_projector_and_blocks_up_to_the_aligned_one_only(net):
     value, metrics, grads = grads_of(net, {"regularizers": ("repa",), "repa": {"weight": 0.5},
                                            "transport_weight": 0.0})

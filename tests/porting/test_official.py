@@ -21,6 +21,8 @@ from lsync_jax.tools.convert import convert_to_workdir
 torch = pytest.importorskip("torch", reason="torch runs the official reference forward")
 from tests.porting.official_torch import OfficialSiT, randomize  # noqa: E402
 
+pytestmark = pytest.mark.torch_parity
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAME = "SiT-S/2"
 ARCH = dict(depth=4, hidden_size=64, num_heads=4)  # with the reference's input 8x8x4, patch 2, 10 classes
@@ -198,6 +200,7 @@ def test_without_torch_reading_a_pt_file_says_how_to_install_it(tmp_path, monkey
         from_official(str(path), NAME, **ARCH)
 
 
+@pytest.mark.slow
 def test_launcher_writes_a_workdir_that_training_and_sampling_read(tmp_path, inputs):
     from lsync_jax.configs.tiny import get_config
     from lsync_jax.sharding import make_mesh

@@ -11,6 +11,8 @@ from lsync_jax.models.vae import SCALE_FACTOR, VAEConfig
 from lsync_jax.porting import load_vae
 from tests.helpers import import_torchvision
 
+pytestmark = pytest.mark.torch_parity
+
 torch = pytest.importorskip("torch", reason="torch runs the diffusers reference VAE")
 CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
               up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], layers_per_block=2,
@@ -39,6 +41,7 @@ def test_config_and_weights_load_from_a_diffusers_directory(reference):
     assert module.config.block_out_channels == (32, 64, 64)
 
 
+@pytest.mark.slow
 def test_encode_and_decode_match_diffusers(reference):
     vae, directory = reference
     module, params = load_vae(directory)

@@ -42,6 +42,7 @@ def auto_run(tmp_path_factory):
     return workdir, metrics
 
 
+@pytest.mark.slow
 def test_warm_up_then_measured_pairs_then_layersync(auto_run):
     workdir, metrics = auto_run
     with open(os.path.join(workdir, CHOICE_FILE)) as f:
@@ -63,6 +64,7 @@ def test_warm_up_then_measured_pairs_then_layersync(auto_run):
     assert f"layersync/block{weak}_block{strong}" in metrics and np.isfinite(metrics["loss/layersync"])
 
 
+@pytest.mark.slow
 def test_the_choice_survives_a_resume_and_is_never_remeasured(auto_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(auto_run[0], workdir)
@@ -80,6 +82,7 @@ def test_the_choice_survives_a_resume_and_is_never_remeasured(auto_run, tmp_path
     assert not os.path.exists(os.path.join(workdir, CHOICE_FILE))
 
 
+@pytest.mark.slow
 def test_an_interruption_between_the_phases_keeps_the_written_choice(auto_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(auto_run[0], workdir)
@@ -94,6 +97,7 @@ def test_an_interruption_between_the_phases_keeps_the_written_choice(auto_run, t
     assert meta(workdir, 4)[META_KEY]["pairs"] == [[1, 4, 0.3]]
 
 
+@pytest.mark.slow
 def test_an_interruption_without_the_written_choice_remeasures_the_same_choice(auto_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(auto_run[0], workdir)
@@ -110,6 +114,7 @@ def test_an_interruption_without_the_written_choice_remeasures_the_same_choice(a
     assert meta(workdir, 4)[META_KEY]["pairs"] == before["pairs"]
 
 
+@pytest.mark.slow
 def test_without_a_warm_up_the_init_from_weights_are_measured(auto_run, tmp_path):
     config = auto_config(steps=2, warmup=0)
     config.train.init_from = auto_run[0]
@@ -144,11 +149,12 @@ def test_unknown_selection_key_and_erw_are_refused(tmp_path):
     with pytest.raises(ValueError, match="selection.warmup"):
         train_and_evaluate(config, str(tmp_path))
     config = auto_config()
-    config.erw = {"enabled": True}
+    config.erw.enabled = True
     with pytest.raises(ValueError, match="not supported"):
         train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_longer_run_in_the_workdir_is_not_taken_for_a_warm_up(tmp_path):
     config = auto_config(steps=2)
     config.objective.regularizers = ()

@@ -11,10 +11,11 @@ import pytest
 
 from lsync_jax.builders import build_model
 from lsync_jax.configs import fashion_mnist_repa, tiny
+from lsync_jax.configs.base import ERW_CARRY
 from lsync_jax.data import ImageFolderSource, LatentSource, LoaderSpec, make_loader
 from lsync_jax.objectives import repa_loss
 from lsync_jax.recipes import train_and_evaluate
-from lsync_jax.recipes.erw import DEFAULT_CARRY, STAGE1_DIR, stage1_config
+from lsync_jax.recipes.erw import STAGE1_DIR, erw_phases
 from lsync_jax.sharding import batch_sharding, make_mesh
 from lsync_jax.tools.preprocess import PreprocessSpec, preprocess_latents
 from lsync_jax.train.checkpoint import Checkpointer
@@ -25,6 +26,7 @@ from tests.helpers import quick
 
 
 @pytest.mark.parametrize("variant, terms", [("repa", {"loss/repa"}), ("layersync", {"loss/repa", "loss/layersync"})])
+@pytest.mark.slow
 def test_fashion_mnist_repa_configs_train(tmp_path, variant, terms):
     metrics = train_and_evaluate(quick(fashion_mnist_repa.get_config(variant)), str(tmp_path))
     assert terms <= set(metrics) and all(np.isfinite(metrics[k]) for k in terms)
@@ -42,6 +44,7 @@ def restore_state(workdir, config):
     return state
 
 
+@pytest.mark.slow
 def test_erw_runs_both_stages_and_hands_over_exactly_the_intended_weights(tmp_path):
     config = quick(fashion_mnist_repa.get_config("erw"), steps=1)
     config.erw.warmup_steps = 2
@@ -50,7 +53,7 @@ def test_erw_runs_both_stages_and_hands_over_exactly_the_intended_weights(tmp_pa
     stage1_dir = tmp_path / STAGE1_DIR
     stage1_steps = sorted(os.listdir(stage1_dir / "checkpoints"))
     assert stage1_steps[-1] == "2" and os.listdir(tmp_path / "checkpoints") == ["1"]
-    first = stage1_config(config)
+    first = erw_phases(config, str(tmp_path))[0].config
     assert first.model.overrides.depth == 2 and first.model.overrides.encoder_depth == 2
     assert first.objective.transport_weight == 0 and first.objective.clean_input
     warm = restore_state(str(stage1_dir), first)
@@ -59,7 +62,7 @@ def test_erw_runs_both_stages_and_hands_over_exactly_the_intended_weights(tmp_pa
     names = set(param_shapes(after.params))
     carried = {n for n in names if n.split("/")[0] in ("x_embedder", "t_embedder", "y_embedder", "blocks_0",
                                                         "blocks_1", "projectors_0")}
-    _, listed = restore_matching(str(stage1_dir), after.params, DEFAULT_CARRY)
+    _, listed = restore_matching(str(stage1_dir), after.params, ERW_CARRY)
     assert set(listed) == carried and not any(n.startswith("final_layer") for n in listed)
     # stage 2's first step started from stage 1's weights (not its EMA), with EMA = those weights and a
     # fresh optimizer: ema_1 = d * w_0 + (1 - d) * w_1
@@ -99,12 +102,13 @@ def latent_repa_config(latent_dir, precomputed):
     config.model.name = "SiT-S/2"
     config.model.overrides.update(dict(input_size=8, in_channels=4, num_classes=3, z_dims=(64,), encoder_depth=2))
     config.objective.regularizers = ("repa",)
-    config.objective.repa = dict(weight=0.5, encoder_path="random:tiny", encoder_dtype="float32",
-                                 precomputed=precomputed)
+    config.objective.repa.update(dict(weight=0.5, encoder_path="random:tiny", encoder_dtype="float32",
+                                      precomputed=precomputed))
     config.data.update(dict(name="imagenet_latents", dir=latent_dir, image_size=32, batch_size=6, flip=True))
     return config
 
 
+@pytest.mark.slow
 def test_precomputed_and_computed_tokens_give_the_same_loss(latents_with_tokens):
     mesh = make_mesh()
     source = LatentSource(latents_with_tokens)
@@ -125,6 +129,7 @@ def test_precomputed_and_computed_tokens_give_the_same_loss(latents_with_tokens)
     assert np.abs(computed).max() > 0.1
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_latents_with_precomputed_tokens(latents_with_tokens, tmp_path):
     config = latent_repa_config(latents_with_tokens, True)
     config.train.update(dict(num_steps=2, checkpoint_every=2, log_every=1, num_grid_samples=4))
@@ -164,5 +169,5 @@ def test_bad_repa_settings_fail_before_compiling(tmp_path, change, match):
 def test_erw_stage1_keeps_the_config_types():
     config = fashion_mnist_repa.get_config("erw")
     config.objective.repa.weight = 1  # an int where stage 1 puts 0.5
-    first = stage1_config(config)
+    first = erw_phases(config, "workdir")[0].config
     assert first.objective.repa.weight == 0.5 and jnp.asarray(first.objective.repa.half_life) == 0

@@ -15,6 +15,7 @@ def test_forward_flops_match_the_published_multiply_adds(name, gflops):
     assert forward_flops(get_model(name), 32, 32) / 2e9 == pytest.approx(gflops, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_run_prints_a_table_and_writes_json(tmp_path):
     cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=2,
                       sample_batch=2, sample_cfg=(1.0,), model_overrides={"depth": 2})
@@ -32,6 +33,7 @@ def test_run_prints_a_table_and_writes_json(tmp_path):
         run(BenchConfig(models=("SiT-S/8",), variants=("erw",), sample_steps=0), print_fn=lambda s: None)
 
 
+@pytest.mark.slow
 def test_repa_rows_add_the_projector_and_the_encoder():
     cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, input_size=16, num_classes=4, steps=1, sample_steps=0,
                       variants=("layersync+repa",), image_size=28, dtype="float32", model_overrides={"depth": 2})
@@ -68,6 +70,7 @@ def test_bench_config_from_a_training_config():
     assert small.model_overrides["depth"] == 4 and small.input_size == 28 and small.layersync_pairs == ()
 
 
+@pytest.mark.slow
 def test_evaluator_rows_time_the_inception_pass_and_a_whole_fid():
     cfg = BenchConfig(models=(), steps=1, sample_steps=0, inception_batch=2, fid_samples=5, image_size=16)
     rows = run(cfg, print_fn=lambda s: None)["rows"]

@@ -23,6 +23,7 @@ def latent_config(latent_dir, **data):
     return config
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_latents_then_decoded_samples(tiny_latents, tmp_path):
     _, latent_dir, _, _ = tiny_latents
     metrics = train_and_evaluate(latent_config(latent_dir), str(tmp_path))

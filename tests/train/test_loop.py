@@ -51,6 +51,7 @@ def train_cli(workdir, *overrides, check=True):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_samples_and_events(tmp_path):
     config = tiny.get_config()
     config.train.sample_every = 3
@@ -62,6 +63,7 @@ def test_run_writes_checkpoints_samples_and_events(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_exact(tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     train_cli(straight)  # 6 steps
@@ -74,6 +76,7 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny.get_config()
     config.optimizer.lr = 1e38  # the first update overflows the weights
@@ -83,6 +86,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_compiling_and_keeps_the_workdir(tmp_path):
     config = tiny.get_config()
     config.train.num_steps = 3
@@ -133,6 +137,7 @@ def test_imagenet_config_names_the_missing_data(tmp_path):
     assert config.optimizer.lr == 1e-4 and config.train.ema_decay == 0.9999
 
 
+@pytest.mark.slow
 def test_sigterm_saves_before_exiting(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=" + os.path.join(ROOT, "configs",
                                                                                                 "tiny.py"),
@@ -151,6 +156,7 @@ def test_sigterm_saves_before_exiting(tmp_path):
     assert "preempted at step" in err
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_an_adm_batch_and_a_grid(tmp_path):
     config = tiny.get_config()
     config.train.num_steps = 2

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent(
     """
     import json
@@ -29,7 +33,7 @@ SCRIPT = textwrap.dedent(
 
     def run(mesh):
         state = create_train_state(model, tx, jax.random.key(0), mesh, rules)
-        step = make_train_step(model, objective, tx, schedule, mesh, rules=rules)
+        step = make_train_step(model, objective, tx, schedule, mesh, ema_decay=0.9999, rules=rules)
         losses = []
         for _ in range(3):
             state, metrics = step(state, batch)

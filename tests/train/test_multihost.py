@@ -9,8 +9,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from tests.train.test_loop import CLI_ENV, ROOT, final_params, train_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from lsync_jax.builders import build_model
 from lsync_jax.configs import fashion_mnist_mup
@@ -13,6 +14,8 @@ from lsync_jax.recipes import train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.state import init_state_fn, make_optimizer
 from tests.helpers import quick
+
+pytestmark = pytest.mark.slow
 
 
 def max_change(after, before):

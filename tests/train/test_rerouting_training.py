@@ -11,6 +11,8 @@ from lsync_jax.configs import fashion_mnist_diversedit, fashion_mnist_selfcond
 from lsync_jax.recipes import train_and_evaluate
 from tests.helpers import quick
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("module, terms, params", [
     (fashion_mnist_diversedit, {"loss/layersync", "loss/diversity", "diversity/dispersion"}, "long_skips_5/"),

@@ -25,6 +25,7 @@ def data(n=16):
     return {"x": jnp.asarray(x[..., None], jnp.float32), "y": jnp.asarray(y, jnp.int32)}
 
 
+@pytest.mark.slow
 def test_steps_reduce_the_loss_and_update_ema_and_step():
     model, mesh = tiny(), make_mesh()
     tx, schedule = make_optimizer({"lr": 3e-3})
@@ -46,6 +47,7 @@ def test_steps_reduce_the_loss_and_update_ema_and_step():
         assert np.linalg.norm(np.asarray(e) - np.asarray(p)) <= np.linalg.norm(np.asarray(p0) - np.asarray(p)) + 1e-7
 
 
+@pytest.mark.slow
 def test_ema_is_the_exponential_average_of_the_parameters():
     model, mesh = tiny(), make_mesh()
     tx, schedule = make_optimizer({"lr": 1e-2})

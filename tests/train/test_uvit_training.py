@@ -32,6 +32,7 @@ def test_every_uvit_config_builds_its_model():
         fashion_mnist_uvit.get_config("scalelong")
 
 
+@pytest.mark.slow
 def test_fashion_mnist_uvit_trains_with_layersync(tmp_path):
     """':ls' end to end (its calibration nets are the only extra parameters; the other variants
     differ by a constant factor, checked in tests/models/test_uvit.py): ~30 s of CPU compiles."""

@@ -183,6 +183,7 @@ def tiny_model():
                      num_classes=4, learn_sigma=False)
 
 
+@pytest.mark.slow
 def test_make_sample_fn_on_a_network_with_guidance():
     model = tiny_model()
     variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))

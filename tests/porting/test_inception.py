@@ -325,6 +325,7 @@ def _image_by_image(evaluator, images):
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
+@pytest.mark.slow
 def test_evaluator_batches_any_count_like_single_images(evaluator):
     images = np.concatenate([smooth_images(2, 16, seed=4), noise_images(1, 16, seed=5)])  # 3 = 2 + 1 padded
     batched, single = evaluator.features(images), _image_by_image(evaluator, images)
@@ -337,6 +338,7 @@ def test_evaluator_batches_any_count_like_single_images(evaluator):
     assert relative_error(batched["pool"][:1], batched["pool"][1:2]) > 1e-2  # rows are distinct images
 
 
+@pytest.mark.slow
 def test_evaluator_grayscale_like_single_images_and_tiled_rgb(evaluator):
     gray = smooth_images(2, 16, seed=6)[..., :1]
     batched, single = evaluator.features(gray), _image_by_image(evaluator, gray)

@@ -57,6 +57,7 @@ def test_heun_on_other_paths_and_predictions(path, prediction):
     assert mean_err < 0.06 and cov_err < 0.06
 
 
+@pytest.mark.slow
 def test_adaptive_ode_matches_the_exact_map():
     tr = create_transport()
     x, steps = jax.jit(lambda x: adaptive_ode_sample(gaussian.field(tr), tr, x, rtol=1e-5, atol=1e-5))(X0)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import time
 import uuid
 import zipfile
 from typing import Any, Iterable, Mapping
@@ -86,14 +87,37 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
 
 
+def _remove_quietly(path: Any) -> None:
+    """Remove a temporary file after a failed write; a failure to remove must not hide the first error."""
+    try:
+        if path.exists():
+            path.unlink()
+    except OSError:
+        pass
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write through a uniquely named temporary file and a rename: readers (and concurrent
-    writers of the same content, e.g. several hosts on a shared disk) never see a partial file."""
+    """Write through a uniquely named temporary file and a replacing rename: readers (and concurrent
+    writers of the same content, e.g. several hosts on a shared disk) never see a partial file, a rerun
+    replaces the file it wrote before (os.replace on local disks; on gs:// and other epath backends
+    their replace, which overwrites), and a write that fails or is interrupted leaves no temporary
+    file behind."""
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(data)
-    tmp.rename(target)
+    try:
+        if "://" in str(path):
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the name does
+            os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def save_npz_atomic(path: str, **arrays: Any) -> None:
@@ -166,7 +190,42 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def save_png(path: str, grid: np.ndarray) -> None:
+    """A PNG written whole or not at all (an interrupted run leaves no half picture)."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+# -- progress of long phases -----------------------------------------------------------------------------
+
+
+class Progress:
+    """Logs a long phase's start, its progress with rate and ETA (at most every `every_secs`), and its
+    end, so that no phase longer than a few seconds runs silently (FID sampling, reference statistics,
+    block measurements)."""
+
+    def __init__(self, what: str, total: int, unit: str = "images", every_secs: float = 30.0,
+                 log: Any = None):
+        from absl import logging as absl_logging
+
+        self.what, self.total, self.unit, self.every = what, int(total), unit, every_secs
+        self.log = log or absl_logging.info
+        self.done = 0
+        self.start = self._last = time.perf_counter()
+        self.log(f"{what}: {self.total:,} {unit}")
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        now = time.perf_counter()
+        if now - self._last >= self.every and self.done < self.total:
+            self._last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.log(f"{self.what}: {self.done:,} / {self.total:,} {self.unit} ({rate:.1f}/s, about {eta:.0f} s left)")
+
+    def finish(self) -> float:
+        seconds = time.perf_counter() - self.start
+        self.log(f"{self.what}: done, {self.done:,} {self.unit} in {seconds:.1f} s")
+        return seconds

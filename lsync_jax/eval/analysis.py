@@ -47,8 +47,9 @@ from lsync_jax.eval.representations import (
     probe_blocks,
     probe_split,
 )
-from lsync_jax.host import save_png, write_json_atomic
+from lsync_jax.host import Progress, save_png, write_json_atomic
 from lsync_jax.models.encoders.features import encoder_tokens
+from lsync_jax.objectives.layersync import SELECTION_DEFAULTS
 from lsync_jax.porting.dinov2 import load_encoder
 from lsync_jax.workdir import checkpoint_steps, load_params
 
@@ -194,15 +195,16 @@ def probe_figure(curves: Mapping[str, Sequence[float | None]], blocks: Sequence[
 @dataclasses.dataclass(frozen=True)
 class MeasureSettings:
     """What to measure a model on: `num_samples` examples of `split` (a seeded subset), noised at
-    each of `t_values` (1 = data); probes on a `test_fraction` split, k neighbours for k-NN metrics."""
+    each of `t_values` (1 = data); probes on a `test_fraction` split, k neighbours for k-NN metrics.
+    The shared defaults are the automatic pairs' (`SELECTION_DEFAULTS`), defined once there."""
 
-    num_samples: int = 2048
-    t_values: tuple[float, ...] = (0.25, 0.5, 0.75)
-    batch_size: int = 256
-    seed: int = 0
+    num_samples: int = SELECTION_DEFAULTS["num_samples"]
+    t_values: tuple[float, ...] = SELECTION_DEFAULTS["t_values"]
+    batch_size: int = SELECTION_DEFAULTS["batch_size"]
+    seed: int = SELECTION_DEFAULTS["seed"]
     k: int = 10
     split: str = ""  # '' = config.data.split
-    condition: str = "null"  # see collect_block_features
+    condition: str = SELECTION_DEFAULTS["condition"]  # see collect_block_features
     test_fraction: float = 0.2
     cka: bool = True
 
@@ -234,6 +236,12 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
     source = source if source is not None else build_source(config.data, settings.split or None)
     num_classes = int(getattr(source, "num_classes", 0) or model.num_classes)
     indices = sample_indices(len(source), settings.num_samples, settings.seed)
+    if len(indices) < settings.num_samples:  # a command that does less than asked says so
+        logging.warning("block measurements: %d examples requested but the source (%s) has %d: measuring %d",
+                        settings.num_samples, getattr(source, "name", type(source).__name__), len(source),
+                        len(indices))
+    progress = Progress(f"block measurements at t = {', '.join(f'{float(t):g}' for t in settings.t_values)}",
+                        len(indices) * len(settings.t_values), "example passes")
     parts, reference_features, path = [], None, build_transport(config).path
     for t in settings.t_values:  # one t at a time: ImageNet's 20,000 x 28 blocks x 1152 floats are 2.6 GB per t
         collected = collect_block_features(model, params, path, source, len(indices),
@@ -245,6 +253,8 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
         parts.append(measure_blocks(collected, num_classes, k=settings.k, test_fraction=settings.test_fraction,
                                     seed=settings.seed, cka=settings.cka))
         del collected
+        progress.update(len(indices))
+    progress.finish()
     measured = merge_measurements(parts)
     measured["settings"] = dict(measured["settings"], **dict(dataclasses.asdict(settings),
                                                              t_values=[float(t) for t in settings.t_values]))

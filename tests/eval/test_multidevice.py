@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from tests.helpers import seed_inception_cache
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +36,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_eight_devices_match_one_on_a_ragged_grayscale_batch(tmp_path):
+def test_eight_devices_match_one_on_a_ragged_grayscale_batch(tmp_path, inception_npz):
+    seed_inception_cache(tmp_path, inception_npz)  # converted once per test process
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                LSYNC_JAX_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,

@@ -9,23 +9,32 @@ float64 accumulators, so 50K samples never sit in memory as images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import os
 import time
 import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
 from lsync_jax.eval import metrics
-from lsync_jax.host import all_processes, gather_to_host, pad_rows, save_npz_atomic, write_json_atomic
+from lsync_jax.host import (
+    all_processes,
+    gather_to_host,
+    pad_rows,
+    save_npz_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from lsync_jax.models import inception
 from lsync_jax.porting import inception as weights
 
@@ -56,11 +65,16 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str) -> "FeatureStats":
-        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
-            return cls(mu=data["mu"], sigma=data["sigma"], mu_s=data["mu_s"], sigma_s=data["sigma_s"],
-                       count=int(data["count"]) if "count" in data.files else -1,
-                       pool=data["pool"] if "pool" in data.files else None,
-                       probs=data["probs"] if "probs" in data.files else None)
+        """Statistics saved by `save`; a damaged or incomplete file is a ValueError naming it."""
+        with open_npz(path) as archive:
+            names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+            missing = [k for k in STAT_KEYS if k not in names]
+            if missing:
+                raise ValueError(f"{path} holds no {', '.join(missing)}: not FID statistics (arrays: {sorted(names)})")
+            data = {k: _read_member(archive, path, k) for k in names}
+        return cls(mu=data["mu"], sigma=data["sigma"], mu_s=data["mu_s"], sigma_s=data["sigma_s"],
+                   count=int(data["count"]) if "count" in data else -1, pool=data.get("pool"),
+                   probs=data.get("probs"))
 
 
 class InceptionEvaluator:
@@ -173,6 +187,22 @@ def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = 3, split_s
 # ADM .npz batches
 
 
+@contextlib.contextmanager
+def open_npz(path: str) -> Iterator[zipfile.ZipFile]:
+    """An .npz opened as the zip archive it is; a file that is no readable archive (truncated, damaged,
+    not an .npz) is an error naming it."""
+    try:
+        with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
+            yield archive
+    except (zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}): the file is truncated or "
+                         "damaged; write it again (launch/sample.py writes sample batches)") from e
+    except EOFError as e:  # a member's data ends early
+        if str(path) in str(e):
+            raise
+        raise EOFError(f"{path} is truncated ({e})") from e
+
+
 def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -180,14 +210,24 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
+def _read_member(archive: zipfile.ZipFile, path: str, key: str) -> np.ndarray:
+    """One array of an opened .npz (no pickles); a damaged member is an error naming the file and array."""
+    try:
+        with archive.open(f"{key}.npy") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: array {key!r} cannot be read ({type(e).__name__}: {e}); the file is "
+                         "truncated or damaged") from e
+
+
 def npz_keys(path: str) -> list[str]:
-    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
+    with open_npz(path) as archive:
         return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
 
 
 def iter_npz_batches(path: str, key: str = "arr_0", batch_size: int = 1000) -> Iterator[np.ndarray]:
     """Stream rows of one array of an .npz without loading it whole (ADM's 50K x 256^2 batches are ~10 GB)."""
-    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
+    with open_npz(path) as archive:
         name = f"{key}.npy"
         if name not in archive.namelist():
             raise KeyError(f"{path} has no array {key!r} (has {npz_keys(path)})")
@@ -208,9 +248,12 @@ def iter_npz_batches(path: str, key: str = "arr_0", batch_size: int = 1000) -> I
 
 def npz_header(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of one array of an .npz, from its header alone."""
-    with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
+    with open_npz(path) as archive:
         with archive.open(f"{key}.npy") as f:
-            shape, _, dtype = _read_npy_header(f)
+            try:
+                shape, _, dtype = _read_npy_header(f)
+            except ValueError as e:
+                raise ValueError(f"{path}: array {key!r} has no readable .npy header ({e}); the file is damaged") from e
     return tuple(shape), dtype
 
 
@@ -245,8 +288,14 @@ def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], Featur
     """
     directory = cache_dir or os.path.join(weights.cache_dir(), "fid_stats")
     path = os.path.join(directory, f"{key}__{evaluator.weights_id}.npz")
-    if all_processes(os.path.exists(path)):
-        return FeatureStats.load(path)
+    stats = None
+    if os.path.exists(path):
+        try:
+            stats = FeatureStats.load(path)
+        except ValueError as e:  # a cache, not a result: computed again and replaced
+            logging.warning("cached FID statistics %s are damaged (%s); computing them again", path, e)
+    if all_processes(stats is not None):
+        return stats
     stats = compute()
     stats.save(path)
     return stats
@@ -272,8 +321,8 @@ def batch_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int =
 def _stored_statistics(path: str) -> dict[str, np.ndarray] | None:
     if not all(k in npz_keys(path) for k in STAT_KEYS):
         return None
-    with epath.Path(path).open("rb") as f, np.load(f) as data:
-        return {k: data[k] for k in STAT_KEYS}
+    with open_npz(path) as archive:
+        return {k: _read_member(archive, path, k) for k in STAT_KEYS}
 
 
 def reference_statistics(evaluator: InceptionEvaluator, path: str, batch_size: int = 1000,
@@ -328,6 +377,23 @@ def source_statistics(evaluator: InceptionEvaluator, source: Any, num_images: in
     return cached(key, evaluator, compute)
 
 
+def check_output(path: str) -> bool:
+    """Before any work: the result's directory takes a file (a probe is written and removed), and the
+    path is no directory. Returns whether a result is there already (the new one replaces it,
+    atomically, when it is written)."""
+    target = epath.Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"the metrics output {path} is a directory; pass --output=FILE.json")
+    probe = target.parent / f".{target.name}.probe"
+    try:
+        write_bytes_atomic(str(probe), b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write the metrics output {path} ({type(e).__name__}: {e}); choose another "
+                      "--output") from e
+    return target.exists()
+
+
 def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = None, ref_num: int = 0,
              weights_path: str | None = None, batch_size: int = 256, output: str | None = None,
              fid_method: str = "sqrtm", log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -338,8 +404,13 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
     if fid_method not in metrics.FID_METHODS:
         raise ValueError(f"fid_method={fid_method!r}; expected one of {metrics.FID_METHODS}")
     shape = check_image_batch(sample_batch)
-    if ref_batch is not None and not epath.Path(ref_batch).exists():
-        raise FileNotFoundError(f"reference batch {ref_batch} not found")
+    if ref_batch is not None:
+        if not epath.Path(ref_batch).exists():
+            raise FileNotFoundError(f"reference batch {ref_batch} not found")
+        if "arr_0" in npz_keys(ref_batch):  # a damaged reference fails now, not after the sample pass
+            check_image_batch(ref_batch)
+    if output and jax.process_index() == 0 and check_output(output):
+        log(f"{output} exists: this run's result will replace it")
     evaluator = InceptionEvaluator(weights_path, batch_size=batch_size)
     start = time.time()
     if ref_batch is not None:

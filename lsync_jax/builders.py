@@ -115,7 +115,10 @@ def build_source(data: Mapping[str, Any], split: str | None = None):
 
 
 def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -> None:
-    """The examples' shape and label range must fit the model (before any compile)."""
+    """The examples' shape and every label must fit the model (before any compile). Labels are checked
+    over the whole source (its `check_labels`: all of them at open for arrays, the class count for
+    folders, synthetic data and tfds, the recorded range for latents, which otherwise check each record
+    as it is read); label num_classes is the model's null class, never a data label."""
     example = to_example(source, source[0], np.random.default_rng(0), False)
     x, label = example["x"], example["y"]
     h, w, c = x.shape
@@ -126,12 +129,17 @@ def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -
     if h != model.input_size or w != model.input_size:
         raise ValueError(f"config.data ({data['name']}) gives {h}x{w} {kind} but "
                          f"config.model.overrides.input_size={model.input_size}")
+    if not model.num_classes:  # an unconditional model reads no labels
+        return
+    if hasattr(source, "check_labels"):
+        source.check_labels(model.num_classes)
+    elif not 0 <= int(label) < model.num_classes:  # a source of the Python API's own: record 0 only
+        raise ValueError(f"config.data ({data['name']}): label {label} of record 0 is outside the model's classes "
+                         f"0..{model.num_classes - 1} (config.model.overrides.num_classes={model.num_classes})")
     classes = getattr(source, "num_classes", 0)
-    if model.num_classes and classes and classes > model.num_classes:
+    if classes and classes > model.num_classes:
         raise ValueError(f"config.data ({data['name']}) has {classes} classes but the model "
-                         f"num_classes={model.num_classes}")
-    if model.num_classes and not 0 <= int(label) < model.num_classes:
-        raise ValueError(f"label {label} is outside the model's {model.num_classes} classes")
+                         f"num_classes={model.num_classes} (config.model.overrides.num_classes)")
 
 
 def vae_path(config: Mapping[str, Any]) -> str | None:

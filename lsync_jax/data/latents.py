@@ -2,7 +2,8 @@
 
 `launch/preprocess.py` writes a directory of
 
-    metadata.json                               what the shards hold (checked by the reader)
+    metadata.json                               what the shards hold (checked by the reader), and
+                                                `label_range`, the [min, max] of the stored labels
     latents-00000-of-01252.array_record         `shard_size` records each, in dataset order
 
 Each record is the fixed-layout concatenation of the fields named in the metadata (raw
@@ -29,6 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
+
+from lsync_jax.data.sources import NULL_CLASS_NOTE
 
 FORMAT = "lsync_jax.latents"
 VERSION = 1
@@ -95,12 +98,31 @@ def read_metadata(directory: str) -> dict[str, Any]:
             f"no preprocessed latents in {directory!r} ({METADATA} missing). Make them with "
             "`python launch/preprocess.py --images=ILSVRC2012/train --vae=PATH --image_size=256 --out=DIR` "
             "and pass --config.data.dir=DIR.")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not JSON: {e}); rerun launch/preprocess.py with the same flags "
+                         "into a new --out, or restore the file") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (None, None)
         raise ValueError(f"{path} is not lsync-jax latent metadata version {VERSION} "
-                         f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+                         f"(format={got[0]!r}, version={got[1]!r})")
     return meta
+
+
+def damaged_shard(paths: list[str]) -> str | None:
+    """The first shard array_record cannot open (after it failed on the set, to name the file)."""
+    from array_record.python.array_record_module import ArrayRecordReader  # as LatentSource: grain's reader
+
+    for path in paths:
+        try:
+            reader = ArrayRecordReader(path)
+            reader.num_records()
+            reader.close()
+        except RuntimeError:
+            return path
+    return None
 
 
 class LatentSource:
@@ -126,7 +148,13 @@ class LatentSource:
                 f"{len(missing)} of {len(names)} latent shards are missing in {self.directory} (first: {missing[0]}): "
                 "preprocessing did not finish. Run launch/preprocess.py again with the same flags; it resumes.")
         self.codec = RecordCodec({k: (d, tuple(s)) for k, d, s in self.meta["fields"]})
-        self.records = ArrayRecordDataSource([os.path.join(self.directory, n) for n in names])
+        paths = [os.path.join(self.directory, n) for n in names]
+        try:
+            self.records = ArrayRecordDataSource(paths)
+        except RuntimeError as e:  # array_record's own error names no file (often it has no message)
+            raise ValueError(f"{damaged_shard(paths) or self.directory}: a latent shard is damaged (truncated or not "
+                             "ArrayRecord). Move it aside and run launch/preprocess.py again with the same flags; "
+                             "it rewrites missing shards") from e
         if len(self.records) != self.meta["num_records"]:
             raise ValueError(f"{self.directory} holds {len(self.records)} records; its metadata says "
                              f"{self.meta['num_records']}")
@@ -137,6 +165,14 @@ class LatentSource:
         self.has_flip = "mean_flip" in self.codec.fields
         self.name = f"latents/{os.path.basename(self.directory)}"
         self._warned_flip = False
+        # The (min, max) of every stored label, recorded by launch/preprocess.py; shards made before it
+        # recorded one have their labels checked as records are read, against `label_limit`.
+        recorded = self.meta.get("label_range")
+        self.label_range = None if recorded is None else (int(recorded[0]), int(recorded[1]))
+        self.label_limit = self.num_classes or np.iinfo(np.int32).max  # 0: the source named no classes
+        if self.label_range is None:
+            logging.info("%s records no label range (made by an older launch/preprocess.py): labels are checked "
+                         "as records are read", os.path.join(self.directory, METADATA))
 
     def __repr__(self) -> str:
         return f"LatentSource(directory={self.directory!r}, records={len(self)})"
@@ -145,7 +181,25 @@ class LatentSource:
         return int(self.meta["num_records"])
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self.codec.decode(self.records[int(index)])
+        record = self.codec.decode(self.records[int(index)])
+        if self.label_range is None and not 0 <= int(record["label"]) < self.label_limit:
+            shard, position = divmod(int(index), int(self.meta["shard_size"]))
+            raise ValueError(f"{os.path.join(self.directory, self.meta['shards'][shard])}: record {position} "
+                             f"(image {index}) has label {int(record['label'])}, outside 0..{self.label_limit - 1} "
+                             f"(the model's and the latents' classes); {NULL_CLASS_NOTE}")
+        return record
+
+    def check_labels(self, num_classes: int) -> None:
+        """The recorded label range against the model's classes (before anything compiles); without one,
+        every record read from now on is checked against them."""
+        self.label_limit = min(num_classes, self.num_classes or num_classes)
+        if self.label_range is None:
+            return
+        low, high = self.label_range
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{os.path.join(self.directory, METADATA)}: the latents hold labels {low}..{high}, "
+                             f"but the model's num_classes={num_classes} (config.model.overrides.num_classes) "
+                             f"takes 0..{num_classes - 1}; {NULL_CLASS_NOTE}")
 
     def check_fields(self, fields: tuple[str, ...], flip: bool) -> None:
         """Refuse, before training, extra fields the shards cannot give."""

@@ -11,17 +11,52 @@ from typing import Any
 
 import numpy as np
 
+NULL_CLASS_NOTE = "label num_classes is the model's null class (classifier-free guidance), never a data label"
+
+
+def check_label_array(labels: np.ndarray, num_classes: int | None, where: str, what: str = "") -> tuple[int, int]:
+    """Check every label at once (vectorised): integers in [0, num_classes) (None: only >= 0). Returns
+    their (min, max); a bad label is an error naming `where` (the file), its index and the range
+    expected (`what` says whose classes those are)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        raise ValueError(f"{where}: no labels")
+    if not np.issubdtype(labels.dtype, np.integer):
+        fractional = labels != np.round(labels)
+        if fractional.any():
+            i = int(np.argmax(fractional))
+            raise ValueError(f"{where}: label {labels[i]} at index {i} is not a whole class number")
+    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i, count = int(np.argmax(bad)), int(np.count_nonzero(bad))
+        expected = ("labels are class numbers >= 0" if num_classes is None else
+                    f"expected 0..{num_classes - 1}{f' ({what})' if what else ''}; {NULL_CLASS_NOTE}")
+        raise ValueError(f"{where}: label {labels[i]} at index {i} is out of range: {expected} "
+                         f"({count} bad label(s) in all)")
+    return int(labels.min()), int(labels.max())
+
+
+def model_classes(num_classes: int) -> str:
+    return f"the model's num_classes={num_classes} (config.model.overrides.num_classes)"
+
 
 class ArraySource:
     """Images and labels held in memory (e.g. Fashion-MNIST). `name` identifies the data in the
-    iterator checkpoints (grain checks a restored position against `repr(source)`)."""
+    iterator checkpoints (grain checks a restored position against `repr(source)`); `origin` (the
+    labels' file) is what errors name. Every label is checked when the source opens."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays", origin: str | None = None):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"ArraySource wants uint8 NHWC images, got {images.dtype} {images.shape}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"ArraySource: {images.shape[0]} images but labels of shape {labels.shape}")
+        self.origin = origin or name
+        self.label_range = check_label_array(labels, None, self.origin)
         self.images, self.labels, self.name = images, labels.astype(np.int32), name
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every label against the model's classes (before anything compiles)."""
+        check_label_array(self.labels, num_classes, self.origin, model_classes(num_classes))
 
     def __repr__(self) -> str:
         return f"ArraySource(name={self.name!r}, images={self.images.shape})"
@@ -41,6 +76,13 @@ class SyntheticSource:
             raise ValueError(f"SyntheticSource: need size >= 1, an (H, W, C) shape and classes >= 1; "
                              f"got {size}, {shape}, {num_classes}")
         self.size, self.shape, self.num_classes, self.seed = size, tuple(shape), num_classes, seed
+        self.label_range = (0, num_classes - 1)
+
+    def check_labels(self, num_classes: int) -> None:
+        if self.num_classes > num_classes:
+            raise ValueError(f"config.data.num_classes={self.num_classes}: the synthetic source draws labels "
+                             f"0..{self.num_classes - 1}, but {model_classes(num_classes)} takes 0..{num_classes - 1}; "
+                             f"{NULL_CLASS_NOTE}")
 
     def __repr__(self) -> str:
         return f"SyntheticSource(size={self.size}, shape={self.shape}, classes={self.num_classes}, seed={self.seed})"
@@ -79,6 +121,17 @@ class TfdsSource:
         label_feature = builder.info.features[label_key] if label_key in builder.info.features else None
         self.classes = tuple(getattr(label_feature, "names", None) or ())
         self.description = f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r})"
+        # A ClassLabel feature bounds every label (tfds checks them when it prepares the data); without
+        # one, labels are checked as records are read, against `label_limit`.
+        self.label_range = (0, len(self.classes) - 1) if self.classes else None
+        self.label_limit: int | None = None
+
+    def check_labels(self, num_classes: int) -> None:
+        if self.classes and len(self.classes) > num_classes:
+            raise ValueError(f"{self.description}: its {self.label_key!r} feature has {len(self.classes)} classes "
+                             f"(labels 0..{len(self.classes) - 1}), but {model_classes(num_classes)} takes "
+                             f"0..{num_classes - 1}; {NULL_CLASS_NOTE}")
+        self.label_limit = num_classes
 
     def __repr__(self) -> str:
         return self.description
@@ -88,8 +141,11 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.source[index]
-        return {"image": np.asarray(record[self.image_key], np.uint8),
-                "label": np.int32(record[self.label_key])}
+        label = int(record[self.label_key])
+        if self.label_limit is not None and not 0 <= label < self.label_limit:
+            raise ValueError(f"{self.description}: record {index} has label {label}, outside the model's classes "
+                             f"0..{self.label_limit - 1}; {NULL_CLASS_NOTE}")
+        return {"image": np.asarray(record[self.image_key], np.uint8), "label": np.int32(label)}
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -113,6 +169,16 @@ class ImageFolderSource:
                                if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root!r}")
+        self.num_classes = len(self.classes)
+        self.label_range = (self.files[0][1], self.files[-1][1])  # files are in label order
+
+    def check_labels(self, num_classes: int) -> None:
+        if self.num_classes > num_classes:
+            index = next(i for i, (_, label) in enumerate(self.files) if label >= num_classes)
+            path, label = self.files[index]
+            raise ValueError(f"{self.root}: {self.num_classes} class folders give labels 0..{self.num_classes - 1}, "
+                             f"but {model_classes(num_classes)} takes 0..{num_classes - 1}: image {index} ({path}, "
+                             f"class folder {self.classes[label]!r}) has label {label}; {NULL_CLASS_NOTE}")
 
     def __repr__(self) -> str:
         return f"ImageFolderSource(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"

@@ -29,9 +29,11 @@ from lsync_jax.data.latents import (
     METADATA,
     VERSION,
     RecordCodec,
+    read_metadata,
     record_fields,
     shard_name,
 )
+from lsync_jax.data.sources import IMAGE_EXTENSIONS, check_label_array
 from lsync_jax.host import pad_rows, write_json_atomic
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.models.vae import SCALE_FACTOR, downsampling_factor, encode_images
@@ -79,9 +81,55 @@ _RESUME_KEYS = ("image_size", "latent_shape", "fields", "num_records", "shard_si
                 "encoder")
 
 
+def check_classes(source: Any, num_classes: int | None = None, log: Callable[[str], None] = print) -> None:
+    """Before the VAE loads or anything is written: report the classes found (count, first names) and
+    refuse the parent of a class-folder tree (a root holding one class folder that holds folders, which
+    would give every image the class of that one folder) and a class count other than `num_classes`
+    (None: not checked)."""
+    classes = list(getattr(source, "classes", ()))
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    root = getattr(source, "root", None)
+    where = root or repr(source)
+    if root is not None:
+        loose = sum(1 for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        log(f"{root}: {len(classes)} class folder(s) ({shown}) holding {len(source):,} images"
+            + (f"; {loose} image(s) directly under it are in no class folder and are skipped" if loose else ""))
+        if len(classes) == 1:
+            inner = sorted(e.name for e in os.scandir(os.path.join(root, classes[0])) if e.is_dir())
+            if inner:
+                raise ValueError(
+                    f"--images={root} holds a single class folder {classes[0]!r}, which holds folders "
+                    f"({', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''}): every image would get the one "
+                    f"class {classes[0]!r}. This looks like the parent of the class folders: pass "
+                    f"--images={os.path.join(root, classes[0])}")
+    else:
+        log(f"{where}: {len(classes)} classes" + (f" ({shown})" if classes else ""))
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(f"--num_classes={num_classes}, but {where} has {len(classes)} classes"
+                         + (f" ({shown})" if classes else "") + ": point --images/--tfds_name at the data with "
+                         f"{num_classes} classes, or drop --num_classes")
+
+
+def label_range(source: Any, num_records: int, num_classes: int) -> tuple[int, int] | None:
+    """(min, max) of the labels of the first `num_records` records, without decoding any image: exact
+    for class folders and in-memory arrays, the class bound for others (every label is checked
+    against it as it is encoded); None when nothing bounds them."""
+    if hasattr(source, "files"):  # ImageFolderSource: (path, label) in order
+        labels = np.asarray([label for _, label in source.files[:num_records]])
+    elif hasattr(source, "labels"):  # ArraySource
+        labels = np.asarray(source.labels[:num_records])
+    elif getattr(source, "label_range", None) is not None:
+        return tuple(int(v) for v in source.label_range)
+    else:
+        return (0, num_classes - 1) if num_classes > 0 else None
+    return check_label_array(labels, num_classes or None, repr(source),
+                             f"the source's {num_classes} classes" if num_classes else "")
+
+
 def build_metadata(source_info: dict[str, Any], vae_info: dict[str, Any], latent_shape: tuple[int, int, int],
                    num_records: int, spec: PreprocessSpec, scale_factor: float,
-                   encoder_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                   encoder_info: dict[str, Any] | None = None,
+                   labels: tuple[int, int] | None = None) -> dict[str, Any]:
     num_shards = max(1, math.ceil(num_records / spec.shard_size))
     tokens = tuple(encoder_info["tokens"]) if encoder_info else None
     fields = record_fields(latent_shape, spec.image_size, spec.store_flip, spec.store_images, tokens)
@@ -92,6 +140,7 @@ def build_metadata(source_info: dict[str, Any], vae_info: dict[str, Any], latent
         "num_records": num_records, "shard_size": spec.shard_size, "num_shards": num_shards,
         "shards": [shard_name(i, num_shards) for i in range(num_shards)],
         "source": source_info, "vae": vae_info, "encoder": encoder_info,
+        **({} if labels is None else {"label_range": [int(labels[0]), int(labels[1])]}),
     }
 
 
@@ -204,12 +253,13 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
     processes = jax.process_count() if spec.process_count < 0 else spec.process_count
     if not 0 <= process < processes:
         raise ValueError(f"process_index={process} must be in [0, process_count={processes})")
+    num_records = min(len(source), spec.limit) if spec.limit else len(source)
+    labels = label_range(source, num_records, int(source_info.get("num_classes") or 0))
     module, params = load_vae(vae_path)
     factor = downsampling_factor(module.config)
     if spec.image_size % factor:
         raise ValueError(f"image_size={spec.image_size} is not a multiple of the VAE's downsampling factor {factor}")
     latent_shape = (spec.image_size // factor, spec.image_size // factor, module.config.latent_channels)
-    num_records = min(len(source), spec.limit) if spec.limit else len(source)
     vae_info = {"path": os.path.abspath(vae_path) if "://" not in vae_path else vae_path,
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(module.config).items()}}
@@ -221,14 +271,15 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
         encoder_info = {"path": spec.encoder_path, "description": description, "grid": grid,
                         "tokens": [grid * grid, encoder.config.embed_dim],
                         "input_size": grid * encoder.config.patch_size}
-    meta = build_metadata(source_info, vae_info, latent_shape, num_records, spec, SCALE_FACTOR, encoder_info)
+    meta = build_metadata(source_info, vae_info, latent_shape, num_records, spec, SCALE_FACTOR, encoder_info,
+                          labels=labels)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, METADATA)
     if os.path.exists(meta_path):
-        import json
-
-        with open(meta_path) as f:
-            check_resumable(json.load(f), meta, out_dir)
+        existing = read_metadata(out_dir)
+        check_resumable(existing, meta, out_dir)
+        recorded = existing.get("label_range")  # None: made before label ranges were recorded
+        labels = None if recorded is None else tuple(recorded)
     elif process == 0:
         write_json_atomic(meta_path, meta)
 
@@ -245,7 +296,11 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
 
     def load(index: int) -> tuple[np.ndarray, np.int32, int]:
         record = source[index]
-        return center_crop_adm(record["image"], spec.image_size), np.int32(record["label"]), index
+        label = int(record["label"])
+        if labels is not None and not labels[0] <= label <= labels[1]:  # the metadata must not lie
+            raise ValueError(f"{source!r}: image {index} has label {label}, outside the range {labels[0]}..{labels[1]} "
+                             f"recorded in {meta_path}")
+        return center_crop_adm(record["image"], spec.image_size), np.int32(label), index
 
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -258,20 +313,29 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
         final = os.path.join(out_dir, meta["shards"][k])
         temporary = f"{final}.tmp-{process}"
         writer = ArrayRecordWriter(temporary, "group_size:1")  # random access: one record per chunk
-        count = len(shard_range[k])
-        for begin in range(0, count, spec.batch_size):
-            items = [next(loaded) for _ in range(min(spec.batch_size, count - begin))]
-            images = np.stack([image for image, _, _ in items])
-            moments = encode(images)
-            for j, (image, label, index) in enumerate(items):
-                values = {name: moments[name][j] for name in moments}
-                values.update(label=label, index=np.int64(index))
-                if spec.store_images:
-                    values["image"] = image
-                writer.write(codec.encode(values))
-            progress.update(len(items))
-        writer.close()
-        os.replace(temporary, final)  # a shard exists under its name only when complete
+        try:
+            count = len(shard_range[k])
+            for begin in range(0, count, spec.batch_size):
+                items = [next(loaded) for _ in range(min(spec.batch_size, count - begin))]
+                images = np.stack([image for image, _, _ in items])
+                moments = encode(images)
+                for j, (image, label, index) in enumerate(items):
+                    values = {name: moments[name][j] for name in moments}
+                    values.update(label=label, index=np.int64(index))
+                    if spec.store_images:
+                        values["image"] = image
+                    writer.write(codec.encode(values))
+                progress.update(len(items))
+            writer.close()
+            os.replace(temporary, final)  # a shard exists under its name only when complete
+        except BaseException:  # a failed or interrupted shard leaves no temporary file (a rerun redoes it)
+            try:
+                writer.close()
+            except Exception:  # the first error is the one to report
+                pass
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
     seconds = time.perf_counter() - start
     steady = progress.rate()
     progress.update(0, force=True)

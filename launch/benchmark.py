@@ -10,6 +10,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.host import quiet_library_logs
 from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, run, write_json
 
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

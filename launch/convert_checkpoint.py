@@ -10,6 +10,7 @@ import ast
 
 from absl import app, flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.host import quiet_library_logs
 from lsync_jax.porting.official import CHECKPOINT_KEYS, CONVENTIONS
 from lsync_jax.tools.convert import convert_to_workdir
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ import os
 
 from absl import app, flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval import weights
 from lsync_jax.host import quiet_library_logs
 
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

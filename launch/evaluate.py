@@ -11,6 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval.evaluator import evaluate
 from lsync_jax.host import quiet_library_logs
 
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -11,6 +11,7 @@ import os
 
 from absl import app, flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.host import quiet_library_logs
 from lsync_jax.tools.coord_check import (
     CoordCheckSetup,
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

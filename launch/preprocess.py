@@ -1,7 +1,7 @@
 """ImageNet (or any class-folder tree / tfds dataset) -> SD-VAE latent shards for training.
 
     python launch/preprocess.py --images=/data/ILSVRC2012/train --vae=/models/sd-vae-ft-ema \
-        --image_size=256 --out=/data/imagenet256_latents [--store_flip] [--store_images]
+        --image_size=256 --out=/data/imagenet256_latents [--num_classes=1000] [--store_flip] [--store_images]
     python launch/preprocess.py --tfds_name=imagenet2012 --tfds_dir=/data/tfds --vae=... --out=...
 
 Resumable: run the same command again after an interruption; finished shards are kept.
@@ -12,9 +12,10 @@ import os
 
 from absl import app, flags, logging
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.data.sources import ImageFolderSource, TfdsSource
 from lsync_jax.host import quiet_library_logs
-from lsync_jax.tools.preprocess import PreprocessSpec, preprocess_latents
+from lsync_jax.tools.preprocess import PreprocessSpec, check_classes, preprocess_latents
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "An ImageNet-style class-folder tree (ILSVRC2012's train/).")
@@ -29,6 +30,8 @@ flags.DEFINE_integer("batch_size", 64, "Images per encoder call, split over this
 flags.DEFINE_bool("store_flip", False, "Also store the encoding of the mirrored crop (exact random flips).")
 flags.DEFINE_bool("store_images", False, "Also store the uint8 crops (REPA encoders, probes, FID references).")
 flags.DEFINE_integer("num_workers", 16, "Threads decoding and cropping images.")
+flags.DEFINE_integer("num_classes", None, "The classes the data must have (e.g. 1000 for ImageNet); checked before "
+                     "the VAE loads. Default: not checked (the classes found are logged).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N images.")
 flags.DEFINE_string("encoder_path", "", "REPA: also store DINOv2's tokens of each crop (torch hub or Hugging Face "
                     "weights), so training runs no encoder (--config.objective.repa.precomputed=True).")
@@ -54,6 +57,7 @@ def main(argv):
         source = TfdsSource(FLAGS.tfds_name, split=FLAGS.split, data_dir=FLAGS.tfds_dir)
         info = {"kind": "tfds", "name": FLAGS.tfds_name, "split": FLAGS.split, "path": FLAGS.tfds_dir,
                 "num_classes": len(source.classes)}
+    check_classes(source, FLAGS.num_classes, log=logging.info)  # before the VAE loads or anything is written
     spec = PreprocessSpec(image_size=FLAGS.image_size, shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size,
                           store_flip=FLAGS.store_flip, store_images=FLAGS.store_images,
                           num_workers=FLAGS.num_workers, limit=FLAGS.limit, encoder_path=FLAGS.encoder_path,
@@ -66,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

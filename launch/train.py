@@ -4,6 +4,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from lsync_jax.configs.cli import parse_flags
 from lsync_jax.host import quiet_library_logs
 from lsync_jax.recipes import train_and_evaluate
 
@@ -21,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -29,15 +29,35 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     """A (data, fsdp) mesh over `devices` (default: all); -1 on one axis takes what is left."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
-    if data == -1:
-        data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
-    if fsdp == -1:
-        fsdp = n // data if data > 0 and n % data == 0 else 0
-    if data < 1 or fsdp < 1 or data * fsdp != n:
-        raise ValueError(f"mesh: data x fsdp = {data} x {fsdp} does not cover the {n} devices present")
+    problem = mesh_problem(data, fsdp, n)
+    if problem:
+        raise ValueError(problem)
+    data = n // fsdp if data == -1 else data
+    fsdp = n // data if fsdp == -1 else fsdp
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def mesh_problem(data: int, fsdp: int, num_devices: int) -> str:
+    """Why config.mesh.data x config.mesh.fsdp cannot tile `num_devices` devices, and what would ('' if
+    it can): each is a positive size or -1 (what is left), and their product must be the device count."""
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    given = f"config.mesh.data={data}, config.mesh.fsdp={fsdp}"
+    hint = (f"with {num_devices} device(s), a fixed size must divide {num_devices} (one of "
+            f"{', '.join(map(str, divisors))}) and data x fsdp must equal {num_devices}; set the other key to -1 "
+            f"to take what is left (e.g. --config.mesh.data=-1 --config.mesh.fsdp=1)")
+    for key, value in (("data", data), ("fsdp", fsdp)):
+        if value != -1 and value < 1:
+            return f"{given}: config.mesh.{key} must be >= 1 or -1 (what is left); {hint}"
+    if data == -1 and fsdp == -1:
+        return f"{given}: at most one of config.mesh.data and config.mesh.fsdp may be -1; {hint}"
+    if data == -1 or fsdp == -1:
+        key, value = ("fsdp", fsdp) if data == -1 else ("data", data)
+        if num_devices % value:
+            return f"{given}: config.mesh.{key}={value} does not divide the {num_devices} devices present; {hint}"
+        return ""
+    if data * fsdp != num_devices:
+        return f"{given}: data x fsdp = {data * fsdp} does not cover the {num_devices} devices present; {hint}"
+    return ""
 
 
 def path_name(path: tuple) -> str:

@@ -30,7 +30,6 @@ files, `Dinov2WithRegistersModel`) is refused: this port implements the register
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
@@ -41,6 +40,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from lsync_jax.host import read_json
 from lsync_jax.models.encoders.dinov2 import CONFIGS, DINOv2, DINOv2Config, random_dinov2
 from lsync_jax.porting.vae import read_state_file
 
@@ -256,7 +256,7 @@ def read_dinov2_state(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] 
         raise FileNotFoundError(f"DINOv2 weights {path} not found: {_WHERE_TO_GET}")
     folder = os.path.dirname(weights_file)
     if weights_file.endswith(".index.json"):
-        shards = sorted(set(json.load(open(weights_file))["weight_map"].values()))
+        shards = sorted(set(read_json(weights_file, "the DINOv2 weight index")["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(_read(os.path.join(folder, shard)))
@@ -264,7 +264,7 @@ def read_dinov2_state(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] 
         state = _read(weights_file)
     state = {k[len("dinov2."):] if k.startswith("dinov2.") else k: v for k, v in state.items()}
     config_file = os.path.join(folder, "config.json")
-    hf_config = json.load(open(config_file)) if _is_hf(state) and os.path.isfile(config_file) else None
+    hf_config = read_json(config_file, "the DINOv2 config") if _is_hf(state) and os.path.isfile(config_file) else None
     return state, hf_config, weights_file
 
 

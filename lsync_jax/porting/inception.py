@@ -19,6 +19,7 @@ import importlib.util
 import io
 import json
 import os
+import zipfile
 from typing import Any, Mapping
 
 import jax
@@ -178,11 +179,15 @@ def load_weights(path: str) -> tuple[dict[str, Any], bool]:
     source = epath.Path(path)
     if not source.exists():
         raise FileNotFoundError(f"Inception weights {path} not found")
-    with np.load(io.BytesIO(source.read_bytes())) as data:
-        if "__meta__" not in data.files:
-            raise ValueError(f"{path}: not a converted Inception weights file (convert it with "
-                             "launch/convert_inception.py)")
-        flat = {k: data[k] for k in data.files if k != "__meta__"}
+    try:
+        with np.load(io.BytesIO(source.read_bytes())) as data:
+            if "__meta__" not in data.files:
+                raise ValueError(f"{path}: not a converted Inception weights file (convert it with "
+                                 "launch/convert_inception.py)")
+            flat = {k: data[k] for k in data.files if k != "__meta__"}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"Inception weights {path} are damaged ({type(e).__name__}: {e}); delete the file to "
+                         "convert them again, or pass another --inception_weights") from None
     has_logits = check_params(flat, path)
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     return params, has_logits

@@ -8,13 +8,13 @@ directory works). Nothing is downloaded.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from lsync_jax.host import read_json
 from lsync_jax.models.vae import AutoencoderKL, VAEConfig
 
 # Older diffusers files (the original sd-vae-ft-* uploads) name the attention projections thus.
@@ -64,7 +64,10 @@ def read_state_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
+            raise ValueError(f"weights file {path} is damaged or not safetensors: {e}") from None
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -88,7 +91,8 @@ def load_vae(path: str) -> tuple[AutoencoderKL, dict[str, Any]]:
         raise FileNotFoundError(f"VAE weights {path} not found (a diffusers file or directory, e.g. "
                                 "stabilityai/sd-vae-ft-ema downloaded beforehand)")
     config_file = os.path.join(os.path.dirname(weights_file), "config.json")
-    config = VAEConfig.from_diffusers(json.load(open(config_file))) if os.path.isfile(config_file) else VAEConfig()
+    config = (VAEConfig.from_diffusers(read_json(config_file, "the VAE config")) if os.path.isfile(config_file)
+              else VAEConfig())
     module = AutoencoderKL(config)
     params = from_diffusers_state(read_state_file(weights_file))
     expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.in_channels)))["params"]

@@ -28,6 +28,7 @@ from scipy import special
 
 from lsync_jax.eval import metrics
 from lsync_jax.host import (
+    Progress,
     all_processes,
     gather_to_host,
     pad_rows,
@@ -371,8 +372,17 @@ def source_statistics(evaluator: InceptionEvaluator, source: Any, num_images: in
     key += f"_{num}_{digest.hexdigest()[:12]}_keep{keep or 'all'}"
 
     def compute() -> FeatureStats:
-        log(f"computing FID reference statistics of {name} ({num} images); cached for later runs")
-        return evaluator.statistics(batches(), keep=keep)
+        progress = Progress(f"FID reference statistics of {name} (computed once, cached for later runs)", num,
+                            log=log)
+
+        def counted() -> Iterator[np.ndarray]:
+            for batch in batches():
+                progress.update(len(batch))
+                yield batch
+
+        stats = evaluator.statistics(counted(), keep=keep)
+        progress.finish()
+        return stats
 
     return cached(key, evaluator, compute)
 

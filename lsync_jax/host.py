@@ -48,6 +48,38 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
                                process_id=None if pid is None or pid < 0 else pid)
 
 
+def check_writable(directory: str) -> None:
+    """Write, read back and delete a probe file in `directory` (creating it and missing parents for the
+    probe and, with one process, removing them again, so that a run refused later leaves the file
+    system as found; several processes probing a shared disk keep them, not to remove one another's):
+    a directory a run will write that it cannot (permissions, a full or read-only disk) fails at
+    start, naming it, instead of at the first save after hours of training. OSError with the errno
+    and the path."""
+    path = epath.Path(directory)
+    created = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    probe = path / f".lsync_jax_write_probe.{uuid.uuid4().hex}"
+    payload = b"lsync-jax write probe\n"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(payload)
+        if probe.read_bytes() != payload:
+            raise OSError(f"the probe file {probe} read back differently")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"{directory} is not writable ({e.strerror or e}); the run writes there. Check its "
+                      "permissions and free space, or choose another --workdir") from None
+    finally:
+        for folder in created if jax.process_count() == 1 else ():  # deepest first; never hides the error
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 # Whose INFO lines reach the console: lsync-jax's own, clu's metric lines and progress reports.
 _CONSOLE_INFO_FROM = (os.sep + "lsync_jax" + os.sep, os.sep + "launch" + os.sep,
                       os.path.join("clu", "metric_writers"), os.path.join("clu", "periodic_actions"))

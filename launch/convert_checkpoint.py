@@ -53,8 +53,9 @@ def main(argv):
     print("the checkpoint records this model; a config must name exactly these overrides (ml_collections only "
           "sets keys the config file defines):\n  " + " \\\n  ".join(flags_needed))
     if done["transport"]:
-        print("trained with (from the file's args): " +
-              " ".join(f"--config.transport.{k}={v}" for k, v in sorted(done["transport"].items())))
+        print("trained with (from the file's args, recorded in the workdir: sampling or fine-tuning it with another "
+              "transport is refused): " + " ".join(f"--config.transport.{k}={v}"
+                                                  for k, v in sorted(done["transport"].items())))
     print(f"sample: python launch/sample.py --config=... --workdir={FLAGS.out}; "
           f"fine-tune: --config.train.init_from={FLAGS.out}")
 

@@ -14,7 +14,15 @@ import numpy as np
 from absl import logging
 
 from lsync_jax.builders import build_decoder, build_mesh, build_sampler, build_transport, validate_config
-from lsync_jax.host import gather_to_host, initialize_distributed, make_grid, save_png, to_uint8, write_adm_batch
+from lsync_jax.host import (
+    check_writable,
+    gather_to_host,
+    initialize_distributed,
+    make_grid,
+    save_png,
+    to_uint8,
+    write_adm_batch,
+)
 from lsync_jax.sharding import batch_sharding
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.workdir import load_params
@@ -47,7 +55,9 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     mesh = build_mesh(config)
     if batch_size % jax.device_count():
         raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
-    model, ema, step = load_params(config, workdir, mesh)
+    if jax.process_index() == 0:  # the one writer: refused now, not after sampling 50,000 images
+        check_writable(out_dir)
+    model, ema, step = load_params(config, workdir, mesh)  # the newest intact checkpoint, its transport checked
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
     decode = build_decoder(config, mesh)

@@ -104,7 +104,7 @@ def _measured_params(config: Any, workdir: str, warmup: int) -> tuple[Any, Any]:
         model, params, _ = load_params(config, workdir, mesh, step=warmup, which="params")
         return model, params
     model = build_model(config)
-    params, _ = restore_params(config.train.init_from, abstract_params(config, model, mesh))
+    params, _ = restore_params(config.train.init_from, abstract_params(config, model, mesh), config=config)
     return model, params
 
 

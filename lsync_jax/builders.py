@@ -50,6 +50,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for key in ("num_grid_samples", "sample_every"):
         if int(train[key]) < 0:
             raise ValueError(f"config.train.{key} must be >= 0 (0: off), got {train[key]}")
+    if train.keep_every is not None and int(train.keep_every) < 1:
+        raise ValueError(f"config.train.keep_every must be >= 1 or None (off), got {train.keep_every}")
     if train.init_include and not train.init_from:
         raise ValueError("config.train.init_include selects parameters of config.train.init_from, which is empty")
     if int(config.vae.decode_chunk) < 1:

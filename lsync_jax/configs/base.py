@@ -116,12 +116,17 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
                                 flip=True, synthetic_size=1024, synthetic_shape=(28, 28, 1), num_classes=10,
                                 image_size=None), dict(image_size=int))
 
-    # keep_every: also keep every k-th checkpoint (None: only the latest keep_checkpoints).
-    # init_from: a workdir (or checkpoint) to start from; init_include: a regex of the parameters taken
-    # from it (empty: all, with their EMA). num_grid_samples=0 turns sample grids off.
+    # keep_checkpoints (>= 1): the latest kept; keep_every: also keep every k-th checkpoint (None: only
+    # the latest keep_checkpoints). init_from: a workdir (or checkpoint) to start from; init_include: a
+    # regex of the parameters taken from it (empty: all, with their EMA). num_grid_samples=0 turns sample
+    # grids off. A resume is refused when the config changes the data order or batch (data.name, dir,
+    # split, tfds_name, batch_size, flip, seed, the dataset size) unless allow_data_change; resuming,
+    # sampling or init_from with another transport than the checkpoint records is refused unless
+    # allow_transport_change.
     config.train = _section(dict(num_steps=400_000, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
                                  keep_checkpoints=3, keep_every=None, sample_every=10_000, num_grid_samples=64,
-                                 init_from="", init_include="", async_checkpoints=True), dict(keep_every=int))
+                                 init_from="", init_include="", async_checkpoints=True, allow_data_change=False,
+                                 allow_transport_change=False), dict(keep_every=int))
 
     # FID-N of EMA samples every `every` steps (0: off) against the training data's reference split
     # (first reference_size images; 0: all) or an ADM reference batch (`reference`: path to its .npz).

@@ -19,7 +19,7 @@ from lsync_jax.host import initialize_distributed
 from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
 from lsync_jax.recipes.erw import erw_phases
 from lsync_jax.recipes.phases import Phase, run_phases
-from lsync_jax.train.hooks import EvaluationHook
+from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, EvaluationHook, Preempted
 from lsync_jax.train.setup import HookFactory, Run
 
 
@@ -51,9 +51,10 @@ def fid_hooks(phase: Phase) -> Sequence[HookFactory]:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics."""
+    """Train (or resume) the run described by `config` in `workdir`; returns the last metrics. Raises
+    `Preempted` when SIGTERM stopped it after saving (launch/train.py exits with PREEMPTED_EXIT_CODE)."""
     initialize_distributed(config.distributed)
     return run_phases(phases_of(config, workdir), fid_hooks)
 
 
-__all__ = ["Phase", "phases_of", "run_phases", "train_and_evaluate"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Phase", "Preempted", "phases_of", "run_phases", "train_and_evaluate"]

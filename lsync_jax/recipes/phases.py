@@ -7,9 +7,10 @@ whose settings depend on an earlier one (the automatic pairs' choice) has a `res
 fills them in just before it starts; its `config` is then a stand-in of the same structure, so
 that every phase is validated before the first one trains.
 
-`run_phases` skips the phases that are done (their last checkpoint exists, or a later phase in
-another workdir has started), resumes the first one that is not, and stops after a phase that was
-interrupted (preemption), so that running the same command again continues where it stopped.
+`run_phases` skips the phases that are done (their last intact checkpoint exists, or a later phase
+in another workdir has started), resumes the first one that is not, and stops after a phase that was
+interrupted (preemption raises `lsync_jax.train.hooks.Preempted` out of it), so that running the
+same command again continues where it stopped.
 """
 
 from __future__ import annotations

@@ -4,19 +4,103 @@ Each checkpoint holds three items: 'state' (the sharded TrainState, written by e
 without gathering), 'data' (the grain iterator's position, per process) and 'meta' (what
 `lsync_jax.workdir.describe` records, checked before a resume so that an incompatible workdir
 fails with a clear error instead of a shape error deep in a compile). Saves are asynchronous; the
-preservation policy keeps the latest `max_to_keep` plus every `keep_every`-th step. Reading a
-run's parameters without training (sampling, analysis, init_from) is `lsync_jax.workdir`.
+preservation policy keeps the latest `max_to_keep` (at least 1) plus every `keep_every`-th step.
+Reading a run's parameters without training (sampling, analysis, init_from) is `lsync_jax.workdir`.
+
+A save that fails ends the run at once with one `CheckpointSaveError` naming the directory and the
+root cause: the step directory is created before `save` returns (not in the background, where a
+failure left the writers waiting 300 s for it), and a background write's error is raised at the
+next step (`poll`, one process), the next save or `close`. After a failure `close` does not wait on
+the broken save again, and Orbax's own reports of it (thousands of lines after a disk-full save)
+are filtered, so the error is the last thing printed.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+import warnings
 from typing import Any, Mapping
 
 import grain.python as grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
-from lsync_jax.workdir import ITEMS
+from lsync_jax.workdir import ITEMS, first_line
+
+
+class CheckpointSaveError(OSError):
+    """Saving a checkpoint failed; the message names the directory and the first error."""
+
+
+# -- Orbax's noise around a failed save ---------------------------------------------------------------
+# A failed save is raised once, as CheckpointSaveError naming the directory and the root cause. Orbax
+# and tensorstore also report it, from every thread and task the save ran in, and again when the
+# process exits and collects them: a disk-full save printed thousands of lines after the real error.
+# These narrow filters drop exactly those reports; every other message passes.
+
+# What Orbax logs, with a traceback, from each thread a failed save runs in, before it raises the error.
+_ORBAX_SAVE_ERRORS = ("background save thread", "Save Finalize thread", "Checkpointer failed",
+                      "Failed to write metadata", "_SignalingThread.run() raised")
+_SAVE_FAILED: list[str] = []  # the directories whose save failed in this process
+
+
+class _OrbaxSaveErrors:
+    """For absl's logger: Orbax's error records of a failed save."""
+
+    def filter(self, record: Any) -> bool:
+        return not (record.levelno >= 40 and "orbax" in record.pathname  # 40: the standard library's ERROR
+                    and any(s in str(record.msg) for s in _ORBAX_SAVE_ERRORS))
+
+
+class _OrbaxTasks:
+    """For asyncio's logger: "Task exception was never retrieved" of Orbax's tasks."""
+
+    def filter(self, record: Any) -> bool:
+        return not ("never retrieved" in str(record.msg) and "orbax" in record.getMessage())
+
+
+def _quiet_logger(name: str, log_filter: Any) -> None:
+    import logging as std_logging  # the standard library's, under absl: where absl's and asyncio's records pass
+
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, type(log_filter)) for f in logger.filters):
+        logger.addFilter(log_filter)
+
+
+def _orbax_noise(unraisable: Any) -> bool:
+    """Tensorstore finishing a failed save's writes calls back into the event loop Orbax ran it on, which
+    the failure closed: an unraisable 'RuntimeError: Event loop is closed' per write, from no object.
+    Once a save has failed, its coroutines collected at exit raise unraisables from Orbax's code too."""
+    value = unraisable.exc_value
+    if unraisable.object is None and isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback is not None else []
+    return bool(_SAVE_FAILED) and any(os.sep + "orbax" + os.sep in frame.filename for frame in frames)
+
+
+def _quiet_orbax() -> None:
+    """Installed with the first Checkpointer: the absl filter and the unraisable hook."""
+    _quiet_logger("absl", _OrbaxSaveErrors())
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_noise", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _orbax_noise(unraisable):
+            previous(unraisable)
+
+    hook.drops_orbax_noise = True
+    sys.unraisablehook = hook
+
+
+def _after_failed_save(directory: str) -> None:
+    """From now on the failed save's leftovers, collected when the process exits, are noise as well."""
+    _SAVE_FAILED.append(directory)
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    _quiet_logger("asyncio", _OrbaxTasks())
 
 
 class Checkpointer:
@@ -24,22 +108,62 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every: int | None = None,
                  async_save: bool = True, read_only: bool = False):
+        # A keep policy below one checkpoint deletes what was saved (Orbax keeps none): refused here too,
+        # not only by the config check (config.train.keep_checkpoints / keep_every).
+        if int(max_to_keep) < 1:
+            raise ValueError(f"max_to_keep (config.train.keep_checkpoints) must be >= 1, got {max_to_keep}")
+        if keep_every is not None and int(keep_every) < 1:
+            raise ValueError(f"keep_every (config.train.keep_every) must be >= 1 or None, got {keep_every}")
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every,
-                                               enable_async_checkpointing=async_save, create=not read_only,
-                                               read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=ITEMS)
+        self.failed: str | None = None  # the first save error: later saves and close() do not wait on it again
+        self.pending: int | None = None  # the step whose save may still run in the background
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_every, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        _quiet_orbax()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Forget what was listed: after a damaged step was set aside."""
+        self.manager.reload()
+
+    def _fail(self, step: int | str, error: BaseException) -> CheckpointSaveError:
+        logging.debug("checkpoint save error", exc_info=error)
+        _after_failed_save(self.directory)
+        self.failed = (f"saving checkpoint {step} into {self.directory} failed: {first_line(error)}. The "
+                       "checkpoints saved before it are kept.")
+        return CheckpointSaveError(self.failed)
+
     def save(self, step: int, state: Any, meta: Mapping[str, Any], data_iterator: Any = None,
              force: bool = False) -> bool:
+        """Save `step` (asynchronously); raises CheckpointSaveError if this save, or the previous one in
+        the background, failed."""
+        if self.failed:
+            raise CheckpointSaveError(self.failed)
+        self.wait()  # the previous save's background error, now (Orbax would wait for it anyway)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - any failure to write ends the run with one line naming the path
+            raise self._fail(step, e) from None
+        self.pending = step if saved else self.pending
+        return saved
+
+    def poll(self) -> None:
+        """Raise CheckpointSaveError now if the asynchronous save in flight has already failed, without
+        waiting for one still running. One process only: with several, the error is raised at the next
+        save or at close, where every process meets it at the same step."""
+        if self.pending is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -56,8 +180,20 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the asynchronous save in flight; CheckpointSaveError if it failed."""
+        if self.failed:
+            raise CheckpointSaveError(self.failed)
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(self.pending if self.pending is not None else "(in the background)", e) from None
+        self.pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight (an error must not cut the last good one short) and close. After a
+        failed save (raised once already) the manager is left to the process's exit instead of waiting
+        on the broken save again, which would only repeat the error."""
+        if self.failed:
+            return
+        self.wait()
         self.manager.close()

@@ -4,7 +4,8 @@ After every step the loop hands each hook a `StepInfo`; a hook whose `due(info)`
 may return scalars, which the metrics hook logs. The engine's own hooks are here: metrics and
 progress, checkpoints and sample grids. A layer above adds its own (the recipes add in-training
 FID from `lsync_jax.eval.fid`) without the loop knowing them. Preemption is not a hook: the loop
-decides it once per step (`Preemption.agreed`) and every hook reads it from `StepInfo.preempted`.
+decides it once per step (`Preemption.agreed`) and every hook reads it from `StepInfo.preempted`;
+after saving, the loop raises `Preempted`, which launch/train.py turns into `PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import numpy as np
 from absl import logging
 
 from lsync_jax.host import gather_to_host, make_grid, save_png, to_uint8
+from lsync_jax.workdir import all_finite
+
+# The exit code of launch/train.py when SIGTERM stopped a run after saving a checkpoint: sysexits.h's
+# EX_TEMPFAIL ("temporary failure, try again later"), neither 0 (finished) nor 1 (failed), so a
+# scheduler (SLURM, a TPU pod's wrapper) can requeue on it. docs/training.md shows a requeue script.
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +51,23 @@ class Hook(Protocol):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; the message names the step and the term."""
+    """A loss term, or the state about to be saved, became NaN or Inf; the message names the step, what
+    is not finite and the last checkpoint that is good."""
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after its checkpoint was saved: run the same command again to continue
+    (launch/train.py exits with PREEMPTED_EXIT_CODE)."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted at step {step}: checkpoint saved in {directory}; run the same command again to "
+                         f"continue (exit code {PREEMPTED_EXIT_CODE})")
+        self.step, self.directory = step, directory
+
+
+def _last_good(last_saved: int | None) -> str:
+    return (f"The last good checkpoint (step {last_saved}) is kept; nothing later was saved." if last_saved is not None
+            else "No checkpoint was saved.")
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None) -> None:
@@ -53,7 +76,17 @@ def check_finite(step: int, metrics: Mapping[str, Any], last_saved: int | None) 
     if bad:
         raise NonFiniteLossError(
             f"non-finite values at step {step}: " + ", ".join(f"{k} = {float(np.asarray(metrics[k]))}" for k in bad)
-            + f". The last good checkpoint (step {last_saved}) is kept; nothing later was saved.")
+            + ". " + _last_good(last_saved))
+
+
+def check_state_finite(step: int, state: Any, last_saved: int | None) -> None:
+    """A state with a NaN or Inf in its parameters or EMA is never saved (its losses can still be finite:
+    the update that broke the weights is applied after the loss). One jitted reduction per save."""
+    bad = [name for name, tree in (("params", state.params), ("ema_params", state.ema_params))
+           if not all_finite(tree)]
+    if bad:
+        raise NonFiniteLossError(f"the state after step {step} has non-finite {' and '.join(bad)}: not saved. "
+                                 + _last_good(last_saved))
 
 
 class MetricsHook:
@@ -117,16 +150,18 @@ class CheckpointHook:
         self.metrics.last_saved = self.last_saved = last_saved
 
     def due(self, info: StepInfo) -> bool:
+        self.checkpointer.poll()  # a save that failed in the background ends the run now, not at the next save
         return info.trained and (info.step % self.every == 0 or info.last or info.preempted)
 
     def __call__(self, info: StepInfo) -> None:
         self.save(info, force=info.preempted)
 
     def save(self, info: StepInfo, force: bool = False) -> None:
-        """Save `info.state` unless this step is saved already."""
+        """Save `info.state` unless this step is saved already (or it is not finite: an error)."""
         if self.last_saved == info.step:
             return
         self.metrics.flush(info.step)
+        check_state_finite(info.step, info.state, self.last_saved)
         self.checkpointer.save(info.step, info.state, self.meta, self.data_iterator, force=force)
         self.metrics.last_saved = self.last_saved = info.step
 

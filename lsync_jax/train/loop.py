@@ -12,22 +12,26 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 
-from lsync_jax.train.hooks import Hook, Preemption, StepInfo
+from lsync_jax.train.hooks import Hook, Preempted, Preemption, StepInfo
 from lsync_jax.train.setup import HookFactory, Run, setup
+from lsync_jax.workdir import checkpoint_dir, first_line
 
 
 def train(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
           accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = ()) -> dict[str, float]:
     """Train (or resume) `config` in `workdir` up to step `until` (default: train.num_steps); returns
-    the last logged metrics. The keywords are a recipe phase's (see `setup`)."""
+    the last logged metrics, or raises `Preempted` once SIGTERM's checkpoint is saved. The keywords
+    are a recipe phase's (see `setup`)."""
     run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
     return train_loop(run, hooks)
 
 
 def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
     """Run the steps from `run.start` to `run.end`, handing each hook every step. A resume with nothing
-    left to train still gives the hooks one call (`trained=False`), so a missing final FID is made."""
-    state, step = run.state, run.start
+    left to train still gives the hooks one call (`trained=False`), so a missing final FID is made.
+    After an error the hooks are closed quietly (a failure to close is one warning line), so that
+    the first error is the last thing printed."""
+    state, step, preempted = run.state, run.start, False
     try:
         with Preemption(run.log_every) as preemption:
             for step in range(run.start + 1, run.end + 1):
@@ -36,14 +40,30 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
                                 preempted=preemption.agreed(step))
                 _run_hooks(run, hooks, info)
                 if info.preempted:
-                    logging.warning("preempted at step %d; checkpoint saved", step)
+                    preempted = True
                     break
             if run.start >= run.end:
                 _run_hooks(run, hooks, StepInfo(step, state, None, last=True, finished=step == run.num_steps,
                                                 preempted=False, trained=False))
-    finally:
+    except BaseException:
         for hook in hooks:
+            try:
+                hook.close()
+            except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
+                logging.warning("closing %s after the error below: %s", type(hook).__name__, first_line(e))
+        raise
+    errors = []
+    for hook in hooks:  # every hook is closed; the first failure (e.g. the last save's) is raised
+        try:
             hook.close()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    if preempted:
+        error = Preempted(step, checkpoint_dir(run.workdir))
+        logging.warning("%s", error)
+        raise error
     return run.metrics.last
 
 

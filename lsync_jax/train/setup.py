@@ -5,6 +5,12 @@ resumed or initialised, the jitted step) and its hooks. The abstract state is tr
 serves the restore, the fresh initialisation and the step's shardings. A phase of a longer run
 (`lsync_jax.recipes`) passes `until` (its last step), `record` (what its checkpoints' meta adds)
 and `accepts` (objectives of earlier phases in this workdir a resume may start from).
+
+Before anything long (encoder weights, reference statistics, compiles) every directory the run
+writes is probed (write, read back, delete). A resume takes the newest intact checkpoint: newer
+damaged ones are set aside (renamed, never deleted) once an older one restores, one line each. It
+is refused, naming the key, when the config would change the data order or batch (unless
+train.allow_data_change) or the transport (unless train.allow_transport_change).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from lsync_jax.builders import (
     validate_config,
 )
 from lsync_jax.data import LoaderSpec, global_batch, make_loader
-from lsync_jax.host import initialize_distributed
+from lsync_jax.host import check_writable, initialize_distributed
 from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.objectives import Objective, build_objective
 from lsync_jax.sharding import batch_sharding
@@ -42,7 +48,22 @@ from lsync_jax.train.state import abstract_state, create_train_state, make_optim
 from lsync_jax.train.step import make_train_step
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.transport.samplers import validate_guidance
-from lsync_jax.workdir import check_compatible, describe, restore_matching, restore_params
+from lsync_jax.workdir import (
+    TRANSPORT_OF_WEIGHTS,
+    DamagedCheckpointError,
+    all_finite,
+    check_compatible,
+    check_transport,
+    checkpoint_damage,
+    describe,
+    read_meta,
+    restore_matching,
+    restore_or_damaged,
+    restore_params,
+    set_aside,
+    step_dirs,
+    transport_record,
+)
 
 
 @dataclasses.dataclass
@@ -102,62 +123,192 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
     source = build_source(config.data)
     check_data_matches_model(source, model, config.data)
+    grids = objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0
+    for directory in writes(config, workdir, grids):  # now, not at the first save hours later
+        check_writable(directory)
     encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))
     run = Run(config, workdir, model, objective, mesh, make_sample_fn(model, transport, sampler_cfg), cfg_scale,
               interval, build_decoder(config, mesh), iter(loader), encoder)
     run.end = run.num_steps if until is None else min(int(until), run.num_steps)
-    built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
 
     abstract = abstract_state(model, tx, mesh, rules)
-    meta = dict(describe(model_fields(config), abstract.params, abstract, objective), **(record or {}))
+    meta = dict(describe(model_fields(config), abstract.params, abstract, objective,
+                         transport=transport_record(config.transport), data=data_record(config, source)),
+                **(record or {}))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
-    run.state = (_resume(checkpointer, latest, abstract, meta, accepts, run) if latest is not None
+    checked = _check_start(config, checkpointer, meta, accepts, resume=latest is not None)  # meta only: cheap
+    built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
+    run.state = (_resume(checkpointer, abstract, meta, accepts, run, checked) if latest is not None
                  else _initialise(config, model, tx, mesh, rules, abstract))
     run.start = int(run.state.step)
     run.step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
                                   rules=rules, shardings=shardings_of(abstract))
     run.metrics = MetricsHook(workdir, run.num_steps, run.log_every, batch_size, run.start)
     run.checkpoints = CheckpointHook(checkpointer, meta, run.data_iterator, int(config.train.checkpoint_every),
-                                     run.metrics, latest)
+                                     run.metrics, run.start if latest is not None else None)
     hooks: list[Hook] = [run.metrics, run.checkpoints]
     # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
-    if objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0:
+    if grids:
         hooks.append(SampleGridHook(_grid_sampler(run), int(config.train.sample_every), workdir,
                                     min(max(model.num_classes, 8), 16), run.metrics))
     return run, hooks + built
 
 
-def _resume(checkpointer: Checkpointer, latest: int, abstract: Any, meta: Mapping[str, Any],
-            accepts: Sequence[str], run: Run) -> Any:
-    saved = checkpointer.read_meta(latest)
+def writes(config: Any, workdir: str, grids: bool) -> list[str]:
+    """Every directory the run writes: the workdir (TensorBoard events, recipe files), its checkpoints,
+    and its sample grids and FID results when those are on."""
+    out = [workdir, os.path.join(workdir, "checkpoints")]
+    if grids:  # periodic grids and the one at the end of the run
+        out.append(os.path.join(workdir, "samples"))
+    if int(config.eval.every):
+        out.append(os.path.join(workdir, "eval"))
+    return out
+
+
+# What fixes the order and content of the batches: a resume with another value would continue with
+# other data than an uninterrupted run (the data iterator's state is only the next index).
+DATA_ORDER = ("name", "dir", "split", "tfds_name", "batch_size", "flip")
+
+
+def data_record(config: Any, source: Any) -> dict[str, Any]:
+    """What a checkpoint records of the data order: DATA_ORDER's config.data keys, config.seed and the
+    number of examples in the source."""
+    record = {key: config.data[key] for key in DATA_ORDER}
+    if record["dir"] and "://" not in record["dir"]:
+        record["dir"] = os.path.abspath(record["dir"])
+    return dict(record, seed=int(config.seed), size=len(source))
+
+
+def check_data_order(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str, allow: bool,
+                     warn: bool = True) -> None:
+    """Refuse a resume whose data order or batch would differ from the checkpoint's (only what it
+    records is compared: older checkpoints record nothing), unless train.allow_data_change (then one
+    warning line, unless `warn` is False: a repeated check)."""
+    recorded = saved.get("data") or {}
+    differ = [k for k in sorted(recorded) if k in wanted and recorded[k] != wanted[k]]
+    if not differ:
+        return
+    name = {"seed": "config.seed", "size": "the dataset size (examples in config.data's source)"}
+    named = "; ".join(f"{name.get(k, 'config.data.' + k)}: checkpoint {recorded[k]!r}, config {wanted[k]!r}"
+                      for k in differ)
+    if allow:
+        if warn:
+            logging.warning("resuming %s with another data order or batch (%s): allowed by "
+                            "config.train.allow_data_change; the run no longer matches an uninterrupted one", where,
+                            named)
+        return
+    raise ValueError(f"resuming {where} would silently change the data order or batch ({named}). Resume with the "
+                     "checkpoint's values, use another --workdir, or set --config.train.allow_data_change=True if "
+                     "the change is intended.")
+
+
+def _check_resumable(saved: dict[str, Any], config: Any, meta: Mapping[str, Any], accepts: Sequence[str],
+                     directory: str, warn: bool = True) -> None:
+    """Whether a checkpoint's meta lets this config resume it: the model and state, the transport, the
+    data order (ValueError naming the key). `warn=False`: repeated, the allowed changes said already."""
     if saved.get("objective") in accepts:  # an earlier phase of this run (a warm-up)
         saved["objective"] = meta["objective"]
-    check_compatible(saved, meta, checkpointer.directory)
-    state = checkpointer.restore(latest, abstract, run.data_iterator)
-    logging.info("resumed from %s step %d", checkpointer.directory, latest)
-    if run.config.train.init_from:
-        logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence", latest)
-    if latest >= run.num_steps:
-        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", latest, run.num_steps)
+    check_transport(saved, config, directory, doing="resuming", warn=warn)  # first: it names the key
+    if bool(config.train.allow_transport_change) and "objective" in saved:  # the objective's record holds it too
+        saved["objective"] = _without_transport(saved["objective"])
+        meta = dict(meta, objective=_without_transport(meta["objective"]))
+    check_compatible(saved, meta, directory)
+    check_data_order(saved, meta["data"], directory, bool(config.train.allow_data_change), warn=warn)
+
+
+def _without_transport(objective: str) -> str:
+    """An objective's recorded repr with its `transport=Transport(...)` part elided."""
+    start = objective.find("transport=Transport(")
+    if start < 0:
+        return objective
+    end, depth = start + len("transport=Transport("), 1
+    while end < len(objective) and depth:
+        depth += {"(": 1, ")": -1}.get(objective[end], 0)
+        end += 1
+    return objective[:start] + "transport=..." + objective[end:]
+
+
+def _check_start(config: Any, checkpointer: Checkpointer, meta: Mapping[str, Any], accepts: Sequence[str],
+                 resume: bool) -> int | None:
+    """What the run starts from, checked on its meta before anything long (reference statistics, the
+    restore, compiles): the newest structurally intact checkpoint a resume would take, or
+    train.init_from's transport. The restore checks again, candidate by candidate. Returns the step
+    checked (a resume), else None."""
+    if resume:
+        for step in reversed(checkpointer.all_steps()):
+            if checkpoint_damage(os.path.join(checkpointer.directory, str(step))) is None:
+                _check_resumable(read_meta(checkpointer.directory, step), config, meta, accepts,
+                                 checkpointer.directory)
+                return step
+    elif config.train.init_from:
+        for directory in step_dirs(config.train.init_from)[0]:  # damage is reported when it is restored
+            if checkpoint_damage(directory) is None:
+                saved = read_meta(os.path.dirname(directory), os.path.basename(directory))
+                check_transport(saved, config, directory, doing="train.init_from", keys=TRANSPORT_OF_WEIGHTS,
+                                warn=False)  # the restore says it
+                return None
+    return None
+
+
+def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any], accepts: Sequence[str],
+            run: Run, checked: int | None) -> Any:
+    """The state (and data position) of the newest intact checkpoint. Damaged newer ones are set aside
+    (renamed, one line each) once an older one has restored; if none restores nothing is moved and
+    the error says why."""
+    config, directory = run.config, checkpointer.directory
+    damaged: list[tuple[int, str]] = []
+    state = None
+    for step in reversed(checkpointer.all_steps()):
+        path = os.path.join(directory, str(step))
+        problem = checkpoint_damage(path)
+        if problem is None:
+            try:
+                _check_resumable(read_meta(directory, step), config, meta, accepts, directory, warn=step != checked)
+                if not os.path.isdir(os.path.join(path, "data")):
+                    raise FileNotFoundError(f"checkpoint {step} in {directory} has no data-iterator position; "
+                                            "resuming would replay the data from the start")
+                state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, run.data_iterator))
+                if not all_finite((state.params, state.ema_params)):
+                    raise DamagedCheckpointError(path, "it holds non-finite parameters")
+                break
+            except DamagedCheckpointError as e:
+                problem, state = e.reason, None
+        damaged.append((step, problem))
+    if state is None:
+        raise DamagedCheckpointError(directory, "no checkpoint in it can be resumed (" + "; ".join(
+            f"step {s}: {p}" for s, p in damaged) + "). Nothing was moved; move them away (or use another "
+            "--workdir) to start over")
+    for bad, problem in damaged:
+        target = set_aside(os.path.join(directory, str(bad)))
+        logging.warning("checkpoint %d is damaged (%s): set aside as %s (not deleted); resuming from step %d", bad,
+                        problem, target, step)
+    if damaged:
+        checkpointer.reload()
+    logging.info("resumed from %s step %d", directory, step)
+    if config.train.init_from:
+        logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence", step)
+    if step >= run.num_steps:
+        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", step, run.num_steps)
     return state
 
 
 def _initialise(config: Any, model: Any, tx: Any, mesh: Any, rules: Any, abstract: Any) -> Any:
     """A fresh state, or one whose weights (all, or those `train.init_include` selects) come from
-    `train.init_from`."""
+    `train.init_from` (its newest intact checkpoint, trained with this transport)."""
     state = create_train_state(model, tx, jax.random.key(int(config.seed)), mesh, rules, abstract=abstract)
     source, include = config.train.init_from, config.train.init_include
     if source and include:
-        params, carried = restore_matching(source, state.params, include)
-        logging.info("initialised %d parameters from %s (train.init_include=%r), the rest fresh; EMA = these "
-                     "weights, optimizer fresh: %s", len(carried), source, include, ", ".join(carried))
+        params, carried = restore_matching(source, state.params, include, config=config)  # logs which, from where
+        logging.info("initialised %d parameters from train.init_from=%s, the rest fresh; EMA = these weights, "
+                     "optimizer fresh, step 0", len(carried), source)
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     elif source:
-        params, ema = restore_params(source, abstract.params)
+        params, ema = restore_params(source, abstract.params, config=config)  # logs what it loaded from where
+        logging.info("initialised params and EMA from train.init_from=%s; optimizer fresh, step 0", source)
         state = state.replace(params=params, ema_params=ema)
     return state
 

@@ -14,7 +14,7 @@ import pytest
 from lsync_jax.builders import build_model
 from lsync_jax.configs import tiny
 from lsync_jax.eval.sampling import sample_from_workdir
-from lsync_jax.recipes import train_and_evaluate
+from lsync_jax.recipes import PREEMPTED_EXIT_CODE, train_and_evaluate
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.hooks import NonFiniteLossError
 from lsync_jax.train.state import init_state_fn, make_optimizer
@@ -150,10 +150,10 @@ def test_sigterm_saves_before_exiting(tmp_path):
     time.sleep(3)  # let it take some steps
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 75, err[-2000:]  # "preempted, checkpoint saved": requeue me
     steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 50000
-    assert "preempted at step" in err
+    assert f"preempted at step {steps[0]}: checkpoint saved" in err
 
 
 @pytest.mark.slow

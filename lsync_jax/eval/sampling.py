@@ -53,6 +53,9 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     validate_config(config)
     initialize_distributed(config.distributed)
     mesh = build_mesh(config)
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
     if batch_size % jax.device_count():
         raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
     if jax.process_index() == 0:  # the one writer: refused now, not after sampling 50,000 images

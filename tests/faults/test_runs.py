@@ -198,6 +198,8 @@ def test_row2_sibling_sampling_checks_its_output_directory_before_loading(tmp_pa
     monkeypatch.setattr(sampling, "load_params", too_late)
     with pytest.raises(OSError, match=re.escape(f"{out} is not writable (Permission denied)")):
         sampling.sample_from_workdir(run_config(), str(tmp_path / "run"), out, 8, 8)
+    with pytest.raises(ValueError, match=r"--batch_size must be >= 1, got 0"):  # row 8's sibling in this loader
+        sampling.sample_from_workdir(run_config(), str(tmp_path / "run"), str(tmp_path / "other"), 8, 0)
 
 
 @pytest.mark.slow

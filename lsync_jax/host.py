@@ -158,6 +158,14 @@ def save_npz_atomic(path: str, **arrays: Any) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def read_json(path: str, what: str = "JSON file") -> Any:
+    """A JSON file's content; a damaged or unreadable file is an error naming it."""
+    try:
+        return json.loads(epath.Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is damaged (not valid JSON: {e})") from None
+
+
 def write_json_atomic(path: str, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 

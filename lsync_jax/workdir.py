@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from lsync_jax.builders import build_model, mesh_rules, model_fields
 from lsync_jax.models import get_model
@@ -305,14 +306,14 @@ def read_meta(checkpoint_dir: str, step: int | str) -> dict[str, Any]:
 
 
 def all_steps(checkpoint_dir: str) -> list[int]:
-    """Every step saved in `checkpoint_dir`, oldest first (none: no directory or no checkpoint)."""
-    if not os.path.isdir(checkpoint_dir):
+    """Every step saved in `checkpoint_dir`, oldest first (none: no directory or no checkpoint): the
+    directories named by a step number, as Orbax names finished saves (its unfinished ones carry an
+    `.orbax-checkpoint-tmp` suffix, set-aside ones `.damaged-<n>`). Read by listing, so that looking
+    opens no Orbax manager (which logs warnings about read-only directories)."""
+    directory = epath.Path(checkpoint_dir)
+    if not directory.is_dir():
         return []
-    manager = checkpoint_manager(checkpoint_dir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def intact_steps(checkpoint_dir: str, *, warn: bool = False) -> list[int]:

@@ -52,9 +52,11 @@ from lsync_jax.workdir import (
     TRANSPORT_OF_WEIGHTS,
     DamagedCheckpointError,
     all_finite,
+    all_steps,
     check_compatible,
     check_transport,
     checkpoint_damage,
+    checkpoint_dir,
     describe,
     read_meta,
     restore_matching,
@@ -137,11 +139,13 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     meta = dict(describe(model_fields(config), abstract.params, abstract, objective,
                          transport=transport_record(config.transport), data=data_record(config, source)),
                 **(record or {}))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+    ckpt_dir = checkpoint_dir(workdir)
+    saved_steps = all_steps(ckpt_dir)  # read only: a run refused below leaves the workdir as it found it
+    checked = _check_start(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
+    built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
+    checkpointer = Checkpointer(ckpt_dir, max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
-    checked = _check_start(config, checkpointer, meta, accepts, resume=latest is not None)  # meta only: cheap
-    built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
     run.state = (_resume(checkpointer, abstract, meta, accepts, run, checked) if latest is not None
                  else _initialise(config, model, tx, mesh, rules, abstract))
     run.start = int(run.state.step)
@@ -232,17 +236,16 @@ def _without_transport(objective: str) -> str:
     return objective[:start] + "transport=..." + objective[end:]
 
 
-def _check_start(config: Any, checkpointer: Checkpointer, meta: Mapping[str, Any], accepts: Sequence[str],
-                 resume: bool) -> int | None:
+def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: Mapping[str, Any],
+                 accepts: Sequence[str]) -> int | None:
     """What the run starts from, checked on its meta before anything long (reference statistics, the
     restore, compiles): the newest structurally intact checkpoint a resume would take, or
     train.init_from's transport. The restore checks again, candidate by candidate. Returns the step
     checked (a resume), else None."""
-    if resume:
-        for step in reversed(checkpointer.all_steps()):
-            if checkpoint_damage(os.path.join(checkpointer.directory, str(step))) is None:
-                _check_resumable(read_meta(checkpointer.directory, step), config, meta, accepts,
-                                 checkpointer.directory)
+    if saved_steps:
+        for step in reversed(saved_steps):
+            if checkpoint_damage(os.path.join(ckpt_dir, str(step))) is None:
+                _check_resumable(read_meta(ckpt_dir, step), config, meta, accepts, os.path.abspath(ckpt_dir))
                 return step
     elif config.train.init_from:
         for directory in step_dirs(config.train.init_from)[0]:  # damage is reported when it is restored

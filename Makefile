@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
 #   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~19 min on 2 CPU cores)
 #   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
-#   make test-fast   the fast tier (no training, sampling or CLI runs: pytest -m "not slow"), ~3 min on 2 cores
+#   make test-fast   the fast tier (no training, sampling or CLI runs: pytest -m "not slow"), ~2 min on 2 cores (~4 on a first run)
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/lsync_fashion_mnist

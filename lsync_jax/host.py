@@ -1,20 +1,19 @@
 """Host-side helpers shared by training and evaluation: whole arrays on every process, agreement
-between processes, and files that are either complete or absent."""
+between processes, distributed start-up, the console, sample-grid pictures and progress lines. Files
+(local or gs://) are `lsync_jax.storage`."""
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import time
-import uuid
-import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
-from etils import epath
+
+from lsync_jax.storage import write_bytes_atomic
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:
@@ -46,38 +45,6 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
     jax.distributed.initialize(coordinator_address=dist["coordinator_address"] or None,
                                num_processes=None if num is None or num < 0 else num,
                                process_id=None if pid is None or pid < 0 else pid)
-
-
-def check_writable(directory: str) -> None:
-    """Write, read back and delete a probe file in `directory` (creating it and missing parents for the
-    probe and, with one process, removing them again, so that a run refused later leaves the file
-    system as found; several processes probing a shared disk keep them, not to remove one another's):
-    a directory a run will write that it cannot (permissions, a full or read-only disk) fails at
-    start, naming it, instead of at the first save after hours of training. OSError with the errno
-    and the path."""
-    path = epath.Path(directory)
-    created = []
-    parent = path
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
-    probe = path / f".lsync_jax_write_probe.{uuid.uuid4().hex}"
-    payload = b"lsync-jax write probe\n"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(payload)
-        if probe.read_bytes() != payload:
-            raise OSError(f"the probe file {probe} read back differently")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(e.errno, f"{directory} is not writable ({e.strerror or e}); the run writes there. Check its "
-                      "permissions and free space, or choose another --workdir") from None
-    finally:
-        for folder in created if jax.process_count() == 1 else ():  # deepest first; never hides the error
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
 
 
 # Whose INFO lines reach the console: lsync-jax's own, clu's metric lines and progress reports.
@@ -117,98 +84,6 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     if len(x) >= rows:
         return x
     return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
-
-
-def _remove_quietly(path: Any) -> None:
-    """Remove a temporary file after a failed write; a failure to remove must not hide the first error."""
-    try:
-        if path.exists():
-            path.unlink()
-    except OSError:
-        pass
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write through a uniquely named temporary file and a replacing rename: readers (and concurrent
-    writers of the same content, e.g. several hosts on a shared disk) never see a partial file, a rerun
-    replaces the file it wrote before (os.replace on local disks; on gs:// and other epath backends
-    their replace, which overwrites), and a write that fails or is interrupted leaves no temporary
-    file behind."""
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        if "://" in str(path):
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes reach the disk before the name does
-            os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def save_npz_atomic(path: str, **arrays: Any) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def read_json(path: str, what: str = "JSON file") -> Any:
-    """A JSON file's content; a damaged or unreadable file is an error naming it."""
-    try:
-        return json.loads(epath.Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is damaged (not valid JSON: {e})") from None
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_adm_batch(path: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Stream (uint8 images, labels) batches into an ADM-style .npz (arr_0 images, arr_1 labels) at a
-    local `path`, never holding all images in memory (50,000 at 512 px are 39 GB); the file appears
-    complete or not at all. Returns (the first 100 images, all labels)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    images_file = tmp + ".arr_0"
-    first, labels, count, shape = [], [], 0, None
-    try:
-        with open(images_file, "wb") as raw:  # the images' bytes, then one header in front of them
-            for images, batch_labels in batches:
-                images = np.ascontiguousarray(images, np.uint8)
-                if shape is not None and images.shape[1:] != shape:
-                    raise ValueError(f"image batches of shapes {shape} and {images.shape[1:]}")
-                shape = images.shape[1:]
-                raw.write(images.tobytes())
-                count += len(images)
-                labels.append(np.asarray(batch_labels))
-                if sum(map(len, first)) < 100:
-                    first.append(images[: 100 - sum(map(len, first))])
-        if shape is None:
-            raise ValueError("no images to write")
-        labels_all = np.concatenate(labels)
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as f, open(images_file, "rb") as raw:
-                np.lib.format.write_array_header_2_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                        "shape": (count, *shape)})
-                while chunk := raw.read(1 << 24):
-                    f.write(chunk)
-            with archive.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, labels_all)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (images_file, tmp):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return np.concatenate(first), labels_all
 
 
 # -- sample grids: model-space images in [-1, 1] -> one uint8 picture, saved as PNG --------------------

@@ -27,9 +27,9 @@ from absl import logging
 from etils import epath
 
 from lsync_jax.builders import build_model, mesh_rules, model_fields
-from lsync_jax.host import read_json
 from lsync_jax.models import get_model
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
+from lsync_jax.storage import read_json
 
 ITEMS = ("state", "data", "meta")  # the items of every checkpoint step
 

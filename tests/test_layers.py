@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lsync_jax"
 
 LAYERS = [
-    {"host"},  # shared host/IO helpers: every layer may use them
+    {"storage"},  # paths and files anywhere (local, gs://): every layer may use it
+    {"host"},  # shared host helpers (processes, console, images): every layer may use them
     {"models", "transport", "data", "sharding"},  # base: networks, interpolants and samplers, data, the mesh
     {"objectives", "porting"},  # pure losses; weights from PyTorch / diffusers / TorchScript
     {"configs"},  # every default once, the schema

@@ -47,10 +47,11 @@ from lsync_jax.eval.representations import (
     probe_blocks,
     probe_split,
 )
-from lsync_jax.host import Progress, save_png, write_json_atomic
+from lsync_jax.host import Progress, save_png
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.objectives.layersync import SELECTION_DEFAULTS
 from lsync_jax.porting.dinov2 import load_encoder
+from lsync_jax.storage import write_json_atomic
 from lsync_jax.workdir import checkpoint_steps, load_params
 
 

@@ -27,17 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
 from lsync_jax.eval import metrics
-from lsync_jax.host import (
-    Progress,
-    all_processes,
-    gather_to_host,
-    pad_rows,
-    save_npz_atomic,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from lsync_jax.host import Progress, all_processes, gather_to_host, pad_rows
 from lsync_jax.models import inception
 from lsync_jax.porting import inception as weights
+from lsync_jax.storage import save_npz_atomic, write_bytes_atomic, write_json_atomic
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 

@@ -20,7 +20,8 @@ from etils import epath
 from lsync_jax.builders import build_source
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
 from lsync_jax.eval.sampling import sample_batches
-from lsync_jax.host import Progress, all_processes, write_json_atomic
+from lsync_jax.host import Progress, all_processes
+from lsync_jax.storage import write_json_atomic
 
 # precision/recall's k-NN radii need k + 1 = 4 images on each side
 MIN_IMAGES = 4

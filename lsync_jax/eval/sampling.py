@@ -14,16 +14,9 @@ import numpy as np
 from absl import logging
 
 from lsync_jax.builders import build_decoder, build_mesh, build_sampler, build_transport, validate_config
-from lsync_jax.host import (
-    check_writable,
-    gather_to_host,
-    initialize_distributed,
-    make_grid,
-    save_png,
-    to_uint8,
-    write_adm_batch,
-)
+from lsync_jax.host import gather_to_host, initialize_distributed, make_grid, save_png, to_uint8
 from lsync_jax.sharding import batch_sharding
+from lsync_jax.storage import check_writable, write_adm_batch
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.workdir import load_params
 

@@ -40,9 +40,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from lsync_jax.host import read_json
 from lsync_jax.models.encoders.dinov2 import CONFIGS, DINOv2, DINOv2Config, random_dinov2
 from lsync_jax.porting.vae import read_state_file
+from lsync_jax.storage import read_json
 
 __all__ = ["load_dinov2", "random_dinov2", "read_dinov2_state", "from_hub_state", "hf_to_hub_names"]
 

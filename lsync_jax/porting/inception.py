@@ -29,8 +29,8 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from lsync_jax.host import save_npz_atomic
 from lsync_jax.models.inception import INPUT_SIZE, InceptionV3
+from lsync_jax.storage import save_npz_atomic
 
 CACHE_ENV = "LSYNC_JAX_CACHE"
 CACHED_NAME = "inception_fid_2015-12-05.npz"

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from lsync_jax.host import read_json
 from lsync_jax.models.vae import AutoencoderKL, VAEConfig
+from lsync_jax.storage import read_json
 
 # Older diffusers files (the original sd-vae-ft-* uploads) name the attention projections thus.
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}

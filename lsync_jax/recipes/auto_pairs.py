@@ -32,11 +32,12 @@ from absl import logging
 
 from lsync_jax.builders import build_mesh, build_model, build_transport, derived_config
 from lsync_jax.eval.analysis import MeasureSettings, measure_model, probe_figure
-from lsync_jax.host import all_processes, save_png, write_json_atomic
+from lsync_jax.host import all_processes, save_png
 from lsync_jax.objectives.layersync import SELECTION_DEFAULTS, default_pair, is_auto, select_pairs
 from lsync_jax.objectives.objective import build_objective
 from lsync_jax.objectives.registry import with_defaults
 from lsync_jax.recipes.phases import Phase
+from lsync_jax.storage import write_json_atomic
 from lsync_jax.workdir import (
     abstract_params,
     checkpoint_dir,

@@ -15,9 +15,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lsync_jax.builders import model_fields
-from lsync_jax.host import check_writable
 from lsync_jax.models.sit import SiT
 from lsync_jax.porting.official import convert_state_dict, plan_conversion, read_checkpoint, transport_hints
+from lsync_jax.storage import check_writable
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.workdir import TIME_CONVENTION, describe, param_shapes
 

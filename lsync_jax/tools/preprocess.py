@@ -34,11 +34,12 @@ from lsync_jax.data.latents import (
     shard_name,
 )
 from lsync_jax.data.sources import IMAGE_EXTENSIONS, check_label_array
-from lsync_jax.host import pad_rows, write_json_atomic
+from lsync_jax.host import pad_rows
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.models.vae import SCALE_FACTOR, downsampling_factor, encode_images
 from lsync_jax.porting.dinov2 import load_encoder
 from lsync_jax.porting.vae import load_vae
+from lsync_jax.storage import write_json_atomic
 
 
 def center_crop_adm(image: Any, size: int) -> np.ndarray:

@@ -37,10 +37,11 @@ from lsync_jax.builders import (
     validate_config,
 )
 from lsync_jax.data import LoaderSpec, global_batch, make_loader
-from lsync_jax.host import check_writable, initialize_distributed
+from lsync_jax.host import initialize_distributed
 from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.objectives import Objective, build_objective
 from lsync_jax.sharding import batch_sharding
+from lsync_jax.storage import check_writable
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.encoders import EncoderFeatures, build_encoder_features
 from lsync_jax.train.hooks import CheckpointHook, Hook, MetricsHook, SampleGridHook

@@ -21,8 +21,9 @@ from lsync_jax.configs.cli import unknown_override
 from lsync_jax.data import ArraySource, ImageFolderSource, LatentSource, LoaderSpec, make_loader, read_idx
 from lsync_jax.data.latents import METADATA, RecordCodec, record_fields, shard_name
 from lsync_jax.eval import evaluator as ev
-from lsync_jax.host import save_png, write_json_atomic
+from lsync_jax.host import save_png
 from lsync_jax.sharding import make_mesh, mesh_problem
+from lsync_jax.storage import write_json_atomic
 from lsync_jax.tools import preprocess as pre
 from tests.helpers import make_image_tree, quick
 

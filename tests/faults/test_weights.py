@@ -2,9 +2,9 @@
 
 import pytest
 
-from lsync_jax.host import read_json
 from lsync_jax.porting import inception as weights
 from lsync_jax.porting.vae import read_state_file
+from lsync_jax.storage import read_json
 
 
 def test_damaged_inception_weights_are_named(tmp_path):

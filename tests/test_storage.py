@@ -1,4 +1,4 @@
-"""Host-side files: ADM sample batches streamed to disk, atomic writes."""
+"""Files anywhere (lsync_jax.storage): ADM sample batches streamed to disk, atomic writes."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lsync_jax.eval.evaluator import iter_npz_batches
-from lsync_jax.host import write_adm_batch, write_json_atomic
+from lsync_jax.storage import write_adm_batch, write_json_atomic
 
 
 def test_adm_batch_is_streamed_into_a_readable_npz(tmp_path):

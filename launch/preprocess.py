@@ -8,10 +8,10 @@ Resumable: run the same command again after an interruption; finished shards are
 Then train with --config.data.dir=OUT.
 """
 
-import os
 
 from absl import app, flags, logging
 
+from lsync_jax import storage
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.data.sources import ImageFolderSource, TfdsSource
 from lsync_jax.host import quiet_library_logs
@@ -47,7 +47,7 @@ def main(argv):
     quiet_library_logs()
     if (FLAGS.images is None) == (FLAGS.tfds_name is None):
         raise app.UsageError("give exactly one of --images (class-folder tree) or --tfds_name")
-    if not os.path.exists(FLAGS.vae):  # before listing a million files
+    if not storage.exists(FLAGS.vae):  # before listing a million files (local or gs://)
         raise FileNotFoundError(f"--vae={FLAGS.vae!r} not found (diffusers AutoencoderKL weights, file or directory)")
     if FLAGS.images is not None:
         source = ImageFolderSource(FLAGS.images)

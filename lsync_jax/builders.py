@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from lsync_jax import storage
 from lsync_jax.configs.base import check_config
 from lsync_jax.data import (
     ArraySource,
@@ -159,7 +160,7 @@ def vae_path(config: Mapping[str, Any]) -> str | None:
         raise FileNotFoundError("a latent model's samples are decoded by the SD-VAE: set --config.vae.path to the "
                                 "diffusers AutoencoderKL weights (file or directory), or --config.data.dir to "
                                 "latents whose metadata names them")
-    if "://" not in path and not os.path.exists(path):
+    if not storage.is_remote(path) and not os.path.exists(path):
         raise FileNotFoundError(f"the SD-VAE weights {path!r} (config.vae.path or the latents' metadata) not found")
     return path
 

@@ -192,6 +192,34 @@ def local_file(p: Any, suffix: str = "") -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def local_copy(p: Any) -> Iterator[str]:
+    """A local path holding `p`, a file or a whole directory (a diffusers VAE folder, a Hugging Face
+    snapshot): `p` itself when local, else a temporary download, removed after. For loaders built on
+    libraries that read local files only (safetensors, torch)."""
+    text = os.fspath(p)
+    if not is_remote(text):
+        yield text
+        return
+    check_remote(text)
+    if not isdir(text):
+        if not exists(text):
+            raise FileNotFoundError(f"{text} does not exist")
+        with local_file(text) as local:
+            yield local
+        return
+    folder = tempfile.mkdtemp(prefix="lsync_jax_download_")
+    try:
+        fs, root = _fsspec(text), _fs_path(text).rstrip("/")
+        for name in fs.find(root):
+            target = os.path.join(folder, *os.path.relpath(name, root).split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(name, target)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def local_target(p: Any) -> Iterator[str]:
     """A local file name to write `p` through: a temporary file beside a local `p`, renamed over it
     when the block ends without error, or a temporary local file uploaded to a remote `p`. Either way

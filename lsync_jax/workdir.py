@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
+from lsync_jax import storage
 from lsync_jax.builders import build_model, mesh_rules, model_fields
 from lsync_jax.models import get_model
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
@@ -160,12 +160,12 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
 
 def checkpoint_dir(workdir: str) -> str:
     """Where a run keeps its checkpoints."""
-    return os.path.join(workdir, "checkpoints")
+    return storage.join(workdir, "checkpoints")
 
 
 def checkpoint_manager(directory: str, *, read_only: bool = True, **options: Any) -> ocp.CheckpointManager:
     """Orbax's manager over a run's checkpoints/ directory, with the run's item names."""
-    return ocp.CheckpointManager(os.path.abspath(directory),
+    return ocp.CheckpointManager(storage.absolute(directory),
                                  options=ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
                                                                       **options),
                                  item_names=ITEMS)
@@ -175,47 +175,47 @@ def checkpoint_damage(step_path: str) -> str | None:
     """What is wrong with checkpoint step directory `step_path` (None: structurally intact). Cheap: the
     files every checkpoint has are present and non-empty and their metadata parses; no array is read
     (a truncated array file is found by the restore itself)."""
-    if not os.path.isdir(step_path):
+    if not storage.isdir(step_path):
         return "the directory is missing"
     items = ["meta", "state"]
-    top = os.path.join(step_path, "_CHECKPOINT_METADATA")
-    if os.path.exists(top):  # lists the items the checkpoint was saved with (data too, for training runs)
+    top = storage.join(step_path, "_CHECKPOINT_METADATA")
+    if storage.exists(top):  # lists the items the checkpoint was saved with (data too, for training runs)
         try:
             items = sorted(set(items) | set(read_json(top).get("item_handlers") or {}))
         except (OSError, ValueError, AttributeError):
             return "_CHECKPOINT_METADATA is unreadable"
     for item in items:
-        if not os.path.isdir(os.path.join(step_path, item)):
+        if not storage.isdir(storage.join(step_path, item)):
             return f"its item {item}/ is missing"
     for name in ("meta/metadata", "state/_METADATA"):
         try:
-            if not isinstance(read_json(os.path.join(step_path, name)), dict):
+            if not isinstance(read_json(storage.join(step_path, name)), dict):
                 return f"{name} is not a JSON object"
         except FileNotFoundError:
             return f"{name} is missing"
         except (OSError, ValueError) as e:
             return f"{name} is unreadable ({type(e).__name__})"
-    if read_json(os.path.join(step_path, "state", "_METADATA")).get("use_ocdbt", False):
-        state = os.path.join(step_path, "state")
-        stores = [state] + [os.path.join(state, d) for d in sorted(os.listdir(state)) if d.startswith("ocdbt.process_")]
-        if not os.path.exists(os.path.join(state, "manifest.ocdbt")):
+    if read_json(storage.join(step_path, "state", "_METADATA")).get("use_ocdbt", False):
+        state = storage.join(step_path, "state")
+        stores = [state] + [storage.join(state, d) for d in storage.listdir(state) if d.startswith("ocdbt.process_")]
+        if not storage.exists(storage.join(state, "manifest.ocdbt")):
             return "state/manifest.ocdbt is missing"
         for store in stores:
-            files = [os.path.join(store, "manifest.ocdbt")] + [
-                os.path.join(store, "d", f) for f in (os.listdir(os.path.join(store, "d"))
-                                                      if os.path.isdir(os.path.join(store, "d")) else ())]
+            files = [storage.join(store, "manifest.ocdbt")] + [
+                storage.join(store, "d", f) for f in (storage.listdir(storage.join(store, "d"))
+                                                      if storage.isdir(storage.join(store, "d")) else ())]
             for file in files:
-                if os.path.exists(file) and os.path.getsize(file) == 0:
+                if storage.exists(file) and storage.getsize(file) == 0:
                     return f"{os.path.relpath(file, step_path)} is empty"
     if "data" in items:
-        data = os.path.join(step_path, "data")
-        files = [f for f in os.listdir(data) if not f.startswith(".")]
+        data = storage.join(step_path, "data")
+        files = [f for f in storage.listdir(data) if not f.startswith(".")]
         if not files:
             return "data/ (the data-iterator position) is empty"
         for name in files:
             try:
-                if name.endswith(".json") or "process" in name:
-                    read_json(os.path.join(data, name))
+                if name.endswith(".json") or "process" in name or name == "metadata":
+                    read_json(storage.join(data, name))
             except (OSError, ValueError):
                 return f"data/{name} (the data-iterator position) is unreadable"
     return None
@@ -242,6 +242,8 @@ def restore_or_damaged(step_path: str, restore: Callable[[], Any]) -> Any:
     line naming `step_path`, without the restore's chained tracebacks."""
     try:
         return restore()
+    except DamagedCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to read the files is damage, reported in one line
         if not is_damage(e):
             raise
@@ -253,11 +255,11 @@ def set_aside(step_path: str) -> str:
     numeric names, so it is ignored from now on); process 0 renames, every process waits for it.
     Returns the new path."""
     n = 1
-    while os.path.exists(f"{step_path}.damaged-{n}"):
+    while storage.exists(f"{step_path}.damaged-{n}"):
         n += 1
     target = f"{step_path}.damaged-{n}"
     if jax.process_index() == 0:
-        os.rename(step_path, target)
+        storage.move(step_path, target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -290,9 +292,9 @@ def newest_intact(candidates: Sequence[str], load: Callable[[str], Any], *, what
 
 def read_meta(checkpoint_dir: str, step: int | str) -> dict[str, Any]:
     """The 'meta' item of checkpoint `step` in `checkpoint_dir` (DamagedCheckpointError if unreadable)."""
-    path = os.path.join(checkpoint_dir, str(step))
+    path = storage.join(checkpoint_dir, str(step))
     try:
-        meta = read_json(os.path.join(path, "meta", "metadata"))
+        meta = read_json(storage.join(path, "meta", "metadata"))
     except (OSError, ValueError) as e:
         raise DamagedCheckpointError(path, f"meta/metadata is unreadable ({first_line(e)})") from None
     if not isinstance(meta, dict):
@@ -305,10 +307,10 @@ def all_steps(checkpoint_dir: str) -> list[int]:
     directories named by a step number, as Orbax names finished saves (its unfinished ones carry an
     `.orbax-checkpoint-tmp` suffix, set-aside ones `.damaged-<n>`). Read by listing, so that looking
     opens no Orbax manager (which logs warnings about read-only directories)."""
-    directory = epath.Path(checkpoint_dir)
-    if not directory.is_dir():
+    if not storage.isdir(checkpoint_dir):
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(int(name) for name in storage.listdir(checkpoint_dir)
+                  if name.isdigit() and storage.isdir(storage.join(checkpoint_dir, name)))
 
 
 def intact_steps(checkpoint_dir: str, *, warn: bool = False) -> list[int]:
@@ -316,7 +318,7 @@ def intact_steps(checkpoint_dir: str, *, warn: bool = False) -> list[int]:
     oldest first; with `warn`, one warning line for each damaged one skipped."""
     steps = []
     for step in all_steps(checkpoint_dir):
-        problem = checkpoint_damage(os.path.join(checkpoint_dir, str(step)))
+        problem = checkpoint_damage(storage.join(checkpoint_dir, str(step)))
         if problem is None:
             steps.append(step)
         elif warn:
@@ -335,16 +337,16 @@ def latest_step(checkpoint_dir: str) -> int | None:
 def step_dirs(path: str) -> tuple[list[str], bool]:
     """(checkpoint step directories newest first, whether `path` named one step) of `path`: a workdir,
     its checkpoints/ directory or one step directory; for --config.train.init_from."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = storage.absolute(path)
+    if not storage.exists(path):
         raise FileNotFoundError(f"train.init_from={path!r} does not exist")
-    if os.path.isdir(os.path.join(path, "state")):
+    if storage.isdir(storage.join(path, "state")):
         return [path], True
-    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    ckpt_dir = storage.join(path, "checkpoints") if storage.isdir(storage.join(path, "checkpoints")) else path
     steps = all_steps(ckpt_dir)
     if not steps:
         raise FileNotFoundError(f"train.init_from={path!r} holds no checkpoint")
-    return [os.path.join(ckpt_dir, str(s)) for s in reversed(steps)], False
+    return [storage.join(ckpt_dir, str(s)) for s in reversed(steps)], False
 
 
 def step_dir(path: str) -> str:
@@ -388,7 +390,7 @@ def restore_matching(path: str, params: Any, include: str, *, config: Any = None
         target = {"params": tree}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
         restored = restore_or_damaged(directory, lambda: ocp.PyTreeCheckpointer().restore(
-            os.path.join(directory, "state"),
+            storage.join(directory, "state"),
             args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))["params"])
         flat = {path_name(key_path): value for key_path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
         if not all(np.all(np.isfinite(v)) for v in flat.values()):
@@ -410,15 +412,15 @@ def restore_matching(path: str, params: Any, include: str, *, config: Any = None
 
 def _restore_params_from(directory: str, abstract_params: Any, where: str) -> tuple[Any, Any]:
     """(params, ema_params) of one step directory, its shapes checked against `abstract_params`."""
-    meta_file = os.path.join(directory, "meta", "metadata")
-    if os.path.exists(meta_file):
+    meta_file = storage.join(directory, "meta", "metadata")
+    if storage.exists(meta_file):
         saved_shapes = read_meta(os.path.dirname(directory), os.path.basename(directory)).get("param_shapes", {})
         check_compatible({"model": {}, "param_shapes": saved_shapes},
                          {"model": {}, "param_shapes": param_shapes(abstract_params)}, where)
     # Only params and EMA params, restored straight into this run's layout (any device count).
     target = {"params": abstract_params, "ema_params": abstract_params}
     restored = restore_or_damaged(directory, lambda: ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, "state"),
+        storage.join(directory, "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True)))
     if not all_finite(restored):
@@ -433,7 +435,7 @@ def restore_params(path: str, abstract_params: Any, *, config: Any = None) -> tu
     candidates, explicit = step_dirs(path)
 
     def load(directory: str) -> tuple[Any, Any]:
-        if config is not None and os.path.exists(os.path.join(directory, "meta", "metadata")):
+        if config is not None and storage.exists(storage.join(directory, "meta", "metadata")):
             saved = read_meta(os.path.dirname(directory), os.path.basename(directory))
             check_transport(saved, config, directory, doing="train.init_from", keys=TRANSPORT_OF_WEIGHTS)
         return _restore_params_from(directory, abstract_params, path)
@@ -463,7 +465,7 @@ def load_params(config: Any, workdir: str, mesh, *, step: int | None = None,
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
     model = build_model(config)
-    ckpt_dir = os.path.abspath(checkpoint_dir(workdir))
+    ckpt_dir = storage.absolute(checkpoint_dir(workdir))
     steps = all_steps(ckpt_dir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (launch/train.py --workdir=...)")
@@ -480,7 +482,7 @@ def load_params(config: Any, workdir: str, mesh, *, step: int | None = None,
                         keys=TRANSPORT_OF_WEIGHTS)
         return _restore_params_from(directory, abstract, ckpt_dir)
 
-    directory, (params, ema) = newest_intact([os.path.join(ckpt_dir, str(s)) for s in wanted], load,
+    directory, (params, ema) = newest_intact([storage.join(ckpt_dir, str(s)) for s in wanted], load,
                                              what=f"loading the {which} weights of {workdir}",
                                              explicit=step is not None)
     loaded = int(os.path.basename(directory))

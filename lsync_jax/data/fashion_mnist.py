@@ -8,11 +8,11 @@ files, gzipped or not, works.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 
 import numpy as np
 
+from lsync_jax import storage
 from lsync_jax.data.sources import check_label_array
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -27,10 +27,9 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str) -> np.ndarray:
     """Read one IDX file (optionally .gz): magic 0 0 <dtype> <ndim>, big-endian dims, data. A damaged
     file (truncated, bad gzip stream or checksum) is an error naming it."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(path)
+        data = gzip.decompress(data) if path.endswith(".gz") else data
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): replace it with an intact copy "
                          "of the IDX file (gzipped or not)") from e
@@ -50,8 +49,8 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find(data_dir: str, name: str) -> str:
     for candidate in (name + ".gz", name):
-        path = os.path.join(data_dir, candidate)
-        if os.path.exists(path):
+        path = storage.join(data_dir, candidate)
+        if storage.exists(path):
             return path
     raise FileNotFoundError(
         f"Fashion-MNIST file {name}[.gz] not found in {data_dir!r}. Install Debian's package "

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
+from lsync_jax import storage
 from lsync_jax.data.sources import NULL_CLASS_NOTE
 
 FORMAT = "lsync_jax.latents"
@@ -92,15 +93,16 @@ class RecordCodec:
 
 def read_metadata(directory: str) -> dict[str, Any]:
     """The metadata of a preprocessed directory; a clear error when it is not one."""
-    path = os.path.join(directory, METADATA)
-    if not directory or not os.path.isfile(path):
+    path = storage.join(directory, METADATA) if directory else METADATA
+    if directory:
+        storage.check_remote(directory)  # credentials and endpoint of a gs:// directory, in seconds
+    if not directory or not storage.isfile(path):
         raise FileNotFoundError(
             f"no preprocessed latents in {directory!r} ({METADATA} missing). Make them with "
             "`python launch/preprocess.py --images=ILSVRC2012/train --vae=PATH --image_size=256 --out=DIR` "
             "and pass --config.data.dir=DIR.")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is damaged (not JSON: {e}); rerun launch/preprocess.py with the same flags "
                          "into a new --out, or restore the file") from e
@@ -139,16 +141,17 @@ class LatentSource:
         if not directory:
             raise FileNotFoundError("no latent directory given: set --config.data.dir to the output of "
                                     "launch/preprocess.py")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.meta = read_metadata(self.directory)
         names = self.meta["shards"]
-        missing = [n for n in names if not os.path.isfile(os.path.join(self.directory, n))]
+        present = set(storage.listdir(self.directory))  # one listing, not a request per shard on gs://
+        missing = [n for n in names if n not in present]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(names)} latent shards are missing in {self.directory} (first: {missing[0]}): "
                 "preprocessing did not finish. Run launch/preprocess.py again with the same flags; it resumes.")
         self.codec = RecordCodec({k: (d, tuple(s)) for k, d, s in self.meta["fields"]})
-        paths = [os.path.join(self.directory, n) for n in names]
+        paths = [storage.join(self.directory, n) for n in names]  # array_record reads gs:// itself
         try:
             self.records = ArrayRecordDataSource(paths)
         except RuntimeError as e:  # array_record's own error names no file (often it has no message)

@@ -6,10 +6,13 @@ Every source here yields records {'image': uint8 (H, W, C), 'label': int32}.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
+
+from lsync_jax import storage
 
 NULL_CLASS_NOTE = "label num_classes is the model's null class (classifier-free guidance), never a data label"
 
@@ -151,6 +154,15 @@ class TfdsSource:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def _image_files(folder: str) -> list[str]:
+    """The image files under `folder` (recursively, links followed locally), sorted by path."""
+    if not storage.is_remote(folder):
+        return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True)) for f in sorted(files)
+                if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(os.fspath(p) for p in storage.path(folder).rglob("*")
+                  if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+
+
 class ImageFolderSource:
     """An ImageNet-style tree `root/<class>/**/<image>` (the `train/` of ILSVRC2012), read as
     torchvision's ImageFolder reads it: classes are the sorted sub-directory names (for ImageNet the
@@ -158,15 +170,14 @@ class ImageFolderSource:
     decoded to RGB at their own size."""
 
     def __init__(self, root: str):
-        if not os.path.isdir(root):
+        storage.check_remote(root)
+        if not storage.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} not found (expected root/<class>/<images>)")
-        self.root = os.path.abspath(root)
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.root = storage.absolute(root)
+        self.classes = [n for n in storage.listdir(root) if storage.isdir(storage.join(root, n))]
         self.files: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):  # by path
-                self.files += [(os.path.join(folder, f), label) for f in sorted(files)
-                               if f.lower().endswith(IMAGE_EXTENSIONS)]
+            self.files += [(path, label) for path in _image_files(storage.join(self.root, name))]
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root!r}")
         self.num_classes = len(self.classes)
@@ -190,5 +201,5 @@ class ImageFolderSource:
         from PIL import Image
 
         path, label = self.files[index]
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
             return {"image": np.asarray(image.convert("RGB")), "label": np.int32(label)}

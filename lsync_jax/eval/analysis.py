@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from lsync_jax import storage
 from lsync_jax.builders import (
     build_mesh,
     build_model,
@@ -287,7 +288,7 @@ def analyze_workdir(config: Any, workdir: str, out_dir: str, settings: MeasureSe
     model = build_model(config)
     reference, reference_name = (reference_encoder(encoder_path, model) if encoder_path else (None, None))
     mesh = build_mesh(config)
-    results: dict[str, Any] = {"workdir": os.path.abspath(workdir), "params": which, "reference": reference_name,
+    results: dict[str, Any] = {"workdir": storage.absolute(workdir), "params": which, "reference": reference_name,
                                "steps": {}}
     main = jax.process_index() == 0
     for step in steps:

@@ -26,6 +26,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
+from lsync_jax import storage
 from lsync_jax.eval import metrics
 from lsync_jax.host import Progress, all_processes, gather_to_host, pad_rows
 from lsync_jax.models import inception
@@ -268,7 +269,7 @@ def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
 def _file_key(path: str) -> str:
     """A replaced file (other size or modification time) gets another key."""
     stat = epath.Path(path).stat()
-    raw = f"{os.path.abspath(path) if '://' not in path else path}:{stat.length}:{stat.mtime}"
+    raw = f"{storage.absolute(path)}:{stat.length}:{stat.mtime}"
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
@@ -280,10 +281,10 @@ def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], Featur
     either all run it or none); each then writes its own copy, atomically, so a cache on a shared
     disk or on each host's own disk both work.
     """
-    directory = cache_dir or os.path.join(weights.cache_dir(), "fid_stats")
-    path = os.path.join(directory, f"{key}__{evaluator.weights_id}.npz")
+    directory = cache_dir or storage.join(weights.cache_dir(), "fid_stats")
+    path = storage.join(directory, f"{key}__{evaluator.weights_id}.npz")
     stats = None
-    if os.path.exists(path):
+    if storage.exists(path):
         try:
             stats = FeatureStats.load(path)
         except ValueError as e:  # a cache, not a result: computed again and replaced

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping
 
 import jax
 from absl import logging
-from etils import epath
 
+from lsync_jax import storage
 from lsync_jax.builders import build_source
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
 from lsync_jax.eval.sampling import sample_batches
@@ -32,7 +32,9 @@ class TrainingFID:
     and `__call__(step, ema_params) -> scalars`."""
 
     def __init__(self, config: Any, model: Any, sample_fn: Callable, mesh: Any, cfg_scale: float,
-                 interval: tuple[float, float], workdir: str, decode: Callable | None = None):
+                 interval: tuple[float, float], workdir: str, decode: Callable | None = None, check_only: bool = False):
+        """`check_only` (launch/train.py --check): the settings, weights and reference are checked, no
+        reference statistics are computed."""
         ev: Mapping[str, Any] = config.eval
         self.every = int(ev.every)
         self.num_samples = int(ev.num_samples)
@@ -59,8 +61,11 @@ class TrainingFID:
         self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
         reference = ev.reference
         if reference:
-            if not epath.Path(reference).exists():
+            storage.check_remote(reference)
+            if not storage.exists(reference):
                 raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
+            if check_only:
+                return
             self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
         else:
             source = build_source(config.data, split=ev.reference_split)
@@ -68,6 +73,8 @@ class TrainingFID:
             if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
                 raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
                                  f"needs >= {MIN_IMAGES} images (0: the whole split)")
+            if check_only:
+                return
             self.reference = source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info)
         if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
             raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
@@ -81,7 +88,7 @@ class TrainingFID:
 
     def done(self, step: int) -> bool:
         """Whether step's evaluation was written (on every process's view of the workdir)."""
-        return all_processes(os.path.exists(self.result_path(step)))
+        return all_processes(storage.exists(self.result_path(step)))
 
     def __call__(self, step: int, ema_params: Any) -> dict[str, float]:
         batches = sample_batches(self.sample_fn, {"params": ema_params}, self.mesh, self.model.num_classes,

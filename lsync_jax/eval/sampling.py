@@ -57,7 +57,6 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
     decode = build_decoder(config, mesh)
-    os.makedirs(out_dir, exist_ok=True)
     npz = os.path.join(out_dir, f"samples_step{step}_seed{seed}_{num_samples}.npz")
     png = os.path.join(out_dir, f"samples_step{step}_seed{seed}.png")
 

@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from lsync_jax import storage
 from lsync_jax.models.encoders.dinov2 import CONFIGS, DINOv2, DINOv2Config, random_dinov2
 from lsync_jax.porting.vae import read_state_file
 from lsync_jax.storage import read_json
@@ -235,7 +236,14 @@ def _read(path: str) -> dict[str, np.ndarray]:
 
 def read_dinov2_state(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """(float32 tensors by their names in the file less a `dinov2.` prefix, HF config.json or None, the
-    weights file read)."""
+    weights file read), from a local or gs:// file or directory."""
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"DINOv2 weights {path} not found: {_WHERE_TO_GET}")
+        with storage.local_copy(path) as local:
+            state, config, weights_file = read_dinov2_state(local)
+        read = storage.join(path, os.path.relpath(weights_file, local)) if local != weights_file else path
+        return state, config, read
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in (_HF_INDEX, *_HF_WEIGHTS) if os.path.isfile(os.path.join(path, n))]
         for name in (_HF_INDEX, *_HF_WEIGHTS):  # a repo cache folder: models--facebook--dinov2-base/snapshots/<hash>

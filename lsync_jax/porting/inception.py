@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
+from lsync_jax import storage
 from lsync_jax.models.inception import INPUT_SIZE, InceptionV3
 from lsync_jax.storage import save_npz_atomic
 
@@ -217,17 +218,18 @@ def resolve_weights(path: str | None = None) -> str:
             if not epath.Path(path).exists():
                 raise FileNotFoundError(f"--inception_weights={path} not found")
             return path
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"--inception_weights={path} not found")
         stem = os.path.splitext(os.path.basename(path))[0]
-        target = os.path.join(cache_dir(), f"inception_fid_{stem}_{os.path.getsize(path)}.npz")
-        if not os.path.isfile(target):
+        target = storage.join(cache_dir(), f"inception_fid_{stem}_{storage.getsize(path)}.npz")
+        if not storage.isfile(target):
             logging.info("FID Inception weights: converting %s into %s (once; torch reads the file)", path, target)
-            save_weights(convert_torch_file(path), target, path)
+            with storage.local_copy(path) as local:
+                save_weights(convert_torch_file(local), target, path)
         logging.info("FID Inception weights: %s (converted from %s)", target, path)
         return target
-    target = os.path.join(cache_dir(), CACHED_NAME)
-    if os.path.isfile(target):
+    target = storage.join(cache_dir(), CACHED_NAME)
+    if storage.isfile(target):
         logging.info("FID Inception weights: %s (cached conversion)", target)
         return target
     bundled = fid_helper_file()

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lsync_jax import storage
 from lsync_jax.models import get_model, model_config
 from lsync_jax.models.layers import sincos_2d, timestep_frequencies
 from lsync_jax.models.sit import SiT
@@ -125,6 +126,11 @@ def unwrap_checkpoint(obj: Mapping[str, Any], which: str = "ema") -> OfficialChe
 
 def read_checkpoint(path: str, which: str = "ema", allow_pickle: bool = False) -> OfficialCheckpoint:
     """Read an official .pt/.pth (torch, weights_only unless `allow_pickle`) or .safetensors file."""
+    if storage.is_remote(path):
+        if not storage.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        with storage.local_copy(path) as local:
+            return read_checkpoint(local, which, allow_pickle)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.endswith(".safetensors"):

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from lsync_jax import storage
 from lsync_jax.models.vae import AutoencoderKL, VAEConfig
 from lsync_jax.storage import read_json
 
@@ -75,7 +76,13 @@ def read_state_file(path: str) -> dict[str, np.ndarray]:
 
 
 def load_vae(path: str) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """(module, params) from a diffusers VAE file or directory; checked against the module's shapes."""
+    """(module, params) from a diffusers VAE file or directory (local or gs://); checked against the
+    module's shapes."""
+    with storage.local_copy(path) as local:
+        return _load_vae(local, path)
+
+
+def _load_vae(path: str, named: str) -> tuple[AutoencoderKL, dict[str, Any]]:
     import jax
     import jax.numpy as jnp
 
@@ -88,7 +95,7 @@ def load_vae(path: str) -> tuple[AutoencoderKL, dict[str, Any]]:
     elif os.path.isfile(path):
         weights_file = path
     else:
-        raise FileNotFoundError(f"VAE weights {path} not found (a diffusers file or directory, e.g. "
+        raise FileNotFoundError(f"VAE weights {named} not found (a diffusers file or directory, e.g. "
                                 "stabilityai/sd-vae-ft-ema downloaded beforehand)")
     config_file = os.path.join(os.path.dirname(weights_file), "config.json")
     config = (VAEConfig.from_diffusers(read_json(config_file, "the VAE config")) if os.path.isfile(config_file)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
+
 from lsync_jax.builders import validate_config
 from lsync_jax.eval.fid import TrainingFID
-from lsync_jax.host import initialize_distributed
+from lsync_jax.host import all_processes, initialize_distributed
 from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
 from lsync_jax.recipes.erw import erw_phases
-from lsync_jax.recipes.phases import Phase, run_phases
+from lsync_jax.recipes.phases import Phase, check_next_phase, run_phases
 from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, EvaluationHook, Preempted
 from lsync_jax.train.setup import HookFactory, Run
 
@@ -44,10 +46,29 @@ def fid_hooks(phase: Phase) -> Sequence[HookFactory]:
 
     def make(run: Run) -> EvaluationHook:
         fid = TrainingFID(run.config, run.model, run.sample_fn, run.mesh, run.cfg_scale, run.interval, run.workdir,
-                          run.decode)
+                          run.decode, check_only=run.checking)
         return EvaluationHook(fid, run)
 
     return (make,)
+
+
+def check_run(config: Any, workdir: str) -> str:
+    """launch/train.py --check: every check a start makes (config, data, weights, storage probes, a
+    resume's compatibility, FID's inputs) on every process, then stop before compiling. Each process
+    checks its own view (a pod's hosts have their own disks, credentials and network); all then agree,
+    so a failure anywhere fails every process, naming the process. Returns a one-line summary."""
+    initialize_distributed(config.distributed)
+    error = None
+    try:
+        phase = check_next_phase(phases_of(config, workdir), fid_hooks)
+    except Exception as e:  # noqa: BLE001 - reported below, after every process has checked
+        error = e
+    if not all_processes(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError("the check failed on another process (its log names the problem)")
+    return (f"check passed on {jax.process_count()} process(es), {jax.device_count()} device(s): phase "
+            f"{phase.name!r} of {workdir} can start (nothing compiled, nothing written but the storage probes)")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
@@ -57,4 +78,4 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     return run_phases(phases_of(config, workdir), fid_hooks)
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Phase", "Preempted", "phases_of", "run_phases", "train_and_evaluate"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Phase", "Preempted", "check_run", "phases_of", "run_phases", "train_and_evaluate"]

@@ -22,7 +22,6 @@ The warm-up counts towards `train.num_steps`: an auto run has the same budget as
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from lsync_jax import storage
 from lsync_jax.builders import build_mesh, build_model, build_transport, derived_config
 from lsync_jax.eval.analysis import MeasureSettings, measure_model, probe_figure
 from lsync_jax.host import all_processes, save_png
@@ -37,7 +37,7 @@ from lsync_jax.objectives.layersync import SELECTION_DEFAULTS, default_pair, is_
 from lsync_jax.objectives.objective import build_objective
 from lsync_jax.objectives.registry import with_defaults
 from lsync_jax.recipes.phases import Phase
-from lsync_jax.storage import write_json_atomic
+from lsync_jax.storage import read_json, write_json_atomic
 from lsync_jax.workdir import (
     abstract_params,
     checkpoint_dir,
@@ -113,11 +113,10 @@ def written_choice(workdir: str, warmup: int) -> dict[str, Any] | None:
     """The choice WORKDIR/layersync_pairs.json holds for this warm-up (a run stopped between the
     warm-up and its first LayerSync checkpoint): kept as made, never re-measured. None when absent
     (on any process) or made for another step."""
-    path = os.path.join(workdir, CHOICE_FILE)
-    if not all_processes(os.path.exists(path)):
+    path = storage.join(workdir, CHOICE_FILE)
+    if not all_processes(storage.exists(path)):
         return None
-    with open(path) as f:
-        written = json.load(f)
+    written = read_json(path, "the automatic-pairs record")
     if written.get("step") != warmup or not written.get("pairs"):
         return None
     return {k: written[k] for k in ("pairs", "why", "measured", "step")}

@@ -23,7 +23,7 @@ from absl import logging
 from lsync_jax.builders import build_model, build_transport, validate_config
 from lsync_jax.objectives import build_objective
 from lsync_jax.train import train
-from lsync_jax.train.setup import HookFactory
+from lsync_jax.train.setup import HookFactory, setup
 from lsync_jax.workdir import checkpoint_dir, latest_step
 
 
@@ -51,16 +51,37 @@ def check_phases(phases: Sequence[Phase]) -> None:
                              f"[1, train.num_steps={phase.config.train.num_steps}]")
 
 
+def _is_done(phases: Sequence[Phase], i: int) -> bool:
+    """Whether phase i is finished: it reached its last step, or a later phase in another workdir has
+    started (the last phase is never skipped: a resume of a finished run still runs its final hooks)."""
+    phase = phases[i]
+    later = [p for p in phases[i + 1:] if p.workdir != phase.workdir]
+    return i < len(phases) - 1 and ((latest_step(checkpoint_dir(phase.workdir)) or 0) >= phase.until or any(
+        latest_step(checkpoint_dir(p.workdir)) is not None for p in later))
+
+
+def check_next_phase(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[HookFactory]] = lambda p: ()
+                     ) -> Phase:
+    """Every check the phase that would run next makes at its start (`setup(check=True)`), without
+    training, compiling or writing anything but the storage probes; the phases after it are checked as
+    configs (`check_phases`), since they start from what it will write. Returns that phase."""
+    check_phases(phases)
+    i = next((i for i in range(len(phases)) if not _is_done(phases, i)), len(phases) - 1)
+    phase = phases[i]
+    if phase.resolve is not None and i > 0:  # its settings come from a measurement (long): its warm-up's
+        phase = phases[i - 1]                # start checks the same data, weights and storage
+    setup(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
+          extra_hooks=extra_hooks(phase), check=True)
+    return phase
+
+
 def run_phases(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[HookFactory]] = lambda p: ()
                ) -> dict[str, float]:
     """Start or resume the phases in order (see the module docstring); returns the last metrics."""
     check_phases(phases)
     metrics: dict[str, float] = {}
     for i, phase in enumerate(phases):
-        done = latest_step(checkpoint_dir(phase.workdir)) or 0
-        later = [p for p in phases[i + 1:] if p.workdir != phase.workdir]
-        if i < len(phases) - 1 and (done >= phase.until or any(latest_step(checkpoint_dir(p.workdir)) is not None
-                                                                for p in later)):
+        if _is_done(phases, i):
             logging.info("phase %r is done (%s): skipped", phase.name, phase.workdir)
             continue
         if phase.resolve is not None:

@@ -6,7 +6,6 @@ is refused (`lsync_jax.workdir.check_transport`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from lsync_jax import storage
 from lsync_jax.builders import model_fields
 from lsync_jax.models.sit import SiT
 from lsync_jax.porting.official import convert_state_dict, plan_conversion, read_checkpoint, transport_hints
@@ -23,8 +23,8 @@ from lsync_jax.workdir import TIME_CONVENTION, describe, param_shapes
 
 
 def _checkpoint_dir(out_dir: str) -> str:
-    directory = os.path.join(os.path.abspath(out_dir), "checkpoints")
-    if os.path.isdir(directory) and os.listdir(directory):
+    directory = storage.join(storage.absolute(out_dir), "checkpoints")
+    if storage.isdir(directory) and storage.listdir(directory):
         raise FileExistsError(f"{directory} already holds checkpoints; convert into another directory")
     return directory
 

@@ -19,11 +19,14 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from lsync_jax import storage
 from lsync_jax.data.latents import (
     FORMAT,
     METADATA,
@@ -92,11 +95,13 @@ def check_classes(source: Any, num_classes: int | None = None, log: Callable[[st
     root = getattr(source, "root", None)
     where = root or repr(source)
     if root is not None:
-        loose = sum(1 for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        loose = sum(1 for name in storage.listdir(root)
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and storage.isfile(storage.join(root, name)))
         log(f"{root}: {len(classes)} class folder(s) ({shown}) holding {len(source):,} images"
             + (f"; {loose} image(s) directly under it are in no class folder and are skipped" if loose else ""))
         if len(classes) == 1:
-            inner = sorted(e.name for e in os.scandir(os.path.join(root, classes[0])) if e.is_dir())
+            inner = [name for name in storage.listdir(storage.join(root, classes[0]))
+                     if storage.isdir(storage.join(root, classes[0], name))]
             if inner:
                 raise ValueError(
                     f"--images={root} holds a single class folder {classes[0]!r}, which holds folders "
@@ -261,7 +266,7 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
     if spec.image_size % factor:
         raise ValueError(f"image_size={spec.image_size} is not a multiple of the VAE's downsampling factor {factor}")
     latent_shape = (spec.image_size // factor, spec.image_size // factor, module.config.latent_channels)
-    vae_info = {"path": os.path.abspath(vae_path) if "://" not in vae_path else vae_path,
+    vae_info = {"path": storage.absolute(vae_path),
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(module.config).items()}}
     tokens, encoder_info = None, None
@@ -274,9 +279,9 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                         "input_size": grid * encoder.config.patch_size}
     meta = build_metadata(source_info, vae_info, latent_shape, num_records, spec, SCALE_FACTOR, encoder_info,
                           labels=labels)
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, METADATA)
-    if os.path.exists(meta_path):
+    storage.makedirs(out_dir)
+    meta_path = storage.join(out_dir, METADATA)
+    if storage.exists(meta_path):
         existing = read_metadata(out_dir)
         check_resumable(existing, meta, out_dir)
         recorded = existing.get("label_range")  # None: made before label ranges were recorded
@@ -286,7 +291,8 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
 
     codec = RecordCodec({k: (d, tuple(s)) for k, d, s in meta["fields"]})
     mine = range(process, meta["num_shards"], processes)
-    todo = [k for k in mine if not os.path.exists(os.path.join(out_dir, meta["shards"][k]))]
+    present = set(storage.listdir(out_dir))  # one listing, not a request per shard on gs://
+    todo = [k for k in mine if meta["shards"][k] not in present]
     skipped = len(mine) - len(todo)
     if skipped:
         log(f"{skipped} finished shard(s) kept, {len(todo)} to write")
@@ -311,8 +317,10 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                            window=max(4 * spec.batch_size, 2 * spec.num_workers))
     start = time.perf_counter()
     for k in todo:
-        final = os.path.join(out_dir, meta["shards"][k])
-        temporary = f"{final}.tmp-{process}"
+        final = storage.join(out_dir, meta["shards"][k])
+        # array_record writes local files only: a remote shard is written locally, then uploaded
+        temporary = (os.path.join(tempfile.gettempdir(), f"lsync_jax_{uuid.uuid4().hex}_{meta['shards'][k]}")
+                     if storage.is_remote(final) else f"{final}.tmp-{process}")
         writer = ArrayRecordWriter(temporary, "group_size:1")  # random access: one record per chunk
         try:
             count = len(shard_range[k])
@@ -328,7 +336,11 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                     writer.write(codec.encode(values))
                 progress.update(len(items))
             writer.close()
-            os.replace(temporary, final)  # a shard exists under its name only when complete
+            if storage.is_remote(final):  # an object is visible only once its upload completes
+                storage.upload(temporary, final)
+                os.remove(temporary)
+            else:
+                os.replace(temporary, final)  # a shard exists under its name only when complete
         except BaseException:  # a failed or interrupted shard leaves no temporary file (a rerun redoes it)
             try:
                 writer.close()

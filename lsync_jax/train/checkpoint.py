@@ -1,10 +1,16 @@
 """Orbax checkpoints of a training run: the train state, the data iterator and the run's meta.
 
 Each checkpoint holds three items: 'state' (the sharded TrainState, written by every process
-without gathering), 'data' (the grain iterator's position, per process) and 'meta' (what
+without gathering), 'data' (the data position: one global batch count, `DATA_FORMAT`) and 'meta' (what
 `lsync_jax.workdir.describe` records, checked before a resume so that an incompatible workdir
 fails with a clear error instead of a shape error deep in a compile). Saves are asynchronous; the
 preservation policy keeps the latest `max_to_keep` (at least 1) plus every `keep_every`-th step.
+
+Elastic resume: batches are global (`lsync_jax.data.pipeline`), so the data position is one number,
+the global batches consumed, written once (not one grain iterator state per process), and the state
+is restored straight into the new run's mesh. A run checkpointed by N processes resumes on M.
+Checkpoints from before (grain's `process_<i>-of-<n>.json` files, which all hold that same number)
+resume too, on any process count.
 Reading a run's parameters without training (sampling, analysis, init_from) is `lsync_jax.workdir`.
 
 A save that fails ends the run at once with one `CheckpointSaveError` naming the directory and the
@@ -23,12 +29,48 @@ import traceback
 import warnings
 from typing import Any, Mapping
 
-import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lsync_jax.workdir import ITEMS, first_line
+from lsync_jax import storage
+from lsync_jax.storage import read_json
+from lsync_jax.workdir import ITEMS, DamagedCheckpointError, first_line
+
+# What the 'data' item holds: {"format": DATA_FORMAT, "next_batch": global batches consumed}.
+DATA_FORMAT = "lsync_jax global batch position v1"
+
+
+def data_position(data_iterator: Any) -> dict[str, Any]:
+    """The 'data' item of a checkpoint: the global batch count of the iterator (the same on every
+    process, since each walks the same global batches), written by one process."""
+    return {"format": DATA_FORMAT, "next_batch": int(data_iterator.get_state()["next_index"]),
+            "process_count": jax.process_count()}
+
+
+def read_data_position(step_path: str) -> int:
+    """The global batch a run resumed from checkpoint `step_path` continues with: the 'data' item this
+    module writes, or grain's per-process files of older checkpoints (they all hold the same global
+    count; disagreeing ones are damage). DamagedCheckpointError naming the file otherwise."""
+    data = storage.join(step_path, "data")
+    if not storage.isdir(data):
+        raise DamagedCheckpointError(step_path, "it has no data position (data/); resuming would replay the data "
+                                     "from the start")
+    names = storage.listdir(data)
+    try:
+        if "metadata" in names:
+            record = read_json(storage.join(data, "metadata"), "the data position")
+            if not isinstance(record, dict) or not isinstance(record.get("next_batch"), int):
+                raise ValueError(f"{storage.join(data, 'metadata')} holds no next_batch")
+            return int(record["next_batch"])
+        per_process = [n for n in names if n.startswith("process_") and n.endswith(".json")]
+        positions = {n: read_json(storage.join(data, n), "the data position") for n in per_process}
+        counts = {int(state["next_index"]) for state in positions.values()}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DamagedCheckpointError(step_path, f"its data position is unreadable ({first_line(e)})") from None
+    if len(counts) != 1:
+        raise DamagedCheckpointError(step_path, f"its data position is missing or inconsistent ({sorted(names)})")
+    return counts.pop()
 
 
 class CheckpointSaveError(OSError):
@@ -114,7 +156,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep (config.train.keep_checkpoints) must be >= 1, got {max_to_keep}")
         if keep_every is not None and int(keep_every) < 1:
             raise ValueError(f"keep_every (config.train.keep_every) must be >= 1 or None, got {keep_every}")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.failed: str | None = None  # the first save error: later saves and close() do not wait on it again
         self.pending: int | None = None  # the step whose save may still run in the background
         options = ocp.CheckpointManagerOptions(
@@ -150,7 +192,7 @@ class Checkpointer:
         self.wait()  # the previous save's background error, now (Orbax would wait for it anyway)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
         if data_iterator is not None:
-            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+            items["data"] = ocp.args.JsonSave(data_position(data_iterator))
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # noqa: BLE001 - any failure to write ends the run with one line naming the path
@@ -171,13 +213,13 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
         """Restore 'state' into the layout of `abstract_state` (ShapeDtypeStructs with shardings) and,
         if given, the data iterator in place."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        position = None
+        if data_iterator is not None:  # read (and checked) before the state: it is the cheap part
+            position = read_data_position(storage.join(self.directory, str(step)))
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         if data_iterator is not None:
-            if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
-                raise FileNotFoundError(f"checkpoint {step} in {self.directory} has no data-iterator position; "
-                                        "resuming would replay the data from the start")
-            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            data_iterator.set_state({"next_index": position})
+        return state["state"]
 
     def wait(self) -> None:
         """Wait for the asynchronous save in flight; CheckpointSaveError if it failed."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from lsync_jax import storage
 from lsync_jax.builders import (
     build_decoder,
     build_mesh,
@@ -90,6 +91,7 @@ class Run:
     step_fn: Callable | None = None
     metrics: MetricsHook | None = None
     checkpoints: CheckpointHook | None = None
+    checking: bool = False  # `setup(check=True)`: hook factories check their inputs and load nothing long
 
     @property
     def num_steps(self) -> int:
@@ -108,10 +110,14 @@ HookFactory = Callable[[Run], Hook]
 
 
 def setup(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
-          accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = ()) -> tuple[Run, list[Hook]]:
+          accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = (), check: bool = False
+          ) -> tuple[Run, list[Hook]]:
     """Build the run described by `config` in `workdir` and its hooks (metrics, checkpoints, sample
     grids, then `extra_hooks`, each built from the Run before the state exists, so that their inputs
-    too fail before any model compiles)."""
+    too fail before any model compiles). With `check` (launch/train.py --check): every check of a
+    real start (config, data, weights, storage probes, a resume's compatibility, the hooks' inputs)
+    runs on this process, then it returns (run, []) with no state, before anything is created in the
+    workdir or compiled."""
     validate_config(config)
     initialize_distributed(config.distributed)
     model = build_model(config)
@@ -135,6 +141,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     run = Run(config, workdir, model, objective, mesh, make_sample_fn(model, transport, sampler_cfg), cfg_scale,
               interval, build_decoder(config, mesh), iter(loader), encoder)
     run.end = run.num_steps if until is None else min(int(until), run.num_steps)
+    run.checking = check
 
     abstract = abstract_state(model, tx, mesh, rules)
     meta = dict(describe(model_fields(config), abstract.params, abstract, objective,
@@ -144,6 +151,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     saved_steps = all_steps(ckpt_dir)  # read only: a run refused below leaves the workdir as it found it
     checked = _check_start(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
     built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
+    if check:
+        return run, []
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
@@ -183,8 +192,8 @@ def data_record(config: Any, source: Any) -> dict[str, Any]:
     """What a checkpoint records of the data order: DATA_ORDER's config.data keys, config.seed and the
     number of examples in the source."""
     record = {key: config.data[key] for key in DATA_ORDER}
-    if record["dir"] and "://" not in record["dir"]:
-        record["dir"] = os.path.abspath(record["dir"])
+    if record["dir"]:
+        record["dir"] = storage.absolute(record["dir"])
     return dict(record, seed=int(config.seed), size=len(source))
 
 
@@ -246,7 +255,7 @@ def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: M
     if saved_steps:
         for step in reversed(saved_steps):
             if checkpoint_damage(os.path.join(ckpt_dir, str(step))) is None:
-                _check_resumable(read_meta(ckpt_dir, step), config, meta, accepts, os.path.abspath(ckpt_dir))
+                _check_resumable(read_meta(ckpt_dir, step), config, meta, accepts, storage.absolute(ckpt_dir))
                 return step
     elif config.train.init_from:
         for directory in step_dirs(config.train.init_from)[0]:  # damage is reported when it is restored
@@ -272,7 +281,7 @@ def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any], 
         if problem is None:
             try:
                 _check_resumable(read_meta(directory, step), config, meta, accepts, directory, warn=step != checked)
-                if not os.path.isdir(os.path.join(path, "data")):
+                if not storage.isdir(storage.join(path, "data")):
                     raise FileNotFoundError(f"checkpoint {step} in {directory} has no data-iterator position; "
                                             "resuming would replay the data from the start")
                 state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, run.data_iterator))

@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
 #   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~19 min on 2 CPU cores)
 #   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
-#   make test-fast   the fast tier (no training, sampling or CLI runs: pytest -m "not slow"), ~2 min on 2 cores (~4 on a first run)
+#   make test-fast   the fast tier (no training, sampling, CLI or emulator runs: pytest -m "not slow and not gcs"), ~2 min on 2 cores (~4 on a first run)
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/lsync_fashion_mnist
@@ -30,4 +30,4 @@ test: install data lint
 	. $(VENV)/bin/activate && pytest -q -n 2 tests
 
 test-fast: install data
-	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow" tests
+	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow and not gcs" tests

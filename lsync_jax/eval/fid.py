@@ -10,7 +10,6 @@ loaded (or computed and cached) then, so nothing fails hours into a run.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -57,25 +56,23 @@ class TrainingFID:
         self.model, self.sample_fn, self.mesh, self.decode = model, sample_fn, mesh, decode
         self.cfg_scale, self.interval = cfg_scale, interval
         self.seed = int(config.seed) + 2
-        self.out_dir = os.path.join(workdir, "eval")
-        self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
-        reference = ev.reference
-        if reference:
+        self.out_dir = storage.join(workdir, "eval")
+        reference, source, size = ev.reference, None, int(ev.reference_size)
+        if reference:  # the cheap checks first: the Inception weights may need a conversion (seconds)
             storage.check_remote(reference)
             if not storage.exists(reference):
                 raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
-            if check_only:
-                return
-            self.reference = reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
         else:
             source = build_source(config.data, split=ev.reference_split)
-            size = int(ev.reference_size)
             if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
                 raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
                                  f"needs >= {MIN_IMAGES} images (0: the whole split)")
-            if check_only:
-                return
-            self.reference = source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info)
+        self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
+        if check_only:
+            return
+        self.reference = (reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
+                          if reference else
+                          source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info))
         if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
             raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
 
@@ -84,7 +81,7 @@ class TrainingFID:
         return bool(self.every) and step % self.every == 0 and step < num_steps
 
     def result_path(self, step: int) -> str:
-        return os.path.join(self.out_dir, f"metrics_step{step:07d}.json")
+        return storage.join(self.out_dir, f"metrics_step{step:07d}.json")
 
     def done(self, step: int) -> bool:
         """Whether step's evaluation was written (on every process's view of the workdir)."""

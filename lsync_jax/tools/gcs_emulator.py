@@ -103,6 +103,19 @@ class GcsEmulator:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (idempotent); returns 'gs://name'."""
+        import json
+
+        request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 409:  # 409: it exists
+                raise
+        return f"gs://{name}"
+
     def local_path(self, url: str) -> str:
         """Where the emulator keeps the object (or prefix) `gs://bucket/name` on disk (for tests that
         damage a file the way a failing disk would)."""

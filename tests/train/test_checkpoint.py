@@ -1,5 +1,8 @@
 """Orbax checkpoints: state and data iterator round trip, compatibility check, init_from."""
 
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from lsync_jax.sharding import make_mesh
 from lsync_jax.train import create_train_state, make_optimizer, state_shardings
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.state import init_state_fn
-from lsync_jax.workdir import check_compatible, describe, restore_params
+from lsync_jax.workdir import DamagedCheckpointError, check_compatible, describe, restore_params
 
 
 def tiny(**kw):
@@ -50,6 +53,33 @@ def test_state_and_iterator_round_trip(tmp_path):
         state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding
     np.testing.assert_array_equal(next(it2)["x"], expected)
     assert ckpt.read_meta(5)["model"]["depth"] == 1
+    ckpt.close()
+
+
+def test_the_data_position_is_one_global_count_and_old_per_process_files_still_resume(tmp_path):
+    (model, cfg), mesh = tiny(), make_mesh()
+    tx, _ = make_optimizer({})
+    state = create_train_state(model, tx, jax.random.key(0), mesh)
+    it = iter(loader())
+    for _ in range(3):
+        next(it)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(3, state, describe(cfg, state.params), it)
+    expected = next(it)["x"]
+    ckpt.wait()
+    data = tmp_path / "ckpt" / "3" / "data"
+    assert "metadata" in os.listdir(data) and not [n for n in os.listdir(data) if n.startswith("process_")]
+    assert json.loads((data / "metadata").read_text())["next_batch"] == 3
+    # grain's layout before (one file per process, each holding the same global count): still resumes
+    (data / "metadata").unlink()
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": 3}, indent=4))
+    it2 = iter(loader())
+    ckpt.restore(3, abstract(model, tx, mesh), it2)
+    np.testing.assert_array_equal(next(it2)["x"], expected)
+    (data / "process_1-of-2.json").write_text(json.dumps({"next_index": 5}))  # disagreeing files: damage
+    with pytest.raises(DamagedCheckpointError, match="data position is missing or inconsistent"):
+        ckpt.restore(3, abstract(model, tx, mesh), iter(loader()))
     ckpt.close()
 
 

@@ -72,3 +72,20 @@ def test_train_kill_resume_sample_evaluate_on_gs(gcs_emulator, bucket, inception
     metrics = storage.read_json(batch[:-len(".npz")] + "_metrics.json")
     assert metrics["metrics"]["fid"] > 0 and metrics["num_samples"] == 8
     assert storage.listdir(f"{cache}/fid_stats")  # reference statistics cached in the bucket
+
+
+def test_a_damaged_checkpoint_in_a_bucket_is_set_aside_and_the_run_resumes(bucket, caplog):
+    from lsync_jax.configs import tiny
+    from lsync_jax.recipes import train_and_evaluate
+
+    run = f"{bucket}/run"
+    config = tiny.get_config()
+    train_and_evaluate(config, run)  # checkpoints 3 and 6
+    storage.remove(f"{run}/checkpoints/6/state/_METADATA")  # a lost object: the newest checkpoint is damaged
+    config.train.num_steps = 9
+    with caplog.at_level("WARNING"):
+        train_and_evaluate(config, run)
+    assert "checkpoint 6 is damaged (state/_METADATA is missing): set aside as" in caplog.text
+    names = storage.listdir(f"{run}/checkpoints")
+    assert "6.damaged-1" in names and "9" in names  # kept, not deleted; the run went on from step 3
+    assert storage.exists(f"{run}/checkpoints/6.damaged-1/meta/metadata")

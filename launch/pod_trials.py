@@ -1,0 +1,36 @@
+"""Measure what pod-scale training rests on, on this machine; prints the rows and writes JSON.
+
+    python launch/pod_trials.py --parts=storage,preemption,elastic,kills --trials=5 --out=pod_trials.json
+
+storage: GCS round trips (the localhost emulator) and local disk; preemption: two JAX processes, one
+SIGTERMed, the cost of the per-step sync point; elastic: 1 -> 2 -> 1 processes against a straight
+run; kills: runs SIGKILLed at random moments, then resumed (local disk and a bucket).
+"""
+
+
+from absl import app, flags
+
+from lsync_jax.configs.cli import parse_flags
+from lsync_jax.host import quiet_library_logs
+from lsync_jax.storage import write_json_atomic
+from lsync_jax.tools.pod_trials import run
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("parts", ["storage", "preemption", "elastic", "kills"], "What to measure.")
+flags.DEFINE_integer("trials", 5, "Kill trials per storage (local disk, bucket).")
+flags.DEFINE_string("out", "pod_trials.json", "Where to write the JSON results.")
+
+
+def main(argv):
+    del argv
+    quiet_library_logs()
+    unknown = sorted(set(FLAGS.parts) - {"storage", "preemption", "elastic", "kills"})
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {unknown}; choose from storage, preemption, elastic, kills")
+    result = run(FLAGS.parts, trials=FLAGS.trials)
+    write_json_atomic(FLAGS.out, result)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

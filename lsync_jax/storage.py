@@ -446,11 +446,12 @@ def bounded(what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any
 
 
 def check_writable(directory: Any, *, cleanup: bool = True) -> None:
-    """Write, read back and delete a probe file in `directory` (creating it and missing parents for the
-    probe and, with `cleanup` (one process), removing them again, so that a run refused later leaves
-    the file system as found): a directory a run will write that it cannot (permissions, a full or
-    read-only disk, a missing bucket, no credentials) fails at start, naming it, instead of at the
-    first save after hours of training. OSError (StorageError for remote paths) naming the path."""
+    """Write, read back and delete a probe file in `directory`: a directory a run will write that it
+    cannot (permissions, a full or read-only disk, a missing bucket, no credentials) fails at start,
+    naming it, instead of at the first save after hours of training. Missing local parents are
+    created for the probe and, with `cleanup`, removed again, so that a run refused later leaves the
+    file system as found (several processes probing a shared disk pass cleanup=False, not to remove
+    one another's). OSError (StorageError for remote paths) naming the path."""
     text = os.fspath(directory)
     check_remote(text)
     target = epath.Path(text)

@@ -134,7 +134,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     check_data_matches_model(source, model, config.data)
     grids = objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0
     for directory in writes(config, workdir, grids):  # now, not at the first save hours later
-        check_writable(directory)
+        check_writable(directory, cleanup=jax.process_count() == 1)  # several on a shared disk: not each other's
     encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))

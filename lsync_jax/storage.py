@@ -81,48 +81,64 @@ def join(*parts: Any) -> str:
 
 
 def path(p: Any) -> epath.Path:
+    """An etils.epath.Path of `p`. A URL's client is configured first, and the first use of each
+    endpoint in a process checks credentials and reachability (`check_remote`, seconds): no storage
+    call then waits through a client's minute of retries for an endpoint that is not there."""
+    if is_remote(p):
+        _first_use(os.fspath(p))
     return epath.Path(p)
 
 
+_REACHED: set[tuple[str, str]] = set()  # (scheme, endpoint) pairs checked in this process
+
+
+def _first_use(p: str) -> None:
+    configure_remote()
+    key = (scheme(p), emulator())
+    if key not in _REACHED:
+        check_remote(p)
+        _REACHED.add(key)
+
+
 def exists(p: Any) -> bool:
-    return epath.Path(p).exists()
+    return path(p).exists()
 
 
 def isdir(p: Any) -> bool:
-    return epath.Path(p).is_dir()
+    return path(p).is_dir()
 
 
 def isfile(p: Any) -> bool:
-    return epath.Path(p).is_file()
+    return path(p).is_file()
 
 
 def listdir(p: Any) -> list[str]:
     """The names in a directory (a 'directory' on gs:// is a prefix), sorted."""
-    return sorted(child.name for child in epath.Path(p).iterdir())
+    return sorted(child.name for child in path(p).iterdir())
 
 
 def getsize(p: Any) -> int:
-    return int(epath.Path(p).stat().length)
+    return int(path(p).stat().length)
 
 
 def makedirs(p: Any) -> None:
-    epath.Path(p).mkdir(parents=True, exist_ok=True)
+    path(p).mkdir(parents=True, exist_ok=True)
 
 
 def remove(p: Any) -> None:
-    epath.Path(p).unlink()
+    path(p).unlink()
 
 
 def rmtree(p: Any) -> None:
-    epath.Path(p).rmtree()
+    path(p).rmtree()
 
 
 def read_bytes(p: Any) -> bytes:
-    return epath.Path(p).read_bytes()
+    return path(p).read_bytes()
 
 
 def read_text(p: Any) -> str:
-    return epath.Path(p).read_text()
+    return path(p).read_text()
 
 
 def move(src: Any, dst: Any) -> None:
@@ -248,7 +264,7 @@ def _tmp_name(target: str) -> str:
 
 def _fsspec(p: str) -> Any:
     """The fsspec file system of a URL, configured by `configure_remote`."""
-    configure_remote()
+    _first_use(p)
     import fsspec
 
     return fsspec.filesystem("gcs" if scheme(p) == "gs" else scheme(p))
@@ -275,9 +291,9 @@ def write_bytes_atomic(p: Any, data: bytes) -> None:
     upload (an object is visible only once complete)."""
     target = os.fspath(p)
     if is_remote(target):
-        parent = epath.Path(target).parent
+        parent = path(target).parent
         parent.mkdir(parents=True, exist_ok=True)
-        epath.Path(target).write_bytes(data)
+        path(target).write_bytes(data)
         return
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     tmp = _tmp_name(target)
@@ -307,7 +323,7 @@ def load_npz(p: Any) -> dict[str, np.ndarray]:
 def read_json(p: Any, what: str = "JSON file") -> Any:
     """A JSON file's content; a damaged or unreadable file is an error naming it."""
     try:
-        return json.loads(epath.Path(p).read_text())
+        return json.loads(path(p).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {p} is damaged (not valid JSON: {e})") from None
 
@@ -368,18 +384,23 @@ def configure_remote() -> None:
         url = url if "://" in url else "http://" + url
         for name in _EMULATOR_FOLLOWERS:
             os.environ.setdefault(name, url)
-    _configure_gcsfs()
+    _configure_gcsfs(anonymous=bool(url))
 
 
-def _configure_gcsfs() -> None:
+def _configure_gcsfs(anonymous: bool = False) -> None:
     """gcsfs's defaults for every instance (epath's included): bounded requests, and no cached
     directory listings: a run lists checkpoints/ again after saving into it, and a cached listing would
-    miss the new step (a resume would then start from an older one)."""
+    miss the new step (a resume would then start from an older one). An emulator takes no
+    credentials: looking for them would only log warnings."""
     import fsspec
 
     conf = fsspec.config.conf.setdefault("gcs", {})
     conf.setdefault("requests_timeout", 60)
     conf.setdefault("use_listings_cache", False)
+    if anonymous:
+        conf["token"] = "anon"
+    elif conf.get("token") == "anon":
+        del conf["token"]
 
 
 def _endpoint_address() -> tuple[str, int, str]:
@@ -454,7 +475,7 @@ def check_writable(directory: Any, *, cleanup: bool = True) -> None:
     one another's). OSError (StorageError for remote paths) naming the path."""
     text = os.fspath(directory)
     check_remote(text)
-    target = epath.Path(text)
+    target = path(text)
     created = []
     probe = target / f".lsync_jax_write_probe.{uuid.uuid4().hex}"
     payload = b"lsync-jax write probe\n"

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
@@ -187,7 +186,7 @@ def open_npz(path: str) -> Iterator[zipfile.ZipFile]:
     """An .npz opened as the zip archive it is; a file that is no readable archive (truncated, damaged,
     not an .npz) is an error naming it."""
     try:
-        with epath.Path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
+        with storage.path(path).open("rb") as handle, zipfile.ZipFile(handle) as archive:
             yield archive
     except (zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}): the file is truncated or "
@@ -254,7 +253,7 @@ def npz_header(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype
 
 def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
     """Fail fast, before any compile, on a batch that is not uint8 NHWC with 1 or 3 channels."""
-    if not epath.Path(path).exists():
+    if not storage.path(path).exists():
         raise FileNotFoundError(f"image batch {path} not found")
     keys = npz_keys(path)
     if key not in keys:
@@ -268,7 +267,7 @@ def check_image_batch(path: str, key: str = "arr_0") -> tuple[int, ...]:
 
 def _file_key(path: str) -> str:
     """A replaced file (other size or modification time) gets another key."""
-    stat = epath.Path(path).stat()
+    stat = storage.path(path).stat()
     raw = f"{storage.absolute(path)}:{stat.length}:{stat.mtime}"
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
@@ -325,7 +324,7 @@ def reference_statistics(evaluator: InceptionEvaluator, path: str, batch_size: i
     """An ADM reference batch: its stored `mu`/`sigma`/`mu_s`/`sigma_s` (as ADM uses them) and pool
     features of its `arr_0` images for precision/recall (computed once, cached by file and weights).
     A batch without stored statistics gets them from its images, like ADM."""
-    keys = npz_keys(path) if epath.Path(path).exists() else None
+    keys = npz_keys(path) if storage.path(path).exists() else None
     if keys is None:
         raise FileNotFoundError(f"reference batch {path} not found")
     has_images = "arr_0" in keys
@@ -385,7 +384,7 @@ def check_output(path: str) -> bool:
     """Before any work: the result's directory takes a file (a probe is written and removed), and the
     path is no directory. Returns whether a result is there already (the new one replaces it,
     atomically, when it is written)."""
-    target = epath.Path(path)
+    target = storage.path(path)
     if target.is_dir():
         raise IsADirectoryError(f"the metrics output {path} is a directory; pass --output=FILE.json")
     probe = target.parent / f".{target.name}.probe"
@@ -409,7 +408,7 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
         raise ValueError(f"fid_method={fid_method!r}; expected one of {metrics.FID_METHODS}")
     shape = check_image_batch(sample_batch)
     if ref_batch is not None:
-        if not epath.Path(ref_batch).exists():
+        if not storage.path(ref_batch).exists():
             raise FileNotFoundError(f"reference batch {ref_batch} not found")
         if "arr_0" in npz_keys(ref_batch):  # a damaged reference fails now, not after the sample pass
             check_image_batch(ref_batch)

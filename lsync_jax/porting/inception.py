@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 from flax import traverse_util
 
 from lsync_jax import storage
@@ -177,7 +176,7 @@ def save_weights(flat: Mapping[str, np.ndarray], path: str, source: str) -> None
 
 def load_weights(path: str) -> tuple[dict[str, Any], bool]:
     """Converted `.npz` -> (nested params for `InceptionV3`, has_logits). No torch needed."""
-    source = epath.Path(path)
+    source = storage.path(path)
     if not source.exists():
         raise FileNotFoundError(f"Inception weights {path} not found")
     try:
@@ -215,7 +214,7 @@ def resolve_weights(path: str | None = None) -> str:
     """
     if path:
         if path.endswith(".npz"):
-            if not epath.Path(path).exists():
+            if not storage.path(path).exists():
                 raise FileNotFoundError(f"--inception_weights={path} not found")
             return path
         if not storage.isfile(path):

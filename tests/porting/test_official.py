@@ -233,6 +233,23 @@ def test_launcher_writes_a_workdir_that_training_and_sampling_read(tmp_path, inp
         convert_to_workdir(path, NAME, out, **ARCH)
 
 
+@pytest.mark.gcs
+def test_a_checkpoint_in_a_bucket_converts_into_a_workdir_in_a_bucket(tmp_path, bucket):
+    from lsync_jax import storage
+    from lsync_jax.workdir import restore_params
+
+    module = official(learn_sigma=True)
+    local = str(tmp_path / "SiT-XL-2-256x256.pt")
+    torch.save(module.state_dict(), local)
+    storage.upload(local, f"{bucket}/SiT-XL-2-256x256.pt")
+    convert_to_workdir(f"{bucket}/SiT-XL-2-256x256.pt", NAME, f"{bucket}/converted", **ARCH)
+    model, params = convert_state_dict(module.state_dict(), NAME, **ARCH)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
+    restored, restored_ema = restore_params(f"{bucket}/converted", abstract)
+    assert_trees_equal(restored, params)
+    assert_trees_equal(restored_ema, params)
+
+
 def test_repa_projectors_in_sit():
     model = get_model(NAME, input_size=8, z_dims=(16,), encoder_depth=2, projector_dim=32, **ARCH)
     params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]

@@ -164,3 +164,27 @@ def test_latent_source_errors_name_the_problem(latents, tmp_path):
     json.dump(meta, open(partial / "metadata.json", "w"))
     with pytest.raises(FileNotFoundError, match="3 of 3 latent shards are missing"):
         LatentSource(str(partial))
+
+
+@pytest.mark.gcs
+def test_images_vae_and_shards_in_a_bucket(latents, tiny_vae_dir, bucket):
+    """The image tree, the VAE weights and the output all on gs://: the shards equal the local ones
+    (written locally, then uploaded) and read back through array-record's own GCS client."""
+    from lsync_jax import storage
+
+    source, out, spec, _ = latents
+    storage.copy_tree_up(source.root, f"{bucket}/train")
+    storage.copy_tree_up(tiny_vae_dir, f"{bucket}/vae")
+    remote = ImageFolderSource(f"{bucket}/train")
+    assert remote.classes == source.classes and len(remote) == len(source)
+    np.testing.assert_array_equal(remote[5]["image"], source[5]["image"])
+    info = {"kind": "folder", "path": remote.root, "num_classes": 3}
+    summary = preprocess_latents(remote, f"{bucket}/latents", f"{bucket}/vae", spec, info, log=lambda s: None)
+    assert summary["written"] == 3
+    assert not [n for n in storage.listdir(f"{bucket}/latents") if "tmp" in n]
+    whole, shards = LatentSource(out), LatentSource(f"{bucket}/latents")
+    for i in range(len(whole)):
+        for key in ("mean", "std", "label"):
+            np.testing.assert_allclose(shards[i][key], whole[i][key], rtol=1e-6, atol=1e-6)
+    again = preprocess_latents(remote, f"{bucket}/latents", f"{bucket}/vae", spec, info, log=lambda s: None)
+    assert again["written"] == 0 and again["skipped"] == 3

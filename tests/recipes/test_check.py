@@ -57,3 +57,14 @@ def test_check_cli_probes_a_bucket_and_fails_in_seconds_naming_it(gcs_emulator, 
                          text=True, timeout=300)
     assert bad.returncode != 0 and "gs://no-such-bucket-xyz does not exist" in bad.stderr
     assert "Compiling" not in bad.stderr
+
+
+@pytest.mark.gcs
+def test_a_typo_in_a_bucket_path_is_named_before_anything_runs(bucket):
+    config = tiny.get_config()
+    config.data.name = "fashion_mnist"
+    config.data.dir = f"{bucket}/fashion-mnsit"  # the typo
+    with pytest.raises(FileNotFoundError, match=f"not found in '{bucket}/fashion-mnsit'"):
+        check_run(config, f"{bucket}/run")
+    with pytest.raises(FileNotFoundError, match=f"not found in '{bucket}/fashion-mnsit'"):
+        train_and_evaluate(config, f"{bucket}/run")

@@ -2,9 +2,11 @@
 
 `get_model('SiT-XL/2', depth=..., ...)` builds one of the twelve official configurations with
 overrides named as the official code names them (REPA's for its projectors: `z_dims`,
-`encoder_depth`, `projector_dim`). `get_model('UViT-H/2', skip_scaling='cs', ...)` builds a U-ViT
-of the paper's sizes (its `depth` counts every block: in-blocks + mid + out-blocks) with
-ScaleLong's long-skip scaling.
+`encoder_depth`, `projector_dim`). The same sizes over other inputs share the image SiT's blocks
+and options: `SiT-Seq-B/1` (1-D sequences (N, L, C), patches of 1 step; `input_size` is L) and
+`SiT-Video-S/2x8` (video (N, F, H, W, C), patches of 2 frames x 8 x 8; `num_frames` is F).
+`get_model('UViT-H/2', skip_scaling='cs', ...)` builds a U-ViT of the paper's sizes (its `depth`
+counts every block: in-blocks + mid + out-blocks) with ScaleLong's long-skip scaling.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typing
 from typing import Any
 
 from lsync_jax.models.layers import ATTENTION_IMPLS
-from lsync_jax.models.sit import SiT, block_name, projection_name
+from lsync_jax.models.sit import SiT, SiTSequence, SiTVideo, block_name, projection_name
 from lsync_jax.models.uvit import UViT
 
 # depth / hidden_size / num_heads of the official sizes.
@@ -27,6 +29,14 @@ SIZES: dict[str, dict[str, int]] = {
 }
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+# Sequences: patches of 1, 2, 4 or 8 steps; video: (temporal, spatial) patches.
+SEQUENCE_PATCHES = (1, 2, 4, 8)
+VIDEO_PATCHES = tuple((a, p) for a in (1, 2, 4) for p in PATCH_SIZES)
+SEQUENCE_MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-Seq-{s}/{p}" for s in SIZES for p in SEQUENCE_PATCHES)
+VIDEO_MODEL_NAMES: tuple[str, ...] = tuple(f"SiT-Video-{s}/{a}x{p}" for s in SIZES for a, p in VIDEO_PATCHES)
+# What the sequence and video models take besides the image SiT's overrides.
+CONDITIONING_OVERRIDES = ("num_tags", "tag_dropout_prob")
+VIDEO_OVERRIDES = ("num_frames",)
 
 # Overrides every backbone takes (U-ViT refuses learn_sigma=True and z_dims by name).
 SHARED_OVERRIDES = (
@@ -76,13 +86,39 @@ UVIT_OVERRIDES = SHARED_OVERRIDES + (
 )
 
 
+def model_class(name: str) -> type:
+    """The module class of a named model."""
+    if name in UVIT_MODEL_NAMES:
+        return UViT
+    if name in SEQUENCE_MODEL_NAMES:
+        return SiTSequence
+    if name in VIDEO_MODEL_NAMES:
+        return SiTVideo
+    return SiT
+
+
+def _allowed(cls: type) -> tuple[str, ...]:
+    if cls is UViT:
+        return UVIT_OVERRIDES + COMPUTE_OVERRIDES
+    extra = CONDITIONING_OVERRIDES + (VIDEO_OVERRIDES if cls is SiTVideo else ())
+    return OFFICIAL_OVERRIDES + extra + COMPUTE_OVERRIDES
+
+
 def model_config(name: str) -> dict[str, int]:
-    """The architecture fields (depth, hidden_size, num_heads, patch_size) of a named model."""
+    """The architecture fields (depth, hidden_size, num_heads, patch sizes) of a named model."""
+    if name in SEQUENCE_MODEL_NAMES:
+        size, patch = name[len("SiT-Seq-") :].split("/")
+        return dict(SIZES[size], patch_size=int(patch))
+    if name in VIDEO_MODEL_NAMES:
+        size, patch = name[len("SiT-Video-") :].split("/")
+        temporal, spatial = patch.split("x")
+        return dict(SIZES[size], temporal_patch=int(temporal), patch_size=int(spatial))
     if name in UVIT_MODEL_NAMES:
         size, patch = name[len("UViT-") :].split("/")
         return dict(UVIT_SIZES[size], patch_size=int(patch))
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES + UVIT_MODEL_NAMES)}")
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES + UVIT_MODEL_NAMES)}, "
+                         "SiT-Seq-<S|B|L|XL>/<1|2|4|8> or SiT-Video-<S|B|L|XL>/<1|2|4>x<2|4|8>")
     size, patch = name[len("SiT-") :].split("/")
     return dict(SIZES[size], patch_size=int(patch))
 
@@ -92,8 +128,8 @@ def override_types(name: str) -> dict[str, type]:
     tuple; dtypes are given as strings): derived from the model class, so configs list every switch
     without a hand-copied list. The size and patch fields come from the name."""
     model_config(name)  # an unknown name fails here
-    cls = UViT if name in UVIT_MODEL_NAMES else SiT
-    allowed = UVIT_OVERRIDES + COMPUTE_OVERRIDES if cls is UViT else OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
+    cls = model_class(name)
+    allowed = _allowed(cls)
     hints = typing.get_type_hints(cls)
     types = {}
     for field in dataclasses.fields(cls):
@@ -108,7 +144,8 @@ def override_types(name: str) -> dict[str, type]:
 
 
 def get_model(name: str, **overrides: Any) -> SiT:
-    """Build the named SiT (e.g. 'SiT-XL/2'); overrides replace the official defaults.
+    """Build the named SiT (e.g. 'SiT-XL/2', 'SiT-Seq-B/1', 'SiT-Video-S/2x8'); overrides replace the
+    official defaults.
 
     Raises ValueError for an unknown name, an unknown override or an inconsistent shape
     (hidden_size not divisible by num_heads or by 4, non-positive sizes), before any compile.
@@ -116,12 +153,13 @@ def get_model(name: str, **overrides: Any) -> SiT:
     """
     if name in UVIT_MODEL_NAMES:
         return get_uvit(name, **overrides)
-    allowed = OFFICIAL_OVERRIDES + COMPUTE_OVERRIDES
+    cls = model_class(name)
+    allowed = _allowed(cls)
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown model override(s) {unknown} for {name}; allowed: {', '.join(allowed)}")
-    # SiT's own defaults, then the named size, then the overrides: every field present below
-    fields = {f.name: f.default for f in dataclasses.fields(SiT) if f.name in allowed}
+    # the class's own defaults, then the named size, then the overrides: every field present below
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name in allowed}
     fields.update(model_config(name))
     fields.update(overrides)
     for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels"):
@@ -154,7 +192,18 @@ def get_model(name: str, **overrides: Any) -> SiT:
                              f"1-indexed) must be in [1, depth={fields['depth']}]")
         if fields["projector_dim"] < 1:
             raise ValueError(f"model.projector_dim must be positive, got {fields['projector_dim']}")
-    return SiT(**fields)
+    if cls is not SiT:
+        for key in ("num_tags", "num_frames"):
+            low = 1 if key == "num_frames" else 0
+            if key in fields and (isinstance(fields[key], bool) or int(fields[key]) < low):
+                raise ValueError(f"model.{key} must be {'positive' if key == 'num_frames' else '>= 0'}, "
+                                 f"got {fields[key]}")
+        if fields["num_tags"] and fields["num_classes"]:
+            raise ValueError(f"model.num_tags={fields['num_tags']} and model.num_classes={fields['num_classes']}: a "
+                             "model conditions on tags or on class labels; set num_classes=0 for tags")
+        if not 0.0 <= fields["tag_dropout_prob"] < 1.0:
+            raise ValueError(f"model.tag_dropout_prob must be in [0, 1), got {fields['tag_dropout_prob']}")
+    return cls(**fields)
 
 
 def get_uvit(name: str, **overrides: Any) -> UViT:
@@ -174,5 +223,6 @@ def get_uvit(name: str, **overrides: Any) -> UViT:
     return UViT(**fields)
 
 
-__all__ = ["SiT", "UViT", "get_model", "get_uvit", "model_config", "block_name", "projection_name", "MODEL_NAMES",
+__all__ = ["SiT", "SiTSequence", "SiTVideo", "UViT", "get_model", "model_class", "SEQUENCE_MODEL_NAMES",
+           "VIDEO_MODEL_NAMES", "get_uvit", "model_config", "block_name", "projection_name", "MODEL_NAMES",
            "SIZES", "UVIT_MODEL_NAMES", "UVIT_SIZES", "override_types"]

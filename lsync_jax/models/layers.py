@@ -57,6 +57,15 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return np.concatenate([emb_cols, emb_rows], axis=1).astype(np.float32)
 
 
+def sincos_spacetime(embed_dim: int, frames: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Video tokens (frames * grid_h * grid_w, embed_dim), frame-major: the image table of each frame's
+    grid plus a 1-D table of the frame index (spatial and temporal positions added, as factorised
+    video DiTs do), so every frame's spatial code is the image model's."""
+    spatial = sincos_2d(embed_dim, grid_h, grid_w)
+    temporal = sincos_1d(embed_dim, np.arange(frames, dtype=np.float32)).astype(np.float32)
+    return (temporal[:, None, :] + spatial[None, :, :]).reshape(frames * grid_h * grid_w, embed_dim)
+
+
 def timestep_frequencies(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """GLIDE/DiT sinusoidal timestep features [cos | sin], (N,) -> (N, dim), in float32."""
     half = dim // 2
@@ -120,6 +129,27 @@ class LabelEmbedder(nn.Module):
         return table(labels)
 
 
+class TagEmbedder(nn.Module):
+    """Multi-label tags (a multi-hot (N, num_tags) vector) -> the sum of their embeddings, as the audio
+    experiment conditions on genre and instrument tags. In training all tags of an example are
+    dropped with probability `dropout_prob` (RNG stream 'dropout'): the all-zero vector is the
+    unconditional input classifier-free guidance uses."""
+
+    num_tags: int
+    hidden_size: int
+    dropout_prob: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tags: jax.Array, train: bool) -> jax.Array:
+        tags = tags.astype(jnp.float32)
+        if train and self.dropout_prob > 0:
+            keep = ~jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, tags.shape[:1])
+            tags = tags * keep[:, None]
+        return nn.Dense(self.hidden_size, use_bias=False, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
+                        name="embedding")(tags)
+
+
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
@@ -152,13 +182,19 @@ class Attention(nn.Module):
     parametrization: str = "sp"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """`lengths` (N,): tokens at or after an example's length are padding, never attended to (the
+        fused kernels take lengths, not arbitrary masks: padding is always at the end)."""
         # Logits stay scaled by 1/sqrt(head_dim) under muP too, as the muP-DiT code: width grows by heads.
         kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
         qkv = nn.Dense(3 * self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
         impl = resolve_attention_impl(self.implementation, jax.default_backend(), q.dtype, q.shape[-1])
-        out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        if lengths is None:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths.astype(jnp.int32),
+                                               implementation=impl)
         out = einops.rearrange(out, "b t h d -> b t (h d)")
         return nn.Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="proj")(out)
 
@@ -227,12 +263,12 @@ class AdaLNBlock(nn.Module):
     parametrization: str = "sp"
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, c: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
         mod = adaln_modulation(6 * self.hidden_size, self.dtype, parametrization=self.parametrization)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
         h = Attention(self.hidden_size, self.num_heads, self.dtype, self.attention_impl, self.parametrization,
-                      name="attn")(h)
+                      name="attn")(h, lengths)
         x = x + gate_msa[:, None, :] * h
         h = modulate(layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
         h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, self.parametrization, name="mlp")(h)
@@ -252,6 +288,7 @@ class FinalLayer(nn.Module):
     parametrization: str = "sp"
     output_multiplier: float = 1.0
     width_multiplier: float = 1.0
+    patch_elements: int = 0  # input elements per patch (0: patch_size ** 2, an image patch)
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -261,7 +298,7 @@ class FinalLayer(nn.Module):
         if self.parametrization == "mup":
             x = x * (self.output_multiplier / self.width_multiplier)
         return nn.Dense(
-            self.patch_size * self.patch_size * self.out_channels,
+            (self.patch_elements or self.patch_size * self.patch_size) * self.out_channels,
             kernel_init=nn.initializers.zeros,
             dtype=self.dtype,
             name="linear",

@@ -36,13 +36,18 @@ from lsync_jax.objectives.registry import register_regularizer
 Array = jax.Array
 
 
-def dispersion(features: Sequence[Array], eps: float = 1e-12) -> Array:
-    """-clip(Var(u) / 0.25, 0, 1) of the blocks' mean channel usage u (module docstring)."""
+def dispersion(features: Sequence[Array], eps: float = 1e-12, token_mask: Array | None = None) -> Array:
+    """-clip(Var(u) / 0.25, 0, 1) of the blocks' mean channel usage u (module docstring); padded
+    tokens (`token_mask` False) are left out."""
     usage = []
+    weight = None if token_mask is None else token_mask.astype(jnp.float32).reshape(-1, 1)
     for h in features:
         flat = h.astype(jnp.float32).reshape(-1, h.shape[-1])
+        if weight is not None:
+            flat = flat * weight
         flat = flat / jnp.maximum(jnp.linalg.norm(flat, axis=0, keepdims=True), eps)
-        usage.append(jnp.mean(jnp.abs(flat), axis=0))
+        usage.append(jnp.sum(jnp.abs(flat), axis=0) / (jnp.maximum(jnp.sum(weight), 1.0) if weight is not None
+                                                      else flat.shape[0]))
     u = jnp.mean(jnp.stack(usage), axis=0)
     u = u / jnp.maximum(jnp.max(u), eps)
     return -jnp.clip(jnp.var(u) / 0.25, 0.0, 1.0)
@@ -64,7 +69,7 @@ class Diversity:
     def features_needed(self) -> tuple[str, ...]:
         return tuple(block_name(b) for b in self.blocks)
 
-    def loss(self, features: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def loss(self, features: Mapping[str, Array], token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """(the unweighted, capped loss, its parts) from sown features.
 
         All pairs at once: each block's tokens are normalised once and the (B, B) matrices of mean
@@ -74,23 +79,28 @@ class Diversity:
         stacked = jnp.stack([h.astype(jnp.float32) for h in hs])  # (B, N, T, D)
         eps = 1e-12
         units = stacked / jnp.maximum(jnp.linalg.norm(stacked, axis=-1, keepdims=True), eps)
-        tokens = units.shape[1] * units.shape[2]
+        if token_mask is None:
+            tokens = units.shape[1] * units.shape[2]
+            pooled = jnp.mean(stacked, axis=(1, 2))
+        else:  # padded tokens count in no average
+            weight = token_mask.astype(jnp.float32)[None, :, :, None]
+            units, tokens = units * weight, jnp.maximum(jnp.sum(token_mask), 1)
+            pooled = jnp.sum(stacked * weight, axis=(1, 2)) / tokens
         token_cos = jnp.einsum("antd,bntd->ab", units, units) / tokens  # mean per-token cosine
-        pooled = jnp.mean(stacked, axis=(1, 2))
         pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), eps)
         pooled_cos = pooled @ pooled.T
         upper = jnp.triu(jnp.ones((len(hs), len(hs)), bool), k=1)  # each pair once, no self-pairs
         num_pairs = len(hs) * (len(hs) - 1) / 2
         ind = jnp.sum(jnp.where(upper, pooled_cos, 0.0)) / num_pairs
         cor = jnp.sum(jnp.where(upper, jnp.abs(token_cos), 0.0)) / num_pairs
-        dis = dispersion(hs)
+        dis = dispersion(hs, token_mask=token_mask)
         total = (self.independence_weight * ind + self.correlation_weight * cor + self.dispersion_weight * dis) / 3
         total = jnp.minimum(total, self.cap)
         return total, {f"{self.name}/independence": ind, f"{self.name}/correlation": cor,
                        f"{self.name}/dispersion": dis, f"{self.name}/loss": total}
 
     def __call__(self, features: Mapping[str, Array], batch: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
-        total, metrics = self.loss(features)
+        total, metrics = self.loss(features, batch.get("token_mask"))
         return self.weight * total, metrics
 
 

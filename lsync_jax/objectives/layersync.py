@@ -34,13 +34,19 @@ def cosine_similarity(a: Array, b: Array, eps: float = 1e-12) -> Array:
     return jnp.sum(a * b, axis=-1)
 
 
-def layersync_loss(h_weak: Array, h_strong: Array, stop_gradient: bool = True) -> Array:
-    """-cos(h_weak, sg(h_strong)) per token, averaged over batch and tokens; inputs (N, T, D)."""
+def layersync_loss(h_weak: Array, h_strong: Array, stop_gradient: bool = True,
+                   token_mask: Array | None = None) -> Array:
+    """-cos(h_weak, sg(h_strong)) per token, averaged over batch and tokens; inputs (N, T, D). With
+    `token_mask` (N, T) (padded sequences), over the real tokens only."""
     if h_weak.shape != h_strong.shape:
         raise ValueError(f"LayerSync features differ in shape: {h_weak.shape} vs {h_strong.shape}")
     if stop_gradient:
         h_strong = jax.lax.stop_gradient(h_strong)
-    return -jnp.mean(cosine_similarity(h_weak, h_strong))
+    cos = cosine_similarity(h_weak, h_strong)
+    if token_mask is None:
+        return -jnp.mean(cos)
+    weight = token_mask.astype(cos.dtype)
+    return -jnp.sum(cos * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def default_pair(depth: int) -> tuple[int, int]:
@@ -100,7 +106,8 @@ class LayerSync:
         total = jnp.zeros((), jnp.float32)
         metrics = {}
         for weak, strong, weight in self.pairs:
-            reg = layersync_loss(features[block_name(weak)], features[block_name(strong)], self.stop_gradient)
+            reg = layersync_loss(features[block_name(weak)], features[block_name(strong)], self.stop_gradient,
+                                 batch.get("token_mask"))
             metrics[f"{self.name}/block{weak}_block{strong}"] = reg
             total = total + weight * reg
         return total, metrics

@@ -92,22 +92,29 @@ def objective_loss(
         t, xt = jnp.ones_like(t), x1
     variables = {"params": params}
     rngs = {"dropout": key_dropout}
+    mask = batch.get("mask")  # padded sequences: (N, L), True on real steps
+    extra = {"mask": mask} if mask is not None else {}
+    token_mask = None
     if objective.regularizers:
-        out, state = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, mutable=["intermediates"])
+        out, state = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, mutable=["intermediates"],
+                              **extra)
         sown = state.get("intermediates", {})
         missing = [f for f in objective.features_needed if f not in sown]
         if missing:
             raise ValueError(f"the model sows no {missing}; it sows {sorted(sown)}")
         features = {f: sown[f][0] for f in objective.features_needed}
+        token_mask = sown["token_mask"][0] if "token_mask" in sown else None
     else:
-        out = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs)
+        out = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, **extra)
         features = {}
     metrics, total = {}, jnp.zeros((), jnp.float32)
     if objective.transport_weight > 0:  # (at t = 1, clean_input, some loss weights are infinite)
-        transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut))
+        transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut, mask))
         metrics[f"loss/{transport.prediction}"] = transport_loss
         total = objective.transport_weight * transport_loss
-    reg_batch = dict(batch, step=step) if step is not None else batch
+    reg_batch = dict(batch, step=step) if step is not None else dict(batch)
+    if token_mask is not None:  # the regularisers average over real tokens only
+        reg_batch["token_mask"] = token_mask
     for reg in objective.regularizers:
         term, reg_metrics = reg(features, reg_batch)
         metrics[f"loss/{reg.name}"] = term

@@ -22,9 +22,14 @@ LOSS_WEIGHTS = (None, "velocity", "likelihood")
 TIME_SCHEDULES = ("uniform", "logit_normal")
 
 
-def mean_flat(x: Array) -> Array:
-    """Mean over every axis but the first."""
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+def mean_flat(x: Array, mask: Array | None = None) -> Array:
+    """Mean over every axis but the first; with `mask` ((N, L), True: a real step of a padded
+    sequence), over the real steps only."""
+    axes = tuple(range(1, x.ndim))
+    if mask is None:
+        return jnp.mean(x, axis=axes)
+    weight = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape).astype(x.dtype)
+    return jnp.sum(x * weight, axis=axes) / jnp.maximum(jnp.sum(weight, axis=axes), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +132,14 @@ class Transport:
         xt, ut = self.path.interpolate(t, x0, x1)
         return t, x0, xt, ut
 
-    def loss(self, model_output: Array, t: Array, x0: Array, xt: Array, ut: Array) -> Array:
-        """Per-example loss (N,) of `model_output` against this transport's target."""
+    def loss(self, model_output: Array, t: Array, x0: Array, xt: Array, ut: Array, mask: Array | None = None
+             ) -> Array:
+        """Per-example loss (N,) of `model_output` against this transport's target (over the real steps
+        only, with a padded sequence's `mask`)."""
         if model_output.shape != xt.shape:
             raise ValueError(f"model output shape {model_output.shape} != input shape {xt.shape}")
         if self.prediction == "velocity":
-            return mean_flat((model_output - ut) ** 2)
+            return mean_flat((model_output - ut) ** 2, mask)
         _, g2 = self.path.drift(xt, t)
         sigma, _ = self.path.sigma(expand_like(t, xt))
         if self.loss_weight == "velocity":
@@ -142,8 +149,8 @@ class Transport:
         else:
             weight = 1.0
         if self.prediction == "noise":
-            return mean_flat(weight * (model_output - x0) ** 2)
-        return mean_flat(weight * (model_output * sigma + x0) ** 2)
+            return mean_flat(weight * (model_output - x0) ** 2, mask)
+        return mean_flat(weight * (model_output * sigma + x0) ** 2, mask)
 
     # -- sampling -----------------------------------------------------------------------------------
     def velocity(self, model_output: Array, x: Array, t: Array) -> Array:

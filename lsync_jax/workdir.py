@@ -177,6 +177,9 @@ def checkpoint_damage(step_path: str) -> str | None:
     (a truncated array file is found by the restore itself)."""
     if not storage.isdir(step_path):
         return "the directory is missing"
+    if storage.is_remote(step_path) and not storage.exists(storage.join(step_path, "commit_success.txt")):
+        # GCS has no rename: Orbax writes a step in place and marks it complete last
+        return "its save did not finish (no commit_success.txt)"
     items = ["meta", "state"]
     top = storage.join(step_path, "_CHECKPOINT_METADATA")
     if storage.exists(top):  # lists the items the checkpoint was saved with (data too, for training runs)

@@ -124,15 +124,50 @@ def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -
     as it is read); label num_classes is the model's null class, never a data label."""
     example = to_example(source, source[0], np.random.default_rng(0), False)
     x, label = example["x"], example["y"]
+    kind_of_model = getattr(model, "kind", "image")
+    rank = {"image": 3, "video": 4, "sequence": 2}[kind_of_model]
+    if x.ndim != rank:
+        shape = {"image": "(H, W, C) images", "video": "(F, H, W, C) clips", "sequence": "(L, C) sequences"}
+        raise ValueError(f"config.data ({data['name']}) gives examples of shape {x.shape}, but the model "
+                         f"{type(model).__name__} takes {shape[kind_of_model]}: choose a model for this data "
+                         "(SiT-<size>/<p> for images, SiT-Video-... for video, SiT-Seq-... for sequences)")
+    if kind_of_model != "image":
+        _check_sequence_or_video(example, model, data)
+    else:
+        _check_image(x, model, data, "latents" if hasattr(source, "latent_shape") else "images")
+    _check_labels(source, model, data, label)
+
+
+def _check_image(x: np.ndarray, model: Any, data: Mapping[str, Any], kind: str) -> None:
     h, w, c = x.shape
-    kind = "latents" if hasattr(source, "latent_shape") else "images"
     if c != model.in_channels or h % model.patch_size or w % model.patch_size:
         raise ValueError(f"config.data ({data['name']}) gives {h}x{w}x{c} {kind} but the model takes "
                          f"in_channels={model.in_channels} with patch_size={model.patch_size}")
     if h != model.input_size or w != model.input_size:
         raise ValueError(f"config.data ({data['name']}) gives {h}x{w} {kind} but "
                          f"config.model.overrides.input_size={model.input_size}")
-    if not model.num_classes:  # an unconditional model reads no labels
+
+
+def _check_sequence_or_video(example: Mapping[str, np.ndarray], model: Any, data: Mapping[str, Any]) -> None:
+    """Channels, the patch dividing every axis, the tags' width, a mask only for sequence models."""
+    x, name = example["x"], data["name"]
+    if x.shape[-1] != model.in_channels:
+        raise ValueError(f"config.data ({name}) gives {x.shape[-1]} channels (examples {x.shape}) but the model "
+                         f"takes in_channels={model.in_channels} (config.model.overrides.in_channels)")
+    patch = model.patch_shape
+    if any(n % p for n, p in zip(x.shape[:-1], patch)):
+        raise ValueError(f"config.data ({name}) gives examples of shape {x.shape}; the model's patch {patch} does "
+                         "not divide " + ("the length" if model.kind == "sequence" else "frames, height and width"))
+    tags = example.get("tags")
+    if model.num_tags and (tags is None or tags.shape != (model.num_tags,)):
+        raise ValueError(f"the model takes tags of width num_tags={model.num_tags}, but config.data ({name}) gives "
+                         + ("none" if tags is None else f"tags of width {tags.shape[-1]}"))
+    if "mask" in example and model.kind != "sequence":
+        raise ValueError(f"config.data ({name}) pads its examples (a mask) but only sequence models take masks")
+
+
+def _check_labels(source: Any, model: Any, data: Mapping[str, Any], label: Any) -> None:
+    if not model.num_classes:  # an unconditional (or tag-conditioned) model reads no labels
         return
     if hasattr(source, "check_labels"):
         source.check_labels(model.num_classes)

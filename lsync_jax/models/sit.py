@@ -114,6 +114,8 @@ class SiT(nn.Module):
     num_tags: int = 0  # > 0: y is a multi-hot (N, num_tags) tag vector instead of a class label
     tag_dropout_prob: float = 0.1
 
+    kind = "image"  # what the model takes: 'image', 'sequence' or 'video' (not a field)
+
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
@@ -245,6 +247,8 @@ class SiTSequence(SiT):
     tokens are never attended to, and their 'token_mask' (sown) keeps them out of the regularisers'
     averages; a token is real when its first step is."""
 
+    kind = "sequence"
+
     @property
     def patch_shape(self) -> tuple[int, ...]:
         return (self.patch_size,)
@@ -290,6 +294,8 @@ class SiTVideo(SiT):
     plus a 1-D table of the frame (`sincos_spacetime`). `input_size` is H = W, `num_frames` F (the
     defaults `init_inputs` uses; any F, H, W the patch divides work). Blocks, `block_i`, conditioning
     and options are the image SiT's."""
+
+    kind = "video"
 
     num_frames: int = 8
     temporal_patch: int = 2

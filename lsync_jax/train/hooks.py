@@ -200,7 +200,8 @@ class CheckpointHook:
 
 class SampleGridHook:
     """A grid of EMA samples every `every` steps (0: none) and at the end of the run, as PNG
-    (WORKDIR/samples/step_*.png) and TensorBoard image."""
+    (WORKDIR/samples/step_*.png) and TensorBoard image. Video samples (N, F, H, W, C) are one clip per
+    row, its frames along the row (`columns` = the frame count)."""
 
     def __init__(self, sample: Callable[[Any], np.ndarray], every: int, workdir: str, columns: int,
                  metrics: MetricsHook):
@@ -211,7 +212,10 @@ class SampleGridHook:
         return info.trained and (periodic or (info.finished and not info.preempted))
 
     def __call__(self, info: StepInfo) -> None:
-        grid = make_grid(to_uint8(gather_to_host(self.sample(info.state.ema_params))), columns=self.columns)
+        images = to_uint8(gather_to_host(self.sample(info.state.ema_params)))
+        if images.ndim == 5:  # clips: frames along each row
+            images = images.reshape(-1, *images.shape[2:])
+        grid = make_grid(images, columns=self.columns)
         if jax.process_index() == 0:
             save_png(storage.join(self.workdir, "samples", f"step_{info.step:07d}.png"), grid)
         self.metrics.writer.write_images(info.step, {"samples_ema": grid[None].astype(np.float32) / 255.0})

@@ -132,7 +132,9 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
     source = build_source(config.data)
     check_data_matches_model(source, model, config.data)
-    grids = objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0
+    # sample grids are pictures: images, or video clips as rows of frames; sequences have none
+    grids = (objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0
+             and getattr(model, "kind", "image") != "sequence")
     for directory in writes(config, workdir, grids):  # now, not at the first save hours later
         check_writable(directory, cleanup=jax.process_count() == 1)  # several on a shared disk: not each other's
     encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
@@ -167,8 +169,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     hooks: list[Hook] = [run.metrics, run.checkpoints]
     # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
     if grids:
-        hooks.append(SampleGridHook(_grid_sampler(run), int(config.train.sample_every), workdir,
-                                    min(max(model.num_classes, 8), 16), run.metrics))
+        columns = model.num_frames if getattr(model, "kind", "image") == "video" else min(max(model.num_classes, 8), 16)
+        hooks.append(SampleGridHook(_grid_sampler(run), int(config.train.sample_every), workdir, columns, run.metrics))
     return run, hooks + built
 
 
@@ -328,7 +330,11 @@ def _initialise(config: Any, model: Any, tx: Any, mesh: Any, rules: Any, abstrac
 
 def _grid_sampler(run: Run) -> Callable[[Any], jax.Array]:
     """EMA params -> the sample grid's images: the same labels and noise every time."""
-    labels = np.arange(int(run.config.train.num_grid_samples)) % max(run.model.num_classes, 1)
+    count = int(run.config.train.num_grid_samples)
+    if getattr(run.model, "num_tags", 0):  # one tag on per sample, in turn
+        labels = np.eye(run.model.num_tags, dtype=np.float32)[np.arange(count) % run.model.num_tags]
+    else:
+        labels = np.arange(count) % max(run.model.num_classes, 1)
     key = jax.random.key(int(run.config.seed) + 1)
 
     def sample(ema_params: Any) -> jax.Array:

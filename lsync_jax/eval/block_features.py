@@ -92,13 +92,20 @@ def collect_block_features(model: Any, params: Any, path: Path, source: Any, num
     names = tuple(f"block_{b}" for b in blocks)
 
     @jax.jit
-    def pooled(params, x, eps, t, y):
+    def pooled(params, x, eps, t, y, mask=None):
         te = jnp.full((x.shape[0],), t, jnp.float32)
-        alpha, _ = path.alpha(te[:, None, None, None])
-        sigma, _ = path.sigma(te[:, None, None, None])
-        _, state = model.apply({"params": params}, alpha * x + sigma * eps, te, y, mutable=["intermediates"])
+        shape = (-1,) + (1,) * (x.ndim - 1)  # images, clips and sequences alike
+        alpha, _ = path.alpha(te.reshape(shape))
+        sigma, _ = path.sigma(te.reshape(shape))
+        extra = {"mask": mask} if mask is not None else {}
+        _, state = model.apply({"params": params}, alpha * x + sigma * eps, te, y, mutable=["intermediates"],
+                               **extra)
         sown = state["intermediates"]
-        return {n: jnp.mean(sown[n][0].astype(jnp.float32), axis=1) for n in names}
+        if "token_mask" not in sown:
+            return {n: jnp.mean(sown[n][0].astype(jnp.float32), axis=1) for n in names}
+        weight = sown["token_mask"][0].astype(jnp.float32)[:, :, None]  # padded tokens count in no mean
+        return {n: jnp.sum(sown[n][0].astype(jnp.float32) * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+                for n in names}
 
     out: dict[float, dict[str, list]] = {float(t): {n: [] for n in names} for t in t_values}
     labels, refs = [], []
@@ -114,8 +121,9 @@ def collect_block_features(model: Any, params: Any, path: Path, source: Any, num
         start += n
         rows = n + -n % len(devices)  # whole shards per device; the padding is dropped below
         placed = [place(pad_rows(a, rows)) for a in (x, eps, fed)]
+        mask = place(pad_rows(batch["mask"], rows)) if "mask" in batch else None
         for t in t_values:
-            features = pooled(params, placed[0], placed[1], jnp.float32(t), placed[2])
+            features = pooled(params, placed[0], placed[1], jnp.float32(t), placed[2], mask)
             for name in names:
                 out[float(t)][name].append(gather_to_host(features[name])[:n])
         labels.append(y)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lsync_jax import storage
+from lsync_jax.tools.gcs_emulator import GcsEmulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -208,8 +209,6 @@ def kill_rows(where: str, trials: int, seed: int = 0, env: dict | None = None) -
 
 
 def run(parts: Sequence[str], trials: int = 5, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    from lsync_jax.tools.gcs_emulator import GcsEmulator
-
     rows: list[dict[str, Any]] = []
     with GcsEmulator(buckets=()) as gcs, tempfile.TemporaryDirectory() as local:
         bucket = gcs.make_bucket("trials")

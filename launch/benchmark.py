@@ -4,6 +4,7 @@
     python launch/benchmark.py --config=configs/imagenet256.py --config.data.batch_size=32
     python launch/benchmark.py --models= --sample_steps=0 --inception_batch=256 --fid_samples=10000  # evaluator only
     python launch/benchmark.py --models= --sample_steps=0 --vae_batch=64 --image_size=256  # SD-VAE only
+    python launch/benchmark.py --variants= --sample_steps=0 --checkpoint=local,emulator  # checkpoint cost only
 """
 
 
@@ -35,6 +36,12 @@ flags.DEFINE_integer("inception_batch", 0, "> 0: time the FID Inception pass on 
 flags.DEFINE_integer("fid_samples", 0, "> 0: time a whole FID-N evaluation of this many images.")
 flags.DEFINE_integer("vae_batch", 0, "> 0: time SD-VAE encode and decode on batches of this size.")
 flags.DEFINE_integer("image_size", 256, "Pixel size of the images fed to the evaluator and VAE rows.")
+flags.DEFINE_list("checkpoint", [], "Where to time saving and restoring each model's train state, and its train "
+                  "step while a save runs: local (a temporary directory), emulator (gs:// on a local GCS emulator), "
+                  "or directories / URLs (e.g. gs://bucket/tmp; a fresh folder under each, removed after).")
+flags.DEFINE_integer("checkpoint_repeats", 3, "Saves and restores per checkpoint row (the median is reported).")
+flags.DEFINE_integer("checkpoint_steps", 10, "Train steps timed with no save in flight, against those during "
+                     "the saves; 0 skips the step rows.")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 
@@ -44,7 +51,9 @@ def main(argv):
     common = dict(steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
                   attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
                   sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg), inception_batch=FLAGS.inception_batch,
-                  fid_samples=FLAGS.fid_samples, image_size=FLAGS.image_size, vae_batch=FLAGS.vae_batch)
+                  fid_samples=FLAGS.fid_samples, image_size=FLAGS.image_size, vae_batch=FLAGS.vae_batch,
+                  checkpoint=tuple(FLAGS.checkpoint), checkpoint_repeats=FLAGS.checkpoint_repeats,
+                  checkpoint_steps=FLAGS.checkpoint_steps)
     if FLAGS.config is not None:
         cfg = bench_config_from(FLAGS.config, **common)
     else:

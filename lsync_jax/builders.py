@@ -22,7 +22,10 @@ from lsync_jax import storage
 from lsync_jax.configs.base import check_config
 from lsync_jax.data import (
     ArraySource,
+    HumanML3DSource,
     LatentSource,
+    MovingFashionMNISTSource,
+    SequenceSource,
     SyntheticSource,
     TfdsSource,
     load_fashion_mnist,
@@ -36,7 +39,7 @@ from lsync_jax.porting.vae import load_vae
 from lsync_jax.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, replicated
 from lsync_jax.transport import SamplerConfig, Transport, create_transport
 
-DATA_NAMES = ("fashion_mnist", "tfds", "synthetic", "imagenet_latents")
+DATA_NAMES = ("fashion_mnist", "tfds", "synthetic", "imagenet_latents", "moving_fmnist", "sequences", "humanml3d")
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -107,6 +110,17 @@ def build_source(data: Mapping[str, Any], split: str | None = None):
     if name == "synthetic":
         return SyntheticSource(int(data["synthetic_size"]), tuple(data["synthetic_shape"]), int(data["num_classes"]),
                                seed=0)
+    if name == "moving_fmnist":
+        return MovingFashionMNISTSource(int(data["num_clips"]), split, data["dir"] or FASHION_MNIST_DIR,
+                                        canvas=int(data["canvas"]), items=int(data["items"]),
+                                        frames=int(data["frames"]), speed=float(data["speed"]), seed=0)
+    if name == "sequences":
+        return SequenceSource(data["dir"])
+    if name == "humanml3d":
+        if not data["dir"]:
+            raise FileNotFoundError("config.data.dir: the HumanML3D root (new_joint_vecs/, Mean.npy, Std.npy, "
+                                    "train.txt, ...) is needed for data.name='humanml3d'")
+        return HumanML3DSource(data["dir"], split, length=int(data["length"]), crop=data["crop"])
     if name == "imagenet_latents":
         source = LatentSource(data["dir"])
         wanted = int(data["image_size"] or source.image_size)

@@ -93,10 +93,11 @@ def objective_loss(
     variables = {"params": params}
     rngs = {"dropout": key_dropout}
     mask = batch.get("mask")  # padded sequences: (N, L), True on real steps
+    condition = batch["tags"] if "tags" in batch else batch["y"]  # tag-conditioned data: the multi-hot tags
     extra = {"mask": mask} if mask is not None else {}
     token_mask = None
     if objective.regularizers:
-        out, state = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, mutable=["intermediates"],
+        out, state = apply_fn(variables, xt, t, condition, train=train, rngs=rngs, mutable=["intermediates"],
                               **extra)
         sown = state.get("intermediates", {})
         missing = [f for f in objective.features_needed if f not in sown]
@@ -105,7 +106,7 @@ def objective_loss(
         features = {f: sown[f][0] for f in objective.features_needed}
         token_mask = sown["token_mask"][0] if "token_mask" in sown else None
     else:
-        out = apply_fn(variables, xt, t, batch["y"], train=train, rngs=rngs, **extra)
+        out = apply_fn(variables, xt, t, condition, train=train, rngs=rngs, **extra)
         features = {}
     metrics, total = {}, jnp.zeros((), jnp.float32)
     if objective.transport_weight > 0:  # (at t = 1, clean_input, some loss weights are infinite)

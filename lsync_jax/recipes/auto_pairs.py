@@ -159,15 +159,15 @@ def choose_pairs(config: Any, workdir: str, sel: dict[str, Any]) -> dict[str, An
 def auto_pairs_phases(config: Any, workdir: str) -> list[Phase]:
     """The warm-up (unless `warmup_steps=0`) and the LayerSync phase, whose pairs are resolved just
     before it starts: from the latest checkpoint's record, else layersync_pairs.json, else measured."""
-    sel = selection_settings(config)
-    warmup = int(sel["warmup_steps"])
-    warm = warmup_config(config)
     model = build_model(config)
     if not model.num_classes:
         raise ValueError(f"objective.layersync.pairs='auto' probes class labels, and the model "
                          f"{config.model.name} has none (num_classes=0: unlabelled or tag-conditioned data). Set the "
                          "pairs explicitly, e.g. --config.objective.layersync.pairs=\"((2, 4, 0.2),)\" (the paper's "
                          "8 -> 16 of 28 blocks, scaled to the depth: lsync_jax.objectives.layersync.default_pair)")
+    sel = selection_settings(config)
+    warmup = int(sel["warmup_steps"])
+    warm = warmup_config(config)
     if (sel["condition"] == "null" and model.num_classes > 0
             and not getattr(model, "class_dropout_prob", 0.0) > 0):
         raise ValueError(f"{PREFIX}.condition='null' measures the model on its null class, which this model lacks "

@@ -67,6 +67,14 @@ class GcsEmulator:
             [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
              "-filesystem-root", os.path.join(self.root, "storage"), "-external-url", self.url, "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self._wait_and_configure()
+        except BaseException:  # never leave a server running behind a failed start
+            self.stop()
+            raise
+        return self
+
+    def _wait_and_configure(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
@@ -75,7 +83,6 @@ class GcsEmulator:
             except (urllib.error.URLError, ConnectionError, OSError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                    self.stop()
                     raise RuntimeError(f"the GCS emulator did not start on {self.url}: {err[-500:]}") from None
                 time.sleep(0.1)
         for name, value in self.env().items():
@@ -83,7 +90,6 @@ class GcsEmulator:
                 self._saved.setdefault(name, os.environ.get(name))
                 os.environ[name] = value
         _forget_clients()
-        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -188,12 +188,14 @@ def writes(config: Any, workdir: str, grids: bool) -> list[str]:
 # What fixes the order and content of the batches: a resume with another value would continue with
 # other data than an uninterrupted run (the data iterator's state is only the next index).
 DATA_ORDER = ("name", "dir", "split", "tfds_name", "batch_size", "flip")
+# ... and the keys that shape the examples of generated or cropped data
+DATA_SHAPE = {"moving_fmnist": ("num_clips", "frames", "canvas", "items", "speed"), "humanml3d": ("length", "crop")}
 
 
 def data_record(config: Any, source: Any) -> dict[str, Any]:
     """What a checkpoint records of the data order: DATA_ORDER's config.data keys, config.seed and the
     number of examples in the source."""
-    record = {key: config.data[key] for key in DATA_ORDER}
+    record = {key: config.data[key] for key in DATA_ORDER + DATA_SHAPE.get(config.data.name, ())}
     if record["dir"]:
         record["dir"] = storage.absolute(record["dir"])
     return dict(record, seed=int(config.seed), size=len(source))

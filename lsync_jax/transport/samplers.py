@@ -237,7 +237,8 @@ def sample(field: ModelField, transport: Transport, noise: Array, key: Array, co
 
 def validate_guidance(model: Any, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -> None:
     """Raise ValueError for guidance a model cannot do or an interval outside [0, 1] (concrete values only)."""
-    if (not isinstance(cfg_scale, (int, float)) or cfg_scale != 1.0) and model.class_dropout_prob <= 0:
+    dropout = model.tag_dropout_prob if getattr(model, "num_tags", 0) else model.class_dropout_prob
+    if (not isinstance(cfg_scale, (int, float)) or cfg_scale != 1.0) and dropout <= 0:
         raise ValueError("classifier-free guidance needs a model trained with label dropout "
                          "(model.class_dropout_prob > 0 gives it a null class)")
     low, high = guidance_interval
@@ -249,12 +250,14 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
                    shape: tuple[int, int, int] | None = None) -> Callable[..., Array]:
     """A jitted `fn(variables, key, labels, cfg_scale=1.0, guidance_interval=(0., 1.)) -> samples`.
 
-    `model` is a SiT-like flax module (NHWC, `null_label`); samples have shape
-    (len(labels), *shape), by default the model's (input_size, input_size, in_channels).
-    cfg_scale and guidance_interval (lsync-jax time) are runtime values.
+    `model` is a SiT-like flax module (`null_label`, `init_inputs`); samples have shape
+    (len(labels), *shape), by default the model's own input shape (an image (H, W, C), a clip
+    (F, H, W, C) or a sequence (L, C)). `labels` are classes (N,), or multi-hot tags (N, num_tags)
+    for a tag-conditioned model. cfg_scale and guidance_interval (lsync-jax time) are runtime values.
     """
     if shape is None:
-        shape = (model.input_size, model.input_size, model.in_channels)
+        shape = tuple(model.init_inputs(1)[0].shape[1:])
+    num_tags = int(getattr(model, "num_tags", 0))
 
     @jax.jit
     def fn(variables, key: Array, labels: Array, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -> Array:
@@ -270,6 +273,11 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
 
     def checked(variables, key, labels, cfg_scale=1.0, guidance_interval=(0.0, 1.0)):
         validate_guidance(model, cfg_scale, guidance_interval)
+        if num_tags:
+            host = np.asarray(labels)
+            if host.ndim != 2 or host.shape[1] != num_tags or (host.size and not np.isin(host, (0, 1)).all()):
+                raise ValueError(f"tags must be a multi-hot (N, {num_tags}) array of 0s and 1s, got shape {host.shape}")
+            return fn(variables, key, jnp.asarray(host, jnp.float32), cfg_scale, guidance_interval)
         if not isinstance(labels, jax.Array) or labels.is_fully_addressable:
             host = np.asarray(labels)
             if host.ndim != 1 or (host.size and (host.min() < 0 or host.max() >= max(model.num_classes, 1))):

@@ -117,6 +117,16 @@ def listdir(p: Any) -> list[str]:
     return sorted(child.name for child in path(p).iterdir())
 
 
+def find(p: Any) -> list[str]:
+    """Every file under `p`, recursively, as full paths (URLs for remote `p`), sorted. One listing
+    request on GCS (gcsfs refuses `**` globs there)."""
+    text = os.fspath(p)
+    if not is_remote(text):
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(text, followlinks=True) for f in files)
+    prefix = text.split("://", 1)[0] + "://"
+    return sorted(prefix + name for name in _fsspec(text).find(_fs_path(text)))
+
+
 def getsize(p: Any) -> int:
     return int(path(p).stat().length)
 

@@ -159,8 +159,8 @@ def _image_files(folder: str) -> list[str]:
     if not storage.is_remote(folder):
         return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True)) for f in sorted(files)
                 if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(os.fspath(p) for p in storage.path(folder).rglob("*")
-                  if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+    found = [path for path in storage.find(folder) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found, key=lambda path: path.rsplit("/", 1))  # by folder, then name: the local walk's order
 
 
 class ImageFolderSource:

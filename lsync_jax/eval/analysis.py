@@ -76,9 +76,10 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
      'num_test': test-split size, 'settings': {...}}.
     """
     labels = np.asarray(collected["labels"])
-    if int(num_classes) < 2:
+    multilabel = labels.ndim == 2  # multi-hot tags: the multi-label probe (mean average precision)
+    if int(num_classes) < 2 and not multilabel:
         raise ValueError(f"a probe needs at least 2 classes, got num_classes={num_classes}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if not multilabel and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels lie in [{labels.min()}, {labels.max()}], outside [0, {num_classes})")
     reference = collected.get("reference")
     if reference is not None and not 2 <= k <= len(labels) - 1:
@@ -103,10 +104,17 @@ def measure_blocks(collected: Mapping[str, Any], num_classes: int, *, k: int = 1
     if not per_t:
         raise ValueError("no features to measure (no t values)")
     measured = {"blocks": blocks, "num_samples": int(len(labels)), "num_classes": int(num_classes), "per_t": per_t,
+                "probe": "multi-label (mean average precision over tags)" if multilabel else "class accuracy",
                 "num_test": len(probe_split(len(labels), test_fraction, seed)[1]),
                 "settings": {"k": int(k), "test_fraction": float(test_fraction), "seed": int(seed), "l2": float(l2),
                              "reference": reference is not None}}
     return _summarised(measured)
+
+
+def chance_level(measured: Mapping[str, Any]) -> float | None:
+    """The probe's chance level for figures: 1 / classes, or None for the multi-label probe (each
+    tag's chance is its own positive rate)."""
+    return None if str(measured.get("probe", "")).startswith("multi-label") else 1.0 / measured["num_classes"]
 
 
 def _summarised(measured: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +244,11 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
     """Per-block measurements (`measure_blocks`' dict) of `params` on the run's data."""
     settings.check()
     source = source if source is not None else build_source(config.data, settings.split or None)
-    num_classes = int(getattr(source, "num_classes", 0) or model.num_classes)
+    num_classes = int(getattr(source, "num_classes", 0) or model.num_classes or getattr(model, "num_tags", 0))
+    if not num_classes and not getattr(source, "num_tags", 0):
+        raise ValueError(f"block measurements probe class labels or tags, and {getattr(source, 'name', source)} has "
+                         "neither (e.g. motion data): measure CKA between blocks of a labelled run instead, or choose "
+                         "LayerSync pairs explicitly")
     indices = sample_indices(len(source), settings.num_samples, settings.seed)
     if len(indices) < settings.num_samples:  # a command that does less than asked says so
         logging.warning("block measurements: %d examples requested but the source (%s) has %d: measuring %d",
@@ -303,7 +315,7 @@ def analyze_workdir(config: Any, workdir: str, out_dir: str, settings: MeasureSe
             images[f"cka_linear/t{_t_name(entry['t'])}"] = cka_figure(
                 entry["cka_linear"], blocks, f"linear CKA, step {step}, t = {entry['t']:g} (1: data)")
         images["probe"] = probe_figure({f"t = {e['t']:g}": e["probe_accuracy"] for e in measured["per_t"]}, blocks,
-                                       f"linear probe, step {step} ({which})", chance=1.0 / measured["num_classes"])
+                                       f"linear probe, step {step} ({which})", chance=chance_level(measured))
         if main:
             for name, image in images.items():
                 save_png(os.path.join(out_dir, f"step_{step}", name.replace("/", "_") + ".png"), image)
@@ -319,7 +331,7 @@ def analyze_workdir(config: Any, workdir: str, out_dir: str, settings: MeasureSe
     summary = {"probe_by_step": probe_figure(
         {f"step {s}": m["probe_accuracy_mean"] for s, m in results["steps"].items()}, blocks,
         f"linear probe (mean over t = {', '.join(f'{t:g}' for t in settings.t_values)}; {which})",
-        chance=1.0 / next(iter(results["steps"].values()))["num_classes"])}
+        chance=chance_level(next(iter(results["steps"].values()))))}
     if reference is not None:
         summary["alignment_by_step"] = probe_figure(
             {f"step {s}": list(_mean_over_t(m, "cknna")) for s, m in results["steps"].items()}, blocks,

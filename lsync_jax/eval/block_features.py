@@ -116,6 +116,9 @@ def collect_block_features(model: Any, params: Any, path: Path, source: Any, num
     for batch in _batches(source, indices, batch_size, ("image",) if reference is not None else ()):
         x, y = batch["x"], batch["y"].astype(np.int32)
         fed = np.full_like(y, model.num_classes) if condition == "null" and conditional else y
+        if getattr(model, "num_tags", 0):  # tags: the all-zero vector is the unconditional input
+            tags = batch["tags"].astype(np.float32)
+            fed, y = (np.zeros_like(tags) if condition == "null" else tags), tags
         n = len(x)
         eps = np.asarray(noise(jnp.arange(start, start + n)), np.float32)  # per sample: any batch size
         start += n

@@ -249,6 +249,42 @@ def ridge_probe(train_x, train_y, test_x, test_y, num_classes: int, l2: float = 
     return {"accuracy": accuracy(test_x, test_y), "train_accuracy": accuracy(train_x, train_y)}
 
 
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over tags (columns with a positive and a negative) of each tag's average precision: the
+    usual multi-label tagging score (MTG-Jamendo's PR-AUC); a tag's chance level is its positive rate."""
+    values = []
+    for j in range(targets.shape[1]):
+        positives = targets[:, j] > 0.5
+        if not positives.any() or positives.all():
+            continue
+        order = np.argsort(-scores[:, j], kind="stable")
+        hits = positives[order]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        values.append(float(np.sum(precision[hits]) / hits.sum()))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def ridge_probe_multilabel(train_x, train_t, test_x, test_t, l2: float = 1e-3) -> dict[str, float]:
+    """Closed-form ridge regression onto multi-hot tags (as `ridge_probe`, one output per tag); its
+    score on both splits is the mean average precision (`average_precision`), reported as 'accuracy'
+    so that the per-block curves and the pair selector read it as they read class accuracy."""
+    if l2 <= 0.0:
+        raise ValueError(f"l2 must be positive, got {l2}")
+    train_x, test_x = _standardise(_as_rows(train_x, "train_x"), _as_rows(test_x, "test_x"))
+    train_t, test_t = np.asarray(train_t, np.float64), np.asarray(test_t, np.float64)
+    if train_x.shape[0] != train_t.shape[0] or test_x.shape[0] != test_t.shape[0]:
+        raise ValueError("features and tags must have the same number of rows")
+    n, d = train_x.shape
+    bias = train_t.mean(axis=0)
+    centred = train_t - bias
+    if d <= n:
+        weights = np.linalg.solve(train_x.T @ train_x / n + l2 * np.eye(d), train_x.T @ centred / n)
+    else:
+        weights = train_x.T @ np.linalg.solve(train_x @ train_x.T / n + l2 * np.eye(n), centred / n)
+    return {"accuracy": average_precision(test_x @ weights + bias, test_t),
+            "train_accuracy": average_precision(train_x @ weights + bias, train_t)}
+
+
 def probe_split(num_samples: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, test) index arrays: a permutation's first round(f N) samples are the test set."""
     if not 0.0 < test_fraction < 1.0:
@@ -262,15 +298,20 @@ def probe_split(num_samples: int, test_fraction: float = 0.2, seed: int = 0) -> 
 
 def probe_blocks(features_by_block: Mapping[str, object], labels, num_classes: int,
                  test_fraction: float = 0.2, seed: int = 0, l2: float = 1e-3) -> dict[str, dict[str, float]]:
-    """Ridge-probe accuracy of every block on one seeded train/test split shared by all blocks."""
-    labels = np.asarray(labels).reshape(-1)
+    """Ridge-probe accuracy of every block on one seeded train/test split shared by all blocks;
+    `labels` (N, T) multi-hot tags get the multi-label probe (mean average precision)."""
+    labels = np.asarray(labels)
+    multilabel = labels.ndim == 2
+    labels = labels if multilabel else labels.reshape(-1)
     train, test = probe_split(labels.shape[0], test_fraction, seed)
     results = {}
     for name, feats in features_by_block.items():
         feats = _as_rows(feats, name)
         if feats.shape[0] != labels.shape[0]:
             raise ValueError(f"block {name!r} has {feats.shape[0]} rows for {labels.shape[0]} labels")
-        results[name] = ridge_probe(feats[train], labels[train], feats[test], labels[test], num_classes, l2)
+        results[name] = (ridge_probe_multilabel(feats[train], labels[train], feats[test], labels[test], l2)
+                         if multilabel else
+                         ridge_probe(feats[train], labels[train], feats[test], labels[test], num_classes, l2))
     return results
 
 

@@ -31,7 +31,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.builders import build_mesh, build_model, build_transport, derived_config
-from lsync_jax.eval.analysis import MeasureSettings, measure_model, probe_figure
+from lsync_jax.eval.analysis import MeasureSettings, chance_level, measure_model, probe_figure
 from lsync_jax.host import all_processes, save_png
 from lsync_jax.objectives.layersync import SELECTION_DEFAULTS, default_pair, is_auto, select_pairs
 from lsync_jax.objectives.objective import build_objective
@@ -152,7 +152,7 @@ def choose_pairs(config: Any, workdir: str, sel: dict[str, Any]) -> dict[str, An
         title = (f"LayerSync auto pairs {[(w, s) for w, s, _ in pairs]} from {where}"
                  if len(where) < 60 else f"LayerSync auto pairs {[(w, s) for w, s, _ in pairs]}")
         save_png(os.path.join(workdir, CHOICE_FILE.replace(".json", ".png")),
-                 probe_figure(curves, measured["blocks"], title, chance=1.0 / measured["num_classes"]))
+                 probe_figure(curves, measured["blocks"], title, chance=chance_level(measured)))
     return record
 
 
@@ -160,16 +160,16 @@ def auto_pairs_phases(config: Any, workdir: str) -> list[Phase]:
     """The warm-up (unless `warmup_steps=0`) and the LayerSync phase, whose pairs are resolved just
     before it starts: from the latest checkpoint's record, else layersync_pairs.json, else measured."""
     model = build_model(config)
-    if not model.num_classes:
+    if not model.num_classes and not getattr(model, "num_tags", 0):
         raise ValueError(f"objective.layersync.pairs='auto' probes class labels, and the model "
-                         f"{config.model.name} has none (num_classes=0: unlabelled or tag-conditioned data). Set the "
+                         f"{config.model.name} has none (num_classes=0 and no tags: unlabelled data). Set the "
                          "pairs explicitly, e.g. --config.objective.layersync.pairs=\"((2, 4, 0.2),)\" (the paper's "
                          "8 -> 16 of 28 blocks, scaled to the depth: lsync_jax.objectives.layersync.default_pair)")
     sel = selection_settings(config)
     warmup = int(sel["warmup_steps"])
     warm = warmup_config(config)
-    if (sel["condition"] == "null" and model.num_classes > 0
-            and not getattr(model, "class_dropout_prob", 0.0) > 0):
+    if (sel["condition"] == "null" and (model.num_classes > 0 or getattr(model, "num_tags", 0))
+            and not (model.tag_dropout_prob if getattr(model, "num_tags", 0) else model.class_dropout_prob) > 0):
         raise ValueError(f"{PREFIX}.condition='null' measures the model on its null class, which this model lacks "
                          "(class_dropout_prob=0): set the condition to 'label' (probe accuracies then include the "
                          "label) or train with label dropout")

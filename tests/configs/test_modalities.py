@@ -109,3 +109,22 @@ def test_a_model_for_other_data_is_named(tmp_path):
     config.data.update(dict(name="synthetic", synthetic_shape=(8, 8, 1)))
     with pytest.raises(ValueError, match=r"examples of shape \(8, 8, 1\), but the model SiTSequence takes \(L, C\)"):
         check_run(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_tagged_sequences_get_the_multilabel_probe(tmp_path):
+    from lsync_jax.builders import build_model, build_source
+    from lsync_jax.eval.analysis import MeasureSettings, chance_level, measure_model
+
+    config = shrink(sequences.get_config(), input_size=10, in_channels=6, num_tags=5)
+    config.model.name = "SiT-Seq-S/2"
+    config.data.dir = make_sequences(tmp_path, count=24)
+    model = build_model(config)
+    import jax
+
+    params = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))["params"]
+    measured = measure_model(config, model, params, MeasureSettings(num_samples=20, t_values=(0.5,),
+                                                                          batch_size=8, cka=False),
+                             source=build_source(config.data))
+    assert measured["probe"].startswith("multi-label") and chance_level(measured) is None
+    assert len(measured["probe_accuracy_mean"]) == 3 and all(0 <= a <= 1 for a in measured["probe_accuracy_mean"])

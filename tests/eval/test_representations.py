@@ -299,3 +299,16 @@ def test_pool_tokens_means_over_tokens():
     assert not np.allclose(pooled, h.mean(axis=2)[:, :1])
     with pytest.raises(ValueError, match="N, T, D"):
         pool_tokens(h[0])
+
+
+def test_multilabel_probe_reads_tags_that_the_features_carry():
+    from lsync_jax.eval.representations import average_precision, probe_blocks
+
+    rng = np.random.default_rng(0)
+    tags = (rng.random((200, 4)) < 0.3).astype(np.float32)
+    informative = tags @ rng.standard_normal((4, 16)) + 0.1 * rng.standard_normal((200, 16))
+    noise = rng.standard_normal((200, 16))
+    result = probe_blocks({"block_1": noise, "block_2": informative}, tags, num_classes=4)
+    assert result["block_2"]["accuracy"] > 0.95 > 0.6 > result["block_1"]["accuracy"]
+    assert average_precision(tags, tags) == 1.0  # a perfect ranking
+    assert np.isnan(average_precision(np.zeros((3, 1)), np.ones((3, 1))))  # no negative: no AP

@@ -111,18 +111,11 @@ def test_per_frame_fid_counts_and_temporal_scores(evaluator, tmp_path):
     assert (same["reference_frames"], same["reference_clips"]) == (8, 4) and same["motion_ratio"] == pytest.approx(1)
     assert same["temporal_consistency"] == pytest.approx(ref.temporal_consistency, abs=1e-6)
     assert "over 8 frames from 4 clips (reference: 8 frames from 4 clips)" in vd.describe_video_metrics(same)
-    # other pictures (noise): far away
-    noise = np.random.default_rng(3).integers(0, 256, clips.shape).astype(np.uint8)
-    other = vd.video_metrics(evaluator, noise, ref)
-    assert other["frame_fid"] > 10 * abs(same["frame_fid"]) + 1.0
     # frames shuffled across clips: realistic frames, less consistent and more motion than the reference
     shuffled = vd.clip_statistics(evaluator, clips.reshape(8, 16, 16, 3)[[0, 3, 2, 5, 4, 7, 6, 1]].reshape(clips.shape))
     scores = vd.video_metrics(evaluator, shuffled, ref)
     assert abs(scores["frame_fid"]) < 1e-3 * np.trace(ref.frames.sigma)  # the same frames: per-frame FID is blind
     assert scores["temporal_consistency"] < ref.temporal_consistency - 0.02 and scores["motion_ratio"] > 2
-    static = vd.clip_statistics(evaluator, np.repeat(clips[:, :1], 2, axis=1), temporal_clips=2)
-    assert static.temporal_consistency == pytest.approx(1.0, abs=1e-6) and static.motion == 0.0
-    assert static.temporal_clips == 2 and static.frames.pool.shape == (4, 2048)
     # saved and loaded as a reference; image statistics also serve (no temporal numbers then)
     path = str(tmp_path / "clip_stats.npz")
     ref.save(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -147,6 +148,7 @@ class MetricsHook:
         self.writer.flush()
         if self.events:
             self.events.sync(force=True)
+            self.events.remove_local()
 
 
 class EventSync:
@@ -166,6 +168,10 @@ class EventSync:
         if force or time.monotonic() - self._last >= self.every:
             storage.copy_tree_up(self.local, self.workdir, only_newer_than=self.uploaded)
             self._last = time.monotonic()
+
+    def remove_local(self) -> None:
+        """After the last upload: the local copy is not needed (a resumed run writes a new event file)."""
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 class CheckpointHook:

@@ -5,6 +5,9 @@
     python launch/benchmark.py --models= --sample_steps=0 --inception_batch=256 --fid_samples=10000  # evaluator only
     python launch/benchmark.py --models= --sample_steps=0 --vae_batch=64 --image_size=256  # SD-VAE only
     python launch/benchmark.py --variants= --sample_steps=0 --checkpoint=local,emulator  # checkpoint cost only
+    python launch/benchmark.py --config=configs/moving_fmnist.py --sample_steps=0  # the video demo's model and batch
+    python launch/benchmark.py --models=SiT-Video-S/2x8,SiT-Seq-S/1 --input_size=32 --in_channels=1 --num_frames=8
+        # clips of 8 frames of 32x32x1; sequences of 32 steps of 1 channel (--input_size is L for SiT-Seq-*)
 """
 
 
@@ -20,8 +23,10 @@ config_flags.DEFINE_config_file("config", None, "Optional training config: bench
                                 "LayerSync pairs (overrides --models, --batch_size, --dtype, shapes).")
 flags.DEFINE_list("models", ["SiT-B/2"], "Model names, e.g. SiT-XL/2,SiT-B/2.")
 flags.DEFINE_integer("batch_size", 32, "Train-step batch size.")
-flags.DEFINE_integer("input_size", 32, "Spatial size of the (latent) input.")
-flags.DEFINE_integer("in_channels", 4, "Input channels (4 for SD-VAE latents).")
+flags.DEFINE_integer("input_size", 32, "Spatial size H = W of the (latent) images and clips; the length L of "
+                     "sequences (SiT-Seq-*).")
+flags.DEFINE_integer("in_channels", 4, "Input channels (4 for SD-VAE latents; C of sequences).")
+flags.DEFINE_integer("num_frames", 0, "Frames per clip of video models (SiT-Video-*); 0: the model's default (8).")
 flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay float32).")
 flags.DEFINE_integer("steps", 10, "Timed train steps per row (after one warm-up).")
@@ -58,7 +63,8 @@ def main(argv):
         cfg = bench_config_from(FLAGS.config, **common)
     else:
         cfg = BenchConfig(models=tuple(FLAGS.models), batch_size=FLAGS.batch_size, input_size=FLAGS.input_size,
-                          in_channels=FLAGS.in_channels, num_classes=FLAGS.num_classes, dtype=FLAGS.dtype, **common)
+                          in_channels=FLAGS.in_channels, num_frames=FLAGS.num_frames, num_classes=FLAGS.num_classes,
+                          dtype=FLAGS.dtype, **common)
     write_json(run(cfg), FLAGS.out)
     print(f"wrote {FLAGS.out}")
 

@@ -1,13 +1,15 @@
-"""Speed and memory on the present devices: train step (with and without LayerSync), attention
-implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a whole FID-N evaluation, and the
-cost of checkpoints (save, restore, and the train step while a save runs). Prints a table and returns rows for
-JSON.
+"""Speed and memory on the present devices: train step (with and without LayerSync) of image, video and
+sequence models, attention implementations, sampling, SD-VAE encode/decode, the FID Inception pass and a
+whole FID-N evaluation, and the cost of checkpoints (save, restore, and the train step while a save runs).
+Prints a table and returns rows for JSON.
 
 Times are wall-clock medians over `steps` runs after one compile-and-warm-up run, with the
 result blocked on. TFLOP/s counts model matmul FLOPs (`forward_flops`, 3x for a train step), the
 usual MFU accounting, so rows compare across devices and frameworks; mem_gib is the
 compiled train step's device memory (arguments + outputs + temporaries - donated buffers), peak_gib
 the allocator's peak so far (GPU/TPU), mfu the model TFLOP/s over the bf16 peak of known devices.
+`input` is one example's shape (H x W x C, F x H x W x C for clips, L x C for sequences) and `tokens` its
+token count; img_per_s counts examples (images, clips or sequences) per second.
 Checkpoint rows have their own columns (`CHECKPOINT_COLUMNS`): seconds are medians over
 `checkpoint_repeats` saves or restores, GB are 1e9 bytes.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,7 +35,7 @@ from lsync_jax import storage
 from lsync_jax.builders import model_fields
 from lsync_jax.configs.base import base_config
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
-from lsync_jax.models import get_model, model_config
+from lsync_jax.models import VIDEO_MODEL_NAMES, get_model, model_config
 from lsync_jax.models.encoders import CONFIGS, random_dinov2
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.models.layers import resolve_attention_impl
@@ -56,8 +59,9 @@ from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
 class BenchConfig:
     models: Sequence[str] = ("SiT-B/2",)
     batch_size: int = 32
-    input_size: int = 32
+    input_size: int = 32  # H = W of images and clips; L of sequences (SiT-Seq-*)
     in_channels: int = 4
+    num_frames: int = 0  # frames per clip of video models (SiT-Video-*); 0: the model's default
     num_classes: int = 1000
     dtype: str = "bfloat16"
     steps: int = 10
@@ -85,7 +89,7 @@ def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
     """A BenchConfig for a training config's model, batch and LayerSync pairs (other fields from `kw`)."""
     overrides = model_fields(config)
     name = overrides.pop("name")
-    arch = {k: overrides.pop(k) for k in ("input_size", "in_channels", "num_classes") if k in overrides}
+    arch = {k: overrides.pop(k) for k in ("input_size", "in_channels", "num_classes", "num_frames") if k in overrides}
     dtype = str(overrides.pop("dtype", "float32"))  # the model's own compute dtype when the config sets none
     overrides.pop("attention_impl", None)
     pairs = config.objective.layersync.pairs or ()
@@ -94,20 +98,57 @@ def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
                        mesh=(int(config.mesh.data), int(config.mesh.fsdp)), **{k: arch[k] for k in arch}, **kw)
 
 
-def forward_flops(model, height: int, width: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one SiT forward pass on one H x W input.
+def forward_flops(model, *axes: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one SiT forward pass on one input of spatial/temporal sizes `axes`:
+    (H, W) for an image, (F, H, W) for a clip, (L,) for a sequence.
 
     DiT/SiT papers quote half of this ("118.6 GFLOPs" for XL/2 count multiply-adds). Elementwise
     work (norms, activations, softmax) is left out, as in MFU accounting.
     """
-    d, p, depth = model.hidden_size, model.patch_size, model.depth
-    tokens = (height // p) * (width // p)
+    d, depth = model.hidden_size, model.depth
+    patch = tuple(getattr(model, "patch_shape", (model.patch_size, model.patch_size)))
+    if len(axes) != len(patch):
+        raise ValueError(f"{type(model).__name__} takes inputs with {len(patch)} patched axes, got sizes {axes}")
+    tokens = math.prod(a // p for a, p in zip(axes, patch))
+    elements = math.prod(patch)  # input steps/pixels per token
     mlp = int(d * model.mlp_ratio)
     per_token = depth * 2 * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1, fc2
     per_token += depth * 2 * 2 * tokens * d  # q k^T and attn v
-    per_token += 2 * p * p * model.in_channels * d + 2 * d * p * p * model.out_channels  # patchify, final
+    per_token += 2 * elements * model.in_channels * d + 2 * d * elements * model.out_channels  # patchify, final
     per_sample = depth * 2 * d * 6 * d + 2 * d * 2 * d + 2 * (256 * d + d * d)  # adaLN, t-embedder
     return float(tokens * per_token + per_sample)
+
+
+def input_axes(model) -> tuple[int, ...]:
+    """The patched axes of the model's configured input: (H, W), (F, H, W) or (L,)."""
+    return tuple(int(n) for n in model.init_inputs(1)[0].shape[1:-1])
+
+
+def _input_label(model) -> str:
+    return "x".join(str(int(n)) for n in model.init_inputs(1)[0].shape[1:])
+
+
+def _tokens(model) -> int:
+    return math.prod(a // p for a, p in zip(input_axes(model), model.patch_shape))
+
+
+def bench_model(name: str, cfg: BenchConfig, attention: str | None = None, **extra: Any):
+    """Model `name` at the benchmark's input shape, dtype and overrides (and `extra`): images and clips
+    `input_size` square with `in_channels`, clips of `num_frames` frames, sequences `input_size` steps long."""
+    overrides = dict(cfg.model_overrides, **extra)
+    if cfg.num_frames and name in VIDEO_MODEL_NAMES:
+        overrides["num_frames"] = cfg.num_frames
+    if attention is not None:
+        overrides["attention_impl"] = attention
+    return get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                     dtype=jnp.dtype(cfg.dtype), **overrides)
+
+
+def _conditions(model, n: int, key: jax.Array) -> jax.Array:
+    """n random class labels, or multi-hot tags (one tag on each) for a tag-conditioned model."""
+    if getattr(model, "num_tags", 0):
+        return jax.nn.one_hot(jax.random.randint(key, (n,), 0, model.num_tags), model.num_tags)
+    return jax.random.randint(key, (n,), 0, max(model.num_classes, 1))
 
 
 def _peak_gib() -> float | None:
@@ -194,12 +235,11 @@ def _train_setup(name: str, cfg: BenchConfig, variant: str, attention: str) -> t
     """(model, state, batch, jitted step) of the library's train step for `variant`, as a run builds them."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown benchmark variant {variant!r}; expected one of {VARIANTS}")
-    overrides = dict(cfg.model_overrides)
-    depth = int(overrides.get("depth", model_config(name)["depth"]))
+    repa = {}
     if "repa" in variant:
-        overrides.update(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
-    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                      dtype=jnp.dtype(cfg.dtype), attention_impl=attention, **overrides)
+        depth = int(cfg.model_overrides.get("depth", model_config(name)["depth"]))
+        repa = dict(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
+    model = bench_model(name, cfg, attention, **repa)
     pairs = cfg.layersync_pairs or ((default_pair(model.depth) + (0.2,),) if "layersync" in variant else ())
     regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
         (REPA(0.5),) if "repa" in variant else ()) + (
@@ -210,12 +250,13 @@ def _train_setup(name: str, cfg: BenchConfig, variant: str, attention: str) -> t
     if cfg.batch_size % jax.device_count():
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {jax.device_count()} devices")
     state = create_train_state(model, tx, jax.random.key(0), mesh)
-    shape = (cfg.batch_size, cfg.input_size, cfg.input_size, cfg.in_channels)
-    batch = {"x": jax.random.normal(jax.random.key(1), shape),
-             "y": jax.random.randint(jax.random.key(2), (cfg.batch_size,), 0, cfg.num_classes)}
+    shape = model.init_inputs(cfg.batch_size)[0].shape  # (N, H, W, C), (N, F, H, W, C) or (N, L, C)
+    condition = _conditions(model, cfg.batch_size, jax.random.key(2))
+    batch = {"x": jax.random.normal(jax.random.key(1), shape)}
+    batch.update({"y": jnp.zeros((cfg.batch_size,), jnp.int32), "tags": condition} if getattr(model, "num_tags", 0)
+                 else {"y": condition})
     if "repa" in variant:
-        tokens = (cfg.input_size // model.patch_size) ** 2
-        batch["encoder_features"] = jax.random.normal(jax.random.key(3), (cfg.batch_size, tokens, REPA_DIM))
+        batch["encoder_features"] = jax.random.normal(jax.random.key(3), (cfg.batch_size, _tokens(model), REPA_DIM))
     batch = jax.device_put(batch, batch_sharding(mesh))
     fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=base_config().train.ema_decay)
     return model, state, batch, fn
@@ -229,26 +270,27 @@ def bench_train_step(name: str, cfg: BenchConfig, variant: str, attention: str) 
     model, state, batch, fn = _train_setup(name, cfg, variant, attention)
     n_params = sum(l.size for l in jax.tree.leaves(state.params))
     seconds, compiled, compile_s = time_compiled(fn, (state, batch), cfg.steps, carry=True)
-    flops = 3 * forward_flops(model, cfg.input_size, cfg.input_size) * cfg.batch_size / seconds
+    flops = 3 * forward_flops(model, *input_axes(model)) * cfg.batch_size / seconds
     peak = peak_flops()
     return dict(
         bench="train_step", model=name, variant=variant,
         attention=_attention_label(model),
-        dtype=cfg.dtype, batch=cfg.batch_size, params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
+        dtype=cfg.dtype, batch=cfg.batch_size, input=_input_label(model), tokens=_tokens(model),
+        params_m=round(n_params / 1e6, 1), ms=round(seconds * 1e3, 2),
         img_per_s=round(cfg.batch_size / seconds, 1),
-        tflops=round(flops / 1e12, 1), mfu=None if peak is None else round(flops / peak, 3),
+        tflops=round(flops / 1e12, 1 if flops >= 1e12 else 3), mfu=None if peak is None else round(flops / peak, 3),
         compile_s=round(compile_s, 1), mem_gib=_round(_program_memory_gib(compiled)), peak_gib=_round(_peak_gib()),
     )
 
 
 def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) -> dict[str, Any]:
     """Sampling throughput of a jitted sampler (random weights: speed does not depend on them)."""
-    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                      dtype=jnp.dtype(cfg.dtype), **cfg.model_overrides)
+    model = bench_model(name, cfg)
     variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))
     sampler = SamplerConfig(method=method, num_steps=cfg.sample_steps)
     sample_fn = make_sample_fn(model, create_transport(), sampler)
-    labels = jnp.arange(cfg.sample_batch) % cfg.num_classes
+    labels = (np.eye(model.num_tags, dtype=np.float32)[np.arange(cfg.sample_batch) % model.num_tags]
+              if getattr(model, "num_tags", 0) else jnp.arange(cfg.sample_batch) % max(model.num_classes, 1))
     key = jax.random.key(0)
     out = sample_fn(variables, key, labels, cfg_scale)  # compile + warm up
     jax.block_until_ready(out)
@@ -261,7 +303,8 @@ def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) ->
     return dict(
         bench="sample", model=name, variant=f"{method} x{cfg.sample_steps} cfg={cfg_scale}",
         attention=_attention_label(model),
-        dtype=cfg.dtype, batch=cfg.sample_batch, params_m=None, ms=round(seconds * 1e3, 1),
+        dtype=cfg.dtype, batch=cfg.sample_batch, input=_input_label(model), tokens=_tokens(model), params_m=None,
+        ms=round(seconds * 1e3, 1),
         img_per_s=round(cfg.sample_batch / seconds, 1), tflops=None, mfu=None, compile_s=None, mem_gib=None,
         peak_gib=_round(_peak_gib()),
     )
@@ -544,8 +587,7 @@ def bench_checkpoints(name: str, cfg: BenchConfig) -> Iterator[dict[str, Any]]:
     - 'step_during_save' (when `cfg.checkpoint_steps` > 0): the baseline train step of `bench_train_step`
       with no save in flight against steps while a save runs (`time_step_during_save`) and their ratio.
     """
-    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                      dtype=jnp.dtype(cfg.dtype), **cfg.model_overrides)
+    model = bench_model(name, cfg)
     abstract = abstract_state(model, make_optimizer({"lr": 1e-4})[0], make_mesh(*cfg.mesh))
     state = random_state(abstract)
     for where in cfg.checkpoint:
@@ -567,8 +609,8 @@ def bench_checkpoints(name: str, cfg: BenchConfig) -> Iterator[dict[str, Any]]:
                    params_m=params_m, state_bytes=state_bytes, state_gb=round(state_bytes / 1e9, 3), **timing)
 
 
-COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "params_m", "ms", "img_per_s", "tflops",
-           "mfu", "compile_s", "mem_gib", "peak_gib")
+COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "input", "tokens", "params_m", "ms",
+           "img_per_s", "tflops", "mfu", "compile_s", "mem_gib", "peak_gib")
 CHECKPOINT_BENCHES = ("checkpoint", "step_during_save")
 CHECKPOINT_COLUMNS = ("bench", "model", "storage", "dtype", "batch", "params_m", "state_gb", "files_gb", "save_s",
                       "save_gbps", "save_blocking_s", "restore_s", "restore_gbps", "step_ms", "step_ms_saving",

@@ -153,3 +153,46 @@ def test_checkpoint_rows_refuse_no_repeats_before_building_anything():
         with pytest.raises(ValueError, match="checkpoint_repeats must be >= 1 and checkpoint_steps >= 0"):
             run(BenchConfig(models=("SiT-S/8",), variants=(), sample_steps=0, checkpoint=("local",), **bad),
                 print_fn=lambda s: None)
+
+
+def test_forward_flops_count_tokens_of_clips_and_sequences():
+    # 64 tokens of 16 input numbers each, however they are laid out: the same FLOPs
+    image = forward_flops(get_model("SiT-S/2", input_size=16, in_channels=4), 16, 16)
+    assert forward_flops(get_model("SiT-Seq-S/1", input_size=64, in_channels=16), 64) == image
+    clip = forward_flops(get_model("SiT-Video-S/2x8", in_channels=1), 8, 32, 32)  # (2, 8, 8) patches: 4 x 4 x 4
+    assert clip == forward_flops(get_model("SiT-S/8", in_channels=2), 64, 64)
+    with pytest.raises(ValueError, match="3 patched axes"):
+        forward_flops(get_model("SiT-Video-S/2x8"), 32, 32)
+
+
+@pytest.mark.slow
+def test_video_and_sequence_rows_use_the_models_input_shapes():
+    small = {"depth": 2, "hidden_size": 32, "num_heads": 2}
+    cfg = BenchConfig(models=("SiT-Video-S/2x8", "SiT-Seq-S/2"), batch_size=2, input_size=16, in_channels=1,
+                      num_frames=4, num_classes=3, dtype="float32", steps=1, sample_steps=2, sample_batch=2,
+                      sample_cfg=(1.5,), variants=("layersync",), model_overrides=small)
+    rows = run(cfg, print_fn=lambda s: None)["rows"]
+    assert [(r["bench"], r["model"], r["input"], r["tokens"]) for r in rows] == [
+        ("train_step", "SiT-Video-S/2x8", "4x16x16x1", 8), ("sample", "SiT-Video-S/2x8", "4x16x16x1", 8),
+        ("train_step", "SiT-Seq-S/2", "16x1", 8), ("sample", "SiT-Seq-S/2", "16x1", 8)]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["tflops"] is not None
+    # a tag-conditioned sequence config (the audio setting): its L, C and tags reach the step
+    from lsync_jax.configs import sequences
+
+    config = sequences.get_config()
+    config.model.name = "SiT-Seq-S/1"
+    config.model.overrides.update(dict(small, input_size=8, in_channels=3, num_tags=4))
+    config.data.batch_size = 2
+    tagged = bench_config_from(config, steps=1, sample_steps=0, variants=("baseline",))
+    assert (tagged.input_size, tagged.in_channels, tagged.num_classes) == (8, 3, 0)
+    row, = run(tagged, print_fn=lambda s: None)["rows"]
+    assert (row["input"], row["tokens"], row["batch"]) == ("8x3", 8, 2) and row["ms"] > 0
+
+
+def test_a_video_config_benchmarks_its_clips():
+    from lsync_jax.configs import moving_fmnist
+
+    cfg = bench_config_from(moving_fmnist.get_config())
+    assert (cfg.models, cfg.input_size, cfg.in_channels, cfg.num_frames, cfg.batch_size, cfg.dtype) == (
+        ("SiT-Video-S/2x8",), 32, 1, 8, 32, "float32")
+    assert "num_frames" not in cfg.model_overrides and cfg.model_overrides["depth"] == 6

@@ -1,9 +1,14 @@
-"""ADM metrics (FID, sFID, IS, precision, recall) of a sample batch, with the FID Inception in JAX.
+"""Metrics of a sample batch, by what it holds: ADM metrics (FID, sFID, IS, precision, recall) of images,
+per-frame FID and temporal scores of video clips, a Frechet distance over an embedder of sequences.
 
     python launch/evaluate.py --ref_batch=VIRTUAL_imagenet256_labeled.npz --sample_batch=samples.npz
     python launch/evaluate.py --ref_config=configs/fashion_mnist.py --ref_split=test --sample_batch=samples.npz
+    python launch/evaluate.py --ref_config=configs/moving_fmnist.py --ref_split=test --ref_num=1000 \\
+        --sample_batch=clips.npz                                      # video: per-frame FID over the clips' frames
+    python launch/evaluate.py --ref_batch=ref_sequences.npz --embedder=my_eval/fad.py --sample_batch=seq.npz
 
-Sample batches are ADM's layout (`arr_0`: uint8 NHWC), as launch/sample.py writes them.
+Sample batches are as launch/sample.py writes them: `arr_0` uint8 (N, H, W, C) images (ADM's layout),
+uint8 (N, F, H, W, C) clips or float (N, L, C) sequences; the reference must hold the same kind.
 """
 
 import os
@@ -11,18 +16,26 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from lsync_jax.builders import build_source
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.eval.evaluator import evaluate
+from lsync_jax.eval.sample_batch import evaluate_sample_batch
 from lsync_jax.host import quiet_library_logs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sample_batch", None, "ADM-style .npz of samples (arr_0: uint8 NHWC).")
-flags.DEFINE_string("ref_batch", None, "ADM reference batch .npz (mu, sigma, mu_s, sigma_s and/or arr_0 images).")
+flags.DEFINE_string("sample_batch", None, "Sample batch .npz (arr_0: uint8 NHWC images, uint8 (N, F, H, W, C) clips "
+                    "or float (N, L, C) sequences).")
+flags.DEFINE_string("ref_batch", None, "Reference .npz of the same kind: ADM reference batch (mu, sigma, mu_s, sigma_s "
+                    "and/or arr_0 images), arr_0 clips or saved clip statistics, arr_0 sequences (optional 'mask') or "
+                    "saved sequence statistics.")
 config_flags.DEFINE_config_file("ref_config", None, "Or: a training config whose data section is the reference.")
 flags.DEFINE_string("ref_split", "test", "With --ref_config: the dataset split.")
-flags.DEFINE_integer("ref_num", 0, "With --ref_config: how many reference images (0: the whole split).")
+flags.DEFINE_integer("ref_num", 0, "With --ref_config: how many reference images, clips or sequences (0: the whole "
+                     "split).")
+flags.DEFINE_string("embedder", None, "Sequences only (and required for them): the embedding model, "
+                    "'package.module:factory', 'path/to/file.py[:factory]' or 'mean_std' (a smoke test, no standard "
+                    "metric); see docs/evaluation.md.")
 flags.DEFINE_string("inception_weights", None, "Converted .npz or a PyTorch FID Inception file (default: cache).")
-flags.DEFINE_integer("batch_size", 256, "Images per Inception batch (split over all devices).")
+flags.DEFINE_integer("batch_size", 256, "Images (or frames, or sequences) per batch (split over all devices).")
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
                   "sqrtm: ADM's matrix square root; eigh: the same trace by symmetric eigendecomposition (faster).")
 flags.DEFINE_string("output", None, "JSON output (default: next to the sample batch, *_metrics.json).")
@@ -34,13 +47,11 @@ def main(argv):
     quiet_library_logs()
     source = None
     if FLAGS.ref_config is not None:
-        from lsync_jax.builders import build_source
-
         source = build_source(FLAGS.ref_config.data, split=FLAGS.ref_split)
     output = FLAGS.output or os.path.splitext(FLAGS.sample_batch)[0] + "_metrics.json"
-    evaluate(FLAGS.sample_batch, ref_batch=FLAGS.ref_batch, ref_source=source, ref_num=FLAGS.ref_num,
-             weights_path=FLAGS.inception_weights, batch_size=FLAGS.batch_size, output=output,
-             fid_method=FLAGS.fid_method)
+    evaluate_sample_batch(FLAGS.sample_batch, ref_batch=FLAGS.ref_batch, ref_source=source, ref_num=FLAGS.ref_num,
+                          weights_path=FLAGS.inception_weights, batch_size=FLAGS.batch_size, output=output,
+                          fid_method=FLAGS.fid_method, embedder=FLAGS.embedder)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """EMA samples from a workdir: python launch/sample.py --config=configs/fashion_mnist.py --workdir=/tmp/run
---num_samples=1000 (writes an ADM-style .npz, arr_0 uint8 NHWC, and a PNG grid into --out_dir)."""
+--num_samples=1000 (writes an ADM-style .npz, arr_0 uint8 NHWC, and a PNG grid into --out_dir).
+
+Video runs write arr_0 uint8 (N, F, H, W, C) clips and a PNG strip (one clip per row, frames along it);
+sequence runs write arr_0 float32 (N, L, C) and no picture."""
 
 import os
 
@@ -25,7 +28,7 @@ def main(argv):
     quiet_library_logs()
     out = sample_from_workdir(FLAGS.config, FLAGS.workdir, FLAGS.out_dir or os.path.join(FLAGS.workdir, "samples"),
                               FLAGS.num_samples, FLAGS.batch_size, FLAGS.seed)
-    print(f"wrote {out['npz']} and {out['png']}")
+    print(f"wrote {out['npz']}" + (f" and {out['png']}" if out["png"] else ""))
 
 
 if __name__ == "__main__":

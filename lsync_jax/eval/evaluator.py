@@ -272,9 +272,10 @@ def _file_key(path: str) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
-def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], FeatureStats],
-           cache_dir: str | None = None) -> FeatureStats:
-    """Statistics stored under the cache directory by key and Inception weights, computed once.
+def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], Any],
+           cache_dir: str | None = None, load: Callable[[str], Any] = FeatureStats.load) -> Any:
+    """Statistics stored under the cache directory by key and Inception weights, computed once
+    (`FeatureStats`, or anything with `save(path)` that `load` reads back, e.g. video `ClipStatistics`).
 
     All processes load only if every one of them has the file (the Inception pass is a collective:
     either all run it or none); each then writes its own copy, atomically, so a cache on a shared
@@ -285,7 +286,7 @@ def cached(key: str, evaluator: InceptionEvaluator, compute: Callable[[], Featur
     stats = None
     if storage.exists(path):
         try:
-            stats = FeatureStats.load(path)
+            stats = load(path)
         except ValueError as e:  # a cache, not a result: computed again and replaced
             logging.warning("cached FID statistics %s are damaged (%s); computing them again", path, e)
     if all_processes(stats is not None):

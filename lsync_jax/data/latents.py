@@ -24,9 +24,12 @@ which is logged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Mapping
+import tempfile
+import uuid
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from absl import logging
@@ -125,6 +128,37 @@ def damaged_shard(paths: list[str]) -> str | None:
         except RuntimeError:
             return path
     return None
+
+
+@contextlib.contextmanager
+def shard_writer(final: str, tag: str) -> Iterator[Any]:
+    """An ArrayRecordWriter (one record per chunk: random access) for the shard `final`, which appears
+    under its name only when the block ends without error: a local temporary renamed over it, or, for
+    gs:// (array_record writes local files only), a local file uploaded (an object is visible only
+    once complete). A failed or interrupted shard leaves no temporary file; a rerun writes it again.
+    `tag` tells concurrent writers' temporaries apart (the process index)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    name = os.path.basename(final)
+    temporary = (os.path.join(tempfile.gettempdir(), f"lsync_jax_{uuid.uuid4().hex}_{name}")
+                 if storage.is_remote(final) else f"{final}.tmp-{tag}")
+    writer = ArrayRecordWriter(temporary, "group_size:1")
+    try:
+        yield writer
+        writer.close()
+        if storage.is_remote(final):
+            storage.upload(temporary, final)
+            os.remove(temporary)
+        else:
+            os.replace(temporary, final)
+    except BaseException:
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 class LatentSource:

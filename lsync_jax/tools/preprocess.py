@@ -19,9 +19,7 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
-import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -35,6 +33,7 @@ from lsync_jax.data.latents import (
     read_metadata,
     record_fields,
     shard_name,
+    shard_writer,
 )
 from lsync_jax.data.sources import IMAGE_EXTENSIONS, check_label_array
 from lsync_jax.host import pad_rows
@@ -309,20 +308,13 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                              f"recorded in {meta_path}")
         return center_crop_adm(record["image"], spec.image_size), np.int32(label), index
 
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     encode = make_encoder(module, params, spec.batch_size, spec.store_flip, tokens)
     progress = Progress(total)
     loaded = _prefetch_map(load, (i for k in todo for i in shard_range[k]), spec.num_workers,
                            window=max(4 * spec.batch_size, 2 * spec.num_workers))
     start = time.perf_counter()
     for k in todo:
-        final = storage.join(out_dir, meta["shards"][k])
-        # array_record writes local files only: a remote shard is written locally, then uploaded
-        temporary = (os.path.join(tempfile.gettempdir(), f"lsync_jax_{uuid.uuid4().hex}_{meta['shards'][k]}")
-                     if storage.is_remote(final) else f"{final}.tmp-{process}")
-        writer = ArrayRecordWriter(temporary, "group_size:1")  # random access: one record per chunk
-        try:
+        with shard_writer(storage.join(out_dir, meta["shards"][k]), str(process)) as writer:
             count = len(shard_range[k])
             for begin in range(0, count, spec.batch_size):
                 items = [next(loaded) for _ in range(min(spec.batch_size, count - begin))]
@@ -335,20 +327,6 @@ def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: Preproces
                         values["image"] = image
                     writer.write(codec.encode(values))
                 progress.update(len(items))
-            writer.close()
-            if storage.is_remote(final):  # an object is visible only once its upload completes
-                storage.upload(temporary, final)
-                os.remove(temporary)
-            else:
-                os.replace(temporary, final)  # a shard exists under its name only when complete
-        except BaseException:  # a failed or interrupted shard leaves no temporary file (a rerun redoes it)
-            try:
-                writer.close()
-            except Exception:  # the first error is the one to report
-                pass
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
     seconds = time.perf_counter() - start
     steady = progress.rate()
     progress.update(0, force=True)

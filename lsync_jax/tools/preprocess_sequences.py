@@ -25,15 +25,13 @@ import concurrent.futures
 import dataclasses
 import math
 import os
-import tempfile
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 
 from lsync_jax import storage
-from lsync_jax.data.latents import RecordCodec
+from lsync_jax.data.latents import RecordCodec, shard_writer
 from lsync_jax.data.sequences import (
     FORMAT,
     METADATA,
@@ -231,38 +229,18 @@ def preprocess_sequences(npy_dir: str, out_dir: str, spec: SequenceSpec, labels_
     if skipped:
         log(f"{skipped} finished shard(s) kept, {len(todo)} to write")
 
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     start, written = time.perf_counter(), 0
     with concurrent.futures.ThreadPoolExecutor(max(1, spec.num_workers)) as pool:
         for k in todo:
             indices = range(k * spec.shard_size, min((k + 1) * spec.shard_size, num_records))
             final = storage.join(out_dir, meta["shards"][k])
-            # array_record writes local files only: a remote shard is written locally, then uploaded
-            temporary = (os.path.join(tempfile.gettempdir(), f"lsync_jax_{uuid.uuid4().hex}_{meta['shards'][k]}")
-                         if storage.is_remote(final) else f"{final}.tmp-{spec.process_index}")
-            writer = ArrayRecordWriter(temporary, "group_size:1")  # random access: one record per chunk
-            try:
+            with shard_writer(final, str(spec.process_index)) as writer:
                 loaded = pool.map(lambda i: load_sequence(files[i][1], spec.length, channels), indices)
                 for i, (x, steps) in zip(indices, loaded):
                     values = {"x": x, "length": np.int32(steps), "label": np.int32(labels[i]), "index": np.int64(i)}
                     if tags is not None:
                         values["tags"] = tags[i]
                     writer.write(codec.encode(values))
-                writer.close()
-                if storage.is_remote(final):  # an object is visible only once its upload completes
-                    storage.upload(temporary, final)
-                    os.remove(temporary)
-                else:
-                    os.replace(temporary, final)  # a shard exists under its name only when complete
-            except BaseException:  # a failed or interrupted shard leaves no temporary file (a rerun redoes it)
-                try:
-                    writer.close()
-                except Exception:  # the first error is the one to report
-                    pass
-                if os.path.exists(temporary):
-                    os.remove(temporary)
-                raise
             written += len(indices)
             log(f"shard {k + 1}/{num_shards}: {len(indices):,} sequences -> {final}")
     return {"written": len(todo), "skipped": skipped, "sequences": written, "seconds": time.perf_counter() - start,

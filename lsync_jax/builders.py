@@ -113,7 +113,8 @@ def build_source(data: Mapping[str, Any], split: str | None = None):
     if name == "moving_fmnist":
         return MovingFashionMNISTSource(int(data["num_clips"]), split, data["dir"] or FASHION_MNIST_DIR,
                                         canvas=int(data["canvas"]), items=int(data["items"]),
-                                        frames=int(data["frames"]), speed=float(data["speed"]), seed=0)
+                                        frames=int(data["frames"]), speed=float(data["speed"]),
+                                        item_size=int(data["item_size"]), seed=0)
     if name == "sequences":
         return SequenceSource(data["dir"])
     if name == "humanml3d":

@@ -114,12 +114,13 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
     # data_dir; imagenet_latents: launch/preprocess.py's output; sequences: launch/preprocess_sequences.py's
     # output; humanml3d: the dataset's root). image_size: latents' crop size (None: what the latents
     # record). synthetic_*: the synthetic source. Video (moving_fmnist): num_clips clips of `frames`
-    # frames on a canvas x canvas frame, `items` bouncing items moving `speed` pixels per frame.
+    # frames on a canvas x canvas frame, `items` bouncing items of item_size px (28: Fashion-MNIST's own;
+    # smaller ones have more room to move) moving `speed` pixels per frame.
     # Motion (humanml3d): clips cropped ('random' from the seed and index, or 'start') or padded to `length`.
     config.data = _section(dict(name="fashion_mnist", dir="", split="train", tfds_name="", batch_size=256,
                                 flip=True, synthetic_size=1024, synthetic_shape=(28, 28, 1), num_classes=10,
-                                image_size=None, num_clips=10_000, frames=8, canvas=32, items=1, speed=1.0,
-                                length=196, crop="random"), dict(image_size=int))
+                                image_size=None, num_clips=10_000, frames=8, canvas=32, items=1, item_size=28,
+                                speed=1.0, length=196, crop="random"), dict(image_size=int))
 
     # keep_checkpoints (>= 1): the latest kept; keep_every: also keep every k-th checkpoint (None: only
     # the latest keep_checkpoints). init_from: a workdir (or checkpoint) to start from; init_include: a

@@ -189,7 +189,8 @@ def writes(config: Any, workdir: str, grids: bool) -> list[str]:
 # other data than an uninterrupted run (the data iterator's state is only the next index).
 DATA_ORDER = ("name", "dir", "split", "tfds_name", "batch_size", "flip")
 # ... and the keys that shape the examples of generated or cropped data
-DATA_SHAPE = {"moving_fmnist": ("num_clips", "frames", "canvas", "items", "speed"), "humanml3d": ("length", "crop")}
+DATA_SHAPE = {"moving_fmnist": ("num_clips", "frames", "canvas", "items", "item_size", "speed"),
+              "humanml3d": ("length", "crop")}
 
 
 def data_record(config: Any, source: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_moving_fmnist_trains_with_layersync_and_writes_clip_strips(tmp_path):
     if not os.path.isdir(fashion_mnist.DEFAULT_DIR):
         pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     config = shrink(moving_fmnist.get_config(), input_size=32, num_frames=4)
-    config.data.update(dict(num_clips=64, frames=4, canvas=32, items=1))
+    config.data.update(dict(num_clips=64, frames=4, canvas=32, items=1, item_size=16))  # room to move
     config.train.num_grid_samples = 3
     metrics = train_and_evaluate(config, str(tmp_path))
     assert "loss/layersync" in metrics and np.isfinite(metrics["loss"])

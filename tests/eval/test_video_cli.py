@@ -12,22 +12,8 @@ import pytest
 from lsync_jax.data import SyntheticSource, fashion_mnist
 from lsync_jax.eval.sample_batch import evaluate_sample_batch
 from lsync_jax.eval.sampling import VIDEO_STRIP_CLIPS, sample_batches, write_samples
-from tests.helpers import seed_inception_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, inception_npz):
-    path = str(tmp_path_factory.mktemp("lsync_cache"))
-    seed_inception_cache(path, inception_npz)  # converted once per test process
-    old = os.environ.get("LSYNC_JAX_CACHE")
-    os.environ["LSYNC_JAX_CACHE"] = path
-    yield path
-    if old is None:
-        del os.environ["LSYNC_JAX_CACHE"]
-    else:
-        os.environ["LSYNC_JAX_CACHE"] = old
 
 
 def clips(n, frames=3, size=8, channels=1, seed=0):

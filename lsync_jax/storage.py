@@ -94,10 +94,7 @@ _REACHED: set[tuple[str, str]] = set()  # (scheme, endpoint) pairs checked in th
 
 def _first_use(p: str) -> None:
     configure_remote()
-    key = (scheme(p), emulator())
-    if key not in _REACHED:
-        check_remote(p)
-        _REACHED.add(key)
+    check_remote(p)
 
 
 def exists(p: Any) -> bool:
@@ -452,15 +449,18 @@ def check_reachable(p: str) -> None:
 
 
 def check_remote(p: Any) -> None:
-    """For a URL: credentials, then the endpoint (bounded); nothing for a local path."""
+    """For a URL: credentials, then the endpoint (bounded), once per endpoint and process; nothing for a
+    local path."""
     text = os.fspath(p)
     if not is_remote(text):
         return
     configure_remote()
-    if scheme(text) != "gs":
-        return  # other fsspec schemes: their own clients' checks
+    key = (scheme(text), emulator())
+    if scheme(text) != "gs" or key in _REACHED:
+        return  # other fsspec schemes: their own clients' checks; an endpoint reached once is not asked again
     check_credentials(text)
     check_reachable(text)
+    _REACHED.add(key)
 
 
 def bounded(what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:

@@ -29,7 +29,7 @@ import tempfile
 import urllib.parse
 import uuid
 import zipfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -339,11 +339,13 @@ def write_json_atomic(p: Any, payload: Any) -> None:
     write_bytes_atomic(p, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_adm_batch(p: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def write_adm_batch(p: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                    extra: Callable[[str], Mapping[str, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stream (uint8 images, labels) batches into an ADM-style .npz (arr_0 images, arr_1 labels),
     never holding all images in memory (50,000 at 512 px are 39 GB); the file appears complete or
-    not at all (a remote one is assembled locally, then uploaded). Returns (the first 100 images,
-    all labels)."""
+    not at all (a remote one is assembled locally, then uploaded). `extra(local_npz)` may read the
+    written images and return more arrays stored beside them before the file appears (a reference
+    batch's statistics). Returns (the first 100 images, all labels)."""
     first, labels, count, shape = [], [], 0, None
     with local_target(p) as tmp:
         images_file = tmp + ".arr_0"
@@ -371,6 +373,12 @@ def write_adm_batch(p: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]]) ->
                         f.write(chunk)
                 with archive.open("arr_1.npy", "w") as f:
                     np.lib.format.write_array(f, labels_all)
+            if extra is not None:
+                arrays = dict(extra(tmp))
+                with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                    for name, value in arrays.items():
+                        with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                            np.lib.format.write_array(f, np.asarray(value))
         finally:
             _remove_quietly(images_file)
     return np.concatenate(first), labels_all

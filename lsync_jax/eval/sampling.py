@@ -11,19 +11,23 @@ Tag-conditioned models get one tag on per sample, uniform over the tags (arr_1: 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from lsync_jax import storage
 from lsync_jax.builders import build_decoder, build_mesh, build_sampler, build_transport, validate_config
 from lsync_jax.eval.video import video_grid
-from lsync_jax.host import gather_to_host, initialize_distributed, make_grid, save_png, to_uint8
+from lsync_jax.host import Progress, gather_to_host, initialize_distributed, make_grid, save_png, to_uint8
 from lsync_jax.sharding import batch_sharding
 from lsync_jax.storage import check_writable, save_npz_atomic, write_adm_batch
-from lsync_jax.transport import make_sample_fn
+from lsync_jax.transport import SamplerConfig, make_sample_fn
 from lsync_jax.workdir import load_params
 
 VIDEO_STRIP_CLIPS = 10  # rows of a video run's PNG strip
@@ -59,6 +63,50 @@ def sample_batches(sample_fn: Any, variables: Any, mesh: Any, num_classes: int, 
         yield (to_uint8(host) if quantize else host.astype(np.float32)), labels[:keep]
 
 
+def check_counts(num_samples: int, batch_size: int) -> None:
+    """Both >= 1 and the batch split evenly over every device (before any weights load)."""
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if batch_size % jax.device_count():
+        raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
+
+
+@dataclasses.dataclass
+class RunSampler:
+    """What sampling a run's EMA weights needs: the model, the weights and their step, the jitted sampler,
+    guidance, and the SD-VAE decoder of latent models (None otherwise)."""
+
+    model: Any
+    ema: Any
+    step: int
+    mesh: Any
+    sample_fn: Callable[..., jax.Array]
+    cfg_scale: float
+    interval: tuple[float, float]
+    decode: Callable[[jax.Array], jax.Array] | None
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.model, "kind", "image")
+
+    @property
+    def num_tags(self) -> int:
+        return int(getattr(self.model, "num_tags", 0))
+
+
+def run_sampler(config: Any, workdir: str, mesh: Any, sampler: SamplerConfig | None = None,
+                cfg_scale: float | None = None, interval: tuple[float, float] | None = None) -> RunSampler:
+    """The newest intact checkpoint of `workdir` (model and transport checked against `config`) with the
+    config's sampler and guidance, or the ones given (a protocol's)."""
+    model, ema, step = load_params(config, workdir, mesh)
+    configured, scale, configured_interval = build_sampler(config)
+    sampler = sampler or configured
+    sample_fn = make_sample_fn(model, build_transport(config), sampler)
+    return RunSampler(model, ema, step, mesh, sample_fn, scale if cfg_scale is None else float(cfg_scale),
+                      configured_interval if interval is None else tuple(interval), build_decoder(config, mesh))
+
+
 def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: int, batch_size: int,
                         seed: int = 0) -> dict[str, str | None]:
     """Draw `num_samples` class-conditional samples (labels uniform over the classes) in batches sharded
@@ -67,18 +115,12 @@ def sample_from_workdir(config: Any, workdir: str, out_dir: str, num_samples: in
     validate_config(config)
     initialize_distributed(config.distributed)
     mesh = build_mesh(config)
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
-    if batch_size % jax.device_count():
-        raise ValueError(f"--batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
+    check_counts(num_samples, batch_size)
     if jax.process_index() == 0:  # the one writer: refused now, not after sampling 50,000 images
         check_writable(out_dir)
-    model, ema, step = load_params(config, workdir, mesh)  # the newest intact checkpoint, its transport checked
-    kind = getattr(model, "kind", "image")
-    sampler_cfg, cfg_scale, interval = build_sampler(config)
-    sample_fn = make_sample_fn(model, build_transport(config), sampler_cfg)
-    decode = build_decoder(config, mesh)
+    run = run_sampler(config, workdir, mesh)  # the newest intact checkpoint, its transport checked
+    model, ema, step, kind = run.model, run.ema, run.step, run.kind
+    sample_fn, cfg_scale, interval, decode = run.sample_fn, run.cfg_scale, run.interval, run.decode
     npz = os.path.join(out_dir, f"samples_step{step}_seed{seed}_{num_samples}.npz")
     png = None if kind == "sequence" else os.path.join(out_dir, f"samples_step{step}_seed{seed}.png")
 
@@ -118,3 +160,116 @@ def write_samples(kind: str, npz: str, png: str | None, batches: Iterable[tuple[
     order = np.argsort(labels[:shown], kind="stable") if labels.ndim == 1 else np.arange(min(shown, len(first)))
     picture = first[:shown][order]
     save_png(png, video_grid(picture) if kind == "video" else make_grid(picture, columns=10))
+
+
+# -- resumable sampling (protocol runs: 50,000 samples, hours, preemptible) --------------------------------
+
+def protocol_labels(num_samples: int, num_classes: int, balance: str, seed: int) -> np.ndarray:
+    """Every label of a run, fixed before sampling so that any batch can be redone on its own: 'uniform',
+    i.i.d. uniform classes (what ADM's, DiT's, SiT's and REPA's sampling scripts draw); 'balanced',
+    num_samples // C of each class plus the remainder from a random subset of classes, shuffled."""
+    rng = np.random.default_rng(seed)
+    classes = max(int(num_classes), 1)
+    if balance == "uniform":
+        return rng.integers(0, classes, num_samples).astype(np.int32)
+    if balance == "balanced":
+        labels = np.concatenate([np.repeat(np.arange(classes), num_samples // classes),
+                                 rng.permutation(classes)[: num_samples % classes]])
+        return rng.permutation(labels).astype(np.int32)
+    raise ValueError(f"class balance {balance!r}: expected 'uniform' or 'balanced'")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _part(parts_dir: str, start: int) -> str:
+    return storage.join(parts_dir, f"part_{start:09d}.npz")
+
+
+def _part_intact(path: str, labels: np.ndarray) -> bool:
+    """A finished batch: readable, as many samples as labels, the same labels (a part of another run is not)."""
+    if not storage.exists(path):
+        return False
+    try:
+        arrays = storage.load_npz(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable part is redone, not trusted
+        logging.warning("sampled part %s is unreadable (%s): sampling it again", path, e)
+        return False
+    return len(arrays.get("arr_0", ())) == len(labels) and np.array_equal(arrays.get("arr_1"), labels)
+
+
+def sample_resumable(run: RunSampler, labels: np.ndarray, batch_size: int, seed: int, parts_dir: str,
+                     record: dict[str, Any], *, log: Callable[[str], None] = logging.info) -> list[str]:
+    """Sample one batch per `batch_size` labels into PARTS_DIR/part_<start>.npz (arr_0 samples, arr_1 labels),
+    each written whole or not at all, and return the parts in order. A rerun with the same `record`, labels,
+    seed, batch size and device count skips the parts already there, so a killed run finishes the very
+    same samples: a batch's noise comes from the seed folded with its start, and its labels were fixed
+    in advance. Anything else is refused (a mixed set of samples would be no protocol's)."""
+    num = len(labels)
+    starts = list(range(0, num, batch_size))
+    manifest = dict(record, num_samples=num, batch_size=int(batch_size), devices=jax.device_count(), seed=int(seed),
+                    labels=_digest(labels))
+    manifest = json_plain(manifest)
+    manifest_path = storage.join(parts_dir, "manifest.json")
+    writer = jax.process_index() == 0
+    if writer:
+        if storage.exists(manifest_path):
+            found = storage.read_json(manifest_path, "sampling manifest")
+            differ = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+            if differ:
+                shown = "; ".join(f"{k}: there {found.get(k)!r}, now {manifest.get(k)!r}" for k in differ[:4])
+                raise ValueError(f"{parts_dir} holds the parts of another sampling run ({', '.join(differ)} differ: "
+                                 + shown
+                                 + "); a resume needs the same protocol, checkpoint, batch size and device count. "
+                                 "Use another --out_dir, or delete that directory to start over")
+        else:
+            storage.makedirs(parts_dir)
+            storage.write_json_atomic(manifest_path, manifest)
+        done = np.array([_part_intact(_part(parts_dir, s), labels[s:s + batch_size]) for s in starts], np.int32)
+    else:
+        done = np.zeros(len(starts), np.int32)
+    if jax.process_count() > 1:  # every process runs the same batches
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    if done.any():
+        log(f"resuming: {int(done.sum())} of {len(starts)} batches already in {parts_dir}")
+    progress = Progress("sampling", int(num - sum(min(batch_size, num - s) for s, d in zip(starts, done) if d)),
+                        unit="samples", log=log)
+    for start, finished in zip(starts, done):
+        if finished:
+            continue
+        chunk = labels[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        placed = padded if run.num_tags else jax.device_put(padded, batch_sharding(run.mesh))
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        samples = run.sample_fn({"params": run.ema}, key, placed, run.cfg_scale, run.interval)
+        if run.decode is not None:
+            samples = run.decode(samples)
+        host = gather_to_host(samples)[: len(chunk)]
+        host = host.astype(np.float32) if run.kind == "sequence" else to_uint8(host)
+        if writer:
+            save_npz_atomic(_part(parts_dir, start), arr_0=host, arr_1=chunk)
+        progress.update(len(chunk))
+    progress.finish()
+    return [_part(parts_dir, s) for s in starts]
+
+
+def assemble_parts(kind: str, parts: list[str], npz: str, png: str | None) -> None:
+    """The parts' samples as one sample batch (`write_samples`: streamed, with its picture)."""
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for part in parts:
+            arrays = storage.load_npz(part)
+            yield arrays["arr_0"], arrays["arr_1"]
+
+    write_samples(kind, npz, png, batches())
+
+
+def json_plain(value: Any) -> Any:
+    """Tuples as lists and numpy scalars as Python ones, so that a record compares equal after a JSON round trip."""
+    if isinstance(value, dict):
+        return {str(k): json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -413,3 +413,34 @@ _pair("lsync-demo-fmnist-fid1k", "layersync", "SiT-S/4", 146.5334, paper="lsync-
       sampler=dict(method="euler", num_steps=32), cfg_scale=2.0, reference="data:test:1000",
       base_config="fashion_mnist", notes="The in-training FID draws its own labels and noise (seed + 2); this "
       "protocol's labels and noise differ, so expect a nearby value, not the same digits.")
+
+
+def _sampler_text(p: Protocol) -> str:
+    s = p.sampler_config
+    if s.method == "euler_maruyama":
+        return (f"SDE E-M {s.num_steps} ({s.diffusion_form} x{s.diffusion_norm:g}, "
+                f"last {s.last_step} {s.last_step_size:g})")
+    if s.method in ("euler", "heun"):
+        return f"ODE {s.method} {s.num_steps}"
+    return f"ODE {s.method} (rtol {s.rtol:g}, atol {s.atol:g})"
+
+
+def markdown_table() -> str:
+    """Every protocol as a markdown table (docs/protocols.md holds it; a test keeps the two equal)."""
+    rows = ["| protocol | source | model, method, steps | sampler | guidance | samples | reference | paper's value |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in sorted(PROTOCOLS):
+        p = PROTOCOLS[name]
+        if p.cfg_scale == 1.0:
+            guidance = "none"
+        else:
+            count = p.sampler_config.guidance_channels
+            channels = f"first {count} ch." if count else "all ch."
+            guidance = f"{p.cfg_scale:g} on t in [{p.guidance_interval[0]:g}, {p.guidance_interval[1]:g}], {channels}"
+        value = f"{'~' if p.approximate else ''}{p.value:g} {p.metric.upper()}"
+        marks = [p.source] + (["unpublished: " + ", ".join(sorted(p.unpublished))] if p.unpublished else []) + (
+            ["never comparable"] if p.differs else [])
+        rows.append(f"| `{name}` | {p.paper.split(' (')[0]}, {'; '.join(marks)} | {p.model} {p.method}, "
+                    f"{p.train_steps:,} | {_sampler_text(p)} | {guidance} | {p.num_samples:,} {p.class_balance} | "
+                    f"{p.reference.split(':', 1)[1]} | {value} |")
+    return "\n".join(rows) + "\n"

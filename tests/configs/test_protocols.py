@@ -115,3 +115,10 @@ def test_protocol_is_frozen_and_typed():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PROTOCOLS["sit-xl2-7m-sde"].value = 1.0  # type: ignore[misc]
     assert isinstance(PROTOCOLS["sit-xl2-7m-sde"], Protocol)
+
+
+def test_the_docs_table_is_the_registry():
+    import pathlib
+
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocols.md").read_text()
+    assert protocols.markdown_table() in page, "regenerate the table in docs/protocols.md: protocols.markdown_table()"

@@ -15,8 +15,7 @@ import pytest
 from lsync_jax import storage
 from lsync_jax.builders import build_model, build_source, model_fields
 from lsync_jax.configs import protocols
-from lsync_jax.eval import reproduce as reproduce_module
-from lsync_jax.eval import sampling
+from lsync_jax.eval import reproduce as reproduce_module, sampling
 from lsync_jax.eval.evaluator import npz_keys
 from lsync_jax.eval.reproduce import reproduce
 from lsync_jax.tools.convert import save_converted
@@ -80,9 +79,8 @@ def test_reference_batch_holds_images_labels_and_statistics(reference, cache):
 
 
 def test_reference_from_class_folders_uses_adm_crops(tmp_path, cache):
-    from tests.helpers import make_image_tree
-
     from lsync_jax.tools.preprocess import center_crop_adm
+    from tests.helpers import make_image_tree
 
     root = make_image_tree(str(tmp_path / "tree"))
     source, what = open_source(images=root)
@@ -214,3 +212,36 @@ def test_protocol_dataclass_round_trips_its_settings(tiny_protocol):
     settings = tiny_protocol.settings()
     assert settings["sampler"]["method"] == "euler" and settings["guidance_interval"] == [0.2, 1.0]
     assert dataclasses.replace(tiny_protocol).settings() == settings
+
+
+def test_a_converted_official_checkpoint_runs_a_protocol(tmp_path, tiny_vae_dir, reference, cache):
+    """An official-layout SiT state dict (learn_sigma, 4 latent channels) through convert_to_workdir (what
+    launch/convert_checkpoint.py runs), sampled as a protocol with guidance on the first 3 channels and
+    decoded by the SD-VAE, then evaluated."""
+    torch = pytest.importorskip("torch", reason="the official layout is written by torch")
+    from lsync_jax.tools.convert import convert_to_workdir
+    from tests.porting.official_torch import OfficialSiT, randomize
+
+    arch = dict(depth=4, hidden_size=64, num_heads=4)
+    path, workdir = str(tmp_path / "SiT-S-2.pt"), str(tmp_path / "converted")
+    torch.save(randomize(OfficialSiT(learn_sigma=True), 0).eval().state_dict(), path)
+    convert_to_workdir(path, "SiT-S/2", workdir, **arch)
+    entry = protocols.Protocol(
+        name="test-official", paper="the test suite", table="none", source="measured", where="tests", method="baseline",
+        model="SiT-S/2", learn_sigma=True, train_steps=7_000_000, train_batch=256, value=200.0, num_samples=4,
+        sampler=dict(method="heun", num_steps=2, guidance_channels=3), cfg_scale=1.5, reference="adm:tiny_ref.npz",
+        base_config="imagenet256",
+        model_overrides=dict(input_size=8, in_channels=4, num_classes=10, dtype="float32", **arch))
+    protocols.register(entry)
+    try:
+        config = protocols.protocol_config("test-official")
+        config.vae.path = tiny_vae_dir  # the ImageNet configs' latents name their VAE; here there are none
+        logs = []
+        result = reproduce("test-official", workdir, config=config, ref_batch=reference, out_dir=str(tmp_path / "o"),
+                           batch_size=4, eval_batch_size=8, fid_method="eigh", log=logs.append)
+    finally:
+        del protocols.PROTOCOLS["test-official"]
+    assert result["step"] == 0 and result["comparable"] and result["ours"] > 0
+    assert any("converted checkpoint" in line for line in logs)
+    images, _ = _arrays(result["samples"])
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8  # decoded by the VAE

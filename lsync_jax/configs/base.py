@@ -91,6 +91,9 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
     """Every key with its default; `model` names the network whose override fields are listed."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # The paper protocol this run trains for (configs/paper.py:NAME sets it; '' for none): training warns
+    # when the config differs from it in what changes the number (model, learn_sigma, steps, method).
+    config.protocol = ""
     config.model = model_section(model)
 
     # lsync-jax time: t = 0 noise, t = 1 data.

@@ -223,7 +223,19 @@ def protocol_config(name: str) -> ml_collections.ConfigDict:
     config.sampler.update(dict(p.sampler))
     config.sampler.cfg_scale = float(p.cfg_scale)
     config.sampler.guidance_interval = tuple(float(v) for v in p.guidance_interval)
+    config.protocol = name
     return config
+
+
+def config_protocol_differences(config: Any) -> list[str]:
+    """What of a training config (config.protocol names its protocol) differs from that protocol in what
+    changes the number; [] without a protocol. An unknown protocol name is an error."""
+    name = str(config.get("protocol", "") or "")
+    if not name:
+        return []
+    p = get_protocol(name)
+    model = {"name": config.model.name, **{k: v for k, v in config.model.overrides.items() if v is not None}}
+    return config_differences(p, model, int(config.train.num_steps), tuple(config.objective.regularizers))
 
 
 def config_differences(p: Protocol, model: Mapping[str, Any], step: int | None,

@@ -37,6 +37,7 @@ from lsync_jax.builders import (
     model_fields,
     validate_config,
 )
+from lsync_jax.configs.protocols import config_protocol_differences
 from lsync_jax.data import LoaderSpec, global_batch, make_loader
 from lsync_jax.host import initialize_distributed
 from lsync_jax.models.mup import mup_lr_multipliers
@@ -119,6 +120,9 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     runs on this process, then it returns (run, []) with no state, before anything is created in the
     workdir or compiled."""
     validate_config(config)
+    for difference in config_protocol_differences(config):
+        logging.warning("this run is not protocol %r's: %s; its results will not be comparable with the paper's "
+                        "value (launch/reproduce.py marks them)", config.protocol, difference)
     initialize_distributed(config.distributed)
     model = build_model(config)
     transport = build_transport(config)

@@ -122,3 +122,18 @@ def test_the_docs_table_is_the_registry():
 
     page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocols.md").read_text()
     assert protocols.markdown_table() in page, "regenerate the table in docs/protocols.md: protocols.markdown_table()"
+
+
+def test_a_protocol_config_changed_in_what_matters_warns(caplog):
+    config = protocols.protocol_config("sit-b2-400k-sde")
+    assert config.protocol == "sit-b2-400k-sde" and protocols.config_protocol_differences(config) == []
+    config.train.num_steps = 100_000
+    config.model.overrides.learn_sigma = False
+    found = protocols.config_protocol_differences(config)
+    assert len(found) == 2 and any("100,000" in f for f in found)
+    config.protocol = "no-such-protocol"
+    with pytest.raises(ValueError, match="unknown protocol"):
+        protocols.config_protocol_differences(config)
+    from lsync_jax.configs.tiny import get_config
+
+    assert protocols.config_protocol_differences(get_config()) == []  # no protocol, nothing to compare

@@ -68,3 +68,16 @@ def test_a_typo_in_a_bucket_path_is_named_before_anything_runs(bucket):
         check_run(config, f"{bucket}/run")
     with pytest.raises(FileNotFoundError, match=f"not found in '{bucket}/fashion-mnsit'"):
         train_and_evaluate(config, f"{bucket}/run")
+
+
+def test_a_run_that_leaves_its_protocol_is_warned_about(tmp_path, caplog):
+    import logging
+
+    from lsync_jax.configs import paper
+
+    config = paper.get_config("lsync-demo-fmnist-fid1k")
+    config.train.num_steps = 400
+    with caplog.at_level(logging.WARNING):
+        check_run(config, str(tmp_path / "run"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not protocol 'lsync-demo-fmnist-fid1k'" in w and "800" in w for w in warnings), warnings

@@ -33,6 +33,7 @@ flags.DEFINE_integer("seed", 0, "The subset's seed (--order=random).")
 flags.DEFINE_string("out", None, "The reference batch .npz to write.")
 flags.DEFINE_string("inception_weights", None, "Converted .npz or a PyTorch FID Inception file (default: cache).")
 flags.DEFINE_integer("batch_size", 256, "Images per Inception batch.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out (refused otherwise).")
 flags.mark_flags_as_required(["out"])
 
 
@@ -43,7 +44,8 @@ def main(argv):
                                split=FLAGS.split, config=FLAGS.config)
     print(f"reference batch from {what}: {len(source):,} images, taking {FLAGS.num:,} ({FLAGS.order})")
     make_reference_batch(FLAGS.out, source, num=FLAGS.num, image_size=FLAGS.image_size, order=FLAGS.order,
-                         seed=FLAGS.seed, weights_path=FLAGS.inception_weights, batch_size=FLAGS.batch_size)
+                         seed=FLAGS.seed, weights_path=FLAGS.inception_weights, batch_size=FLAGS.batch_size,
+                         overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """A paper's number, measured on our run: sample as the protocol says, evaluate, print ours beside it.
 
     python launch/reproduce.py --list                                   # every protocol, with the paper's value
-    python launch/reproduce.py --protocol=layersync-sit-xl2-400k --workdir=/runs/layersync_xl2 \\
+    python launch/reproduce.py --protocol=layersync-sit-xl2-400k-heun --workdir=/runs/layersync_xl2 \\
         --ref_batch=/data/VIRTUAL_imagenet256_labeled.npz
-    python launch/reproduce.py --protocol=sit-xl2-7m-cfg1.5-sde --workdir=/ckpt/sit_xl2_converted \\
+    python launch/reproduce.py --protocol=sit-xl2-7m-sde --workdir=/ckpt/sit_xl2_converted \\
         --ref_batch=/data/VIRTUAL_imagenet256_labeled.npz               # a converted official checkpoint
 
 Sampling is resumable: rerun the same command after a kill (same devices and --batch_size). `--set`
 changes a protocol setting (--set=num_samples=10000 --set=sampler.method=heun); the result is then
-marked "not comparable". The run's config defaults to the protocol's (configs/paper.py:NAME); pass
+marked "not comparable" and goes to its own directory (WORKDIR/protocols/NAME-custom-<hash>). The
+run's config defaults to the protocol's (configs/paper.py:NAME); pass
 --config for a run trained with another one.
 """
 

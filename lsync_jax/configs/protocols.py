@@ -8,7 +8,8 @@ and evaluates exactly as an entry says and prints ours beside the paper's value;
 trains the run an entry describes. The entries' sources are marked: 'paper' (the paper; for us, its
 abstract), 'readme' (the official repository's README, its text or its figures), 'issue' (a maintainer's
 or user's statement on the official issue tracker), 'summary' (a secondary summary of the paper,
-unverified) or 'measured' (our own demo). `approximate` marks a value read off a figure.
+unverified), 'notes' (our gathered notes, not located in a primary source when checked) or 'measured'
+(our own demo). `approximate` marks a value read off a figure.
 Settings a source does not publish are listed in `unpublished` with the value we use and why: never
 guessed silently.
 
@@ -27,10 +28,15 @@ from lsync_jax.configs import fashion_mnist, imagenet256, imagenet256_erw, image
 from lsync_jax.models import get_model
 from lsync_jax.transport import SamplerConfig
 
-SOURCE_KINDS = ("paper", "readme", "issue", "summary", "measured")
+SOURCE_KINDS = ("paper", "readme", "issue", "summary", "notes", "measured")
 CLASS_BALANCES = ("uniform", "balanced")  # labels i.i.d. uniform (ADM/DiT/SiT/REPA scripts) | N / C of each class
 METHODS = ("baseline", "layersync", "repa", "repa+layersync", "erw", "selfcond", "selfcond+layersync")
+# The regularisers each method trains with (self-conditioning is a model field, compared with the model).
+METHOD_REGULARIZERS = {"baseline": (), "layersync": ("layersync",), "repa": ("repa",),
+                       "repa+layersync": ("layersync", "repa"), "erw": ("repa",), "selfcond": (),
+                       "selfcond+layersync": ("layersync",)}
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+COMPUTE_OPTIONS = ("dtype", "attention_impl", "remat")
 # Settings whose change changes the number: an override of any of them makes a result "not comparable".
 SAMPLING_SETTINGS = ("sampler", "cfg_scale", "guidance_interval", "num_samples", "class_balance", "seed",
                      "reference")
@@ -249,6 +255,8 @@ def config_differences(p: Protocol, model: Mapping[str, Any], step: int | None,
         out.append(f"model {name!r}, the protocol's is {p.model!r}")
     wanted = dict(p.model_overrides, learn_sigma=p.learn_sigma)
     for key, value in wanted.items():
+        if key in COMPUTE_OPTIONS:  # how it computes, not what it computes (as resuming treats them)
+            continue
         have = model.get(key)
         if have is None:
             have = getattr(get_model(str(name)), key, None) if name else None
@@ -256,10 +264,9 @@ def config_differences(p: Protocol, model: Mapping[str, Any], step: int | None,
             out.append(f"model.{key}={have!r}, the protocol's is {value!r}")
     if step is not None and int(step) != int(p.train_steps):
         out.append(f"checkpoint step {step:,}, the protocol's training is {p.train_steps:,} steps")
-    if regularizers is not None:
-        has_layersync = "layersync" in regularizers
-        if has_layersync != ("layersync" in p.method):
-            out.append(f"regularizers {tuple(regularizers)}, the protocol's method is {p.method!r}")
+    if regularizers is not None and tuple(sorted(regularizers)) != METHOD_REGULARIZERS[p.method]:
+        out.append(f"regularizers {tuple(sorted(regularizers))}, the protocol's method {p.method!r} trains with "
+                   f"{METHOD_REGULARIZERS[p.method] or 'none'}")
     return out
 
 
@@ -283,6 +290,10 @@ NOT_IN_README = ("the README figure gives no sampler; we use its evaluation comm
 HEUN_STEPS = ("the summary says ODE/Heun but no step count; we use 125 Heun steps (250 evaluations), what SiT's "
               "maintainer names for SiT-XL/2 (SiT issue 18)")
 PAIRS_SCALED = "the summary gives no pair for this depth; we use block 8 -> 16 of 28 scaled to the depth (pairs=None)"
+# What the LayerSync figures and the summary leave to the official training code.
+OFFICIAL_TRAINING = {"train_batch": "not stated with the number; the official train.py's global batch, 256",
+                     "learn_sigma": "not stated with the number; the official SiT/LayerSync models use it "
+                                    "(sample_ddp.py sets learn_sigma=True)"}
 
 
 def _pair(name: str, method: str, model: str, value: float, **fields: Any) -> None:
@@ -296,18 +307,18 @@ for _method, _value in (("layersync", 10.5), ("baseline", 18.0)):
           where=LAYERSYNC_README, approximate=True, learn_sigma=True, train_steps=400_000, train_batch=256,
           sampler=OFFICIAL_ODE, unpublished={"sampler": NOT_IN_README, "reference": "the README names no reference "
                                              "batch; ADM's VIRTUAL_imagenet256_labeled.npz is what its suite uses",
-                                             "num_samples": "50,000: the script's default"},
+                                             "num_samples": "50,000: the script's default", **OFFICIAL_TRAINING},
           notes="Read off the curve (about 10.5 and 18): compare with the Heun entries' printed 11.24 / 17.97.")
 
 # LayerSync paper tables as a summary reports them: ImageNet 256, no CFG, 400K steps, ODE/Heun.
 for _model, _tag, _base, _ls, _weight in (("SiT-B/2", "b2", 36.19, 30.00, 0.3), ("SiT-L/2", "l2", 21.41, 14.83, 0.2),
                                           ("SiT-XL/2", "xl2", 17.97, 11.24, 0.2)):
-    _unpublished = {"sampler.num_steps": HEUN_STEPS, "reference": "not named; ADM's VIRTUAL_imagenet256_labeled.npz"}
-    _layersync = {}
-    if _model != "SiT-XL/2":
-        _unpublished["layersync"] = PAIRS_SCALED
-        _layersync = dict(pairs=None, auto_weight=_weight)
+    _layersync = {} if _model == "SiT-XL/2" else dict(pairs=None, auto_weight=_weight)
     for _method, _value in (("layersync", _ls), ("baseline", _base)):
+        _unpublished = {"sampler.num_steps": HEUN_STEPS, **OFFICIAL_TRAINING,
+                        "reference": "not named; ADM's VIRTUAL_imagenet256_labeled.npz"}
+        if _layersync and _method == "layersync":
+            _unpublished["layersync"] = PAIRS_SCALED
         _pair(f"{'layersync-' if _method == 'layersync' else ''}sit-{_tag}-400k-heun", _method, _model, _value,
               paper=LAYERSYNC, table="ImageNet 256 model-size table (no CFG, 400K steps, ODE/Heun)", source="summary",
               where=LAYERSYNC_SUMMARY, learn_sigma=True, train_steps=400_000, train_batch=256, sampler=HEUN_125,
@@ -323,7 +334,7 @@ for _method, _value in (("layersync", 6.87), ("baseline", 8.99)):
           learn_sigma=True, train_steps=4_000_000, train_batch=256, sampler=OFFICIAL_ODE,
           unpublished={"train_steps": "the figure gives no step count; 4M comes from a summary of the paper",
                        "sampler": NOT_IN_README, "cfg_scale": "not given; the summary calls it a no-CFG number",
-                       "reference": "not named; ADM's VIRTUAL_imagenet256_labeled.npz"})
+                       "reference": "not named; ADM's VIRTUAL_imagenet256_labeled.npz", **OFFICIAL_TRAINING})
 
 # SiT: the paper's 7M-step numbers, and what the official tracker says about their samplers.
 _pair("sit-xl2-7m-sde", "baseline", "SiT-XL/2", 8.3, paper=SIT,
@@ -347,7 +358,10 @@ _pair("sit-xl2-7m-cfg1.5", "baseline", "SiT-XL/2", 2.06, paper=SIT, table="READM
                               "steps (250 evaluations) with CFG 1.5 for the released XL/2, which we use (a user "
                               "measured 2.08 with the default dopri5 ODE and CFG 1.5, SiT issue 31)",
                    "reference": "not named; ADM's VIRTUAL_imagenet256_labeled.npz"},
-      notes="Guidance on 3 of the 4 latent channels, as the official forward_with_cfg; no guidance interval.")
+      notes="Guidance on 3 of the 4 latent channels, as the official forward_with_cfg; no guidance interval. "
+            "Conflict: SiT's README credits 2.06 to 'exploring various diffusion coefficients', which reads as an "
+            "SDE result, while its maintainer names a Heun ODE for the released model: try both "
+            "(--set=sampler.method=euler_maruyama --set=sampler.num_steps=250 marks the result not comparable).")
 _pair("sit-b2-400k-sde", "baseline", "SiT-B/2", 33.0, paper=SIT,
       table="the paper's SiT-B/2 400K no-CFG FID, as quoted in SiT issue 31 and said to be an SDE number by the "
       "DispLoss authors (raywang4/DispLoss issue 4)", source="issue",
@@ -379,8 +393,8 @@ ERW_ROPE = ("ERW's released models use rotary position embeddings (--use_rope), 
             "have: our ERW run is the method on a plain SiT, not their network")
 for _name, _value, _epochs, _source, _where in (
         ("erw-sit-xl2-350ep-cfg", 1.41, 350, "paper", "arXiv 2504.10188 v2/v3 abstract ('FID=1.41' in 350 epochs)"),
-        ("erw-sit-xl2-40ep-cfg", 1.94, 40, "summary",
-         "our REFERENCE notes (not found in the ERW repository or abstracts)")):
+        ("erw-sit-xl2-40ep-cfg", 1.94, 40, "notes",
+         "our REFERENCE notes (not found in the ERW repository or abstracts when checked)")):
     _pair(_name, "erw", "SiT-XL/2", _value, paper=ERW, table=f"headline, {_epochs} epochs, with CFG", source=_source,
           where=_where, learn_sigma=False, train_steps=round(_epochs * EPOCH_STEPS_256), train_batch=256,
           sampler=dict(SDE_250), cfg_scale=2.2, guidance_interval=(0.05, 1.0), differs=ERW_ROPE,
@@ -394,8 +408,9 @@ for _name, _value, _epochs, _source, _where in (
 # DDAE++: DiT-Base (LightningDiT) rows of the README at commit 97d3d5d, FID-10K.
 DDAEPP_MODEL = ("DDAE++ trains a LightningDiT DiT-Base (its own tokenizer, training recipe and sampler); lsync-jax "
                 "runs the method on SiT-B/2 with SD-VAE latents")
-DDAEPP_UNPUBLISHED = {"sampler": "not published; SDE 250 steps", "cfg_scale": "not published",
+DDAEPP_UNPUBLISHED = {"sampler": "not published; SDE 250 steps",
                       "train_batch": "not published; 256",
+                      "train_steps": "the README gives epochs; steps = epochs x 1,281,167 / 256 at our batch of 256",
                       "reference": "not published; ADM's VIRTUAL_imagenet256_labeled.npz",
                       "model_overrides": "the self-conditioning layer is not published; block 7 of 12 (LayerSync's "
                                          "16 of 28 scaled)"}
@@ -406,6 +421,7 @@ for _rows in (("cond-100ep", 100, 1000, 1.0, 15.51, 14.52), ("cond-100ep-cfg", 1
         _unpublished = dict(DDAEPP_UNPUBLISHED)
         if _cfg is None:
             _unpublished["cfg_scale"] = "the guidance scale of FID_10k_CFG is not published; we use 1.5"
+            _unpublished["guidance_interval"] = "not published; none (all t)"
         _overrides = dict(num_classes=_classes) if _classes == 0 else {}
         if _method == "selfcond":
             _overrides["self_condition"] = 7

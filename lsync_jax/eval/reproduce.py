@@ -12,16 +12,27 @@ printed and saved as "not comparable", with the reasons.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import re
 import time
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lsync_jax import storage
-from lsync_jax.builders import build_mesh, build_source, validate_config
-from lsync_jax.configs.protocols import Protocol, config_differences, get_protocol, protocol_config, reference_kind
+from lsync_jax.builders import build_mesh, build_source, model_fields, validate_config
+from lsync_jax.configs.protocols import (
+    Protocol,
+    check_protocol,
+    config_differences,
+    get_protocol,
+    protocol_config,
+    reference_kind,
+)
 from lsync_jax.eval.evaluator import check_image_batch, check_output, evaluate, npz_keys
 from lsync_jax.eval.sampling import (
     assemble_parts,
@@ -36,56 +47,85 @@ from lsync_jax.porting import inception as inception_weights
 from lsync_jax.storage import check_writable, write_json_atomic
 from lsync_jax.workdir import checkpoint_dir, intact_steps, read_meta
 
-# Overridable settings: name -> how a command-line value becomes the Protocol field's value.
-_SAMPLER_KEYS = ("method", "num_steps", "last_step", "last_step_size", "diffusion_form", "diffusion_norm",
-                 "guidance_channels", "rtol", "atol")
-
 
 def _parse(value: str) -> Any:
     text = value.strip()
     if text.lower() in ("none", "null"):
         return None
+    if "," in text:
+        return tuple(_parse(v) for v in text.strip("()[]").split(",") if v.strip())
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    if "," in text:
-        return tuple(_parse(v) for v in text.strip("()[]").split(",") if v.strip())
     return text
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's type (ints must be whole numbers); a wrong one is an error naming the key."""
+    def fail(expected: str) -> ValueError:
+        return ValueError(f"--set {key}={value!r}: expected {expected}")
+
+    if value is None:
+        return None
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise fail("a whole number")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if hint == "interval":
+        if not isinstance(value, tuple) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+            raise fail("two numbers LOW,HIGH (lsync-jax time, t = 1 is data)")
+        return tuple(float(v) for v in value)
+    return str(value) if not isinstance(value, str) else value
+
+
+# The overridable settings and their types (`--set KEY=VALUE`).
+_PROTOCOL_TYPES = {"num_samples": int, "seed": int, "cfg_scale": float, "guidance_interval": "interval",
+                   "class_balance": str}
+_SAMPLER_TYPES = {"method": str, "num_steps": int, "last_step": str, "last_step_size": float, "diffusion_form": str,
+                  "diffusion_norm": float, "guidance_channels": int, "rtol": float, "atol": float}
 
 
 def apply_overrides(p: Protocol, overrides: Mapping[str, str]) -> tuple[Protocol, list[str]]:
     """The entry with `overrides` ('num_samples', 'cfg_scale', 'guidance_interval', 'class_balance',
-    'seed', or 'sampler.<field>') applied, and one reason per override that changes a value: the
-    result is then not comparable with the paper's. An unknown key is an error naming the known ones."""
+    'seed', or 'sampler.<field>') applied and checked like a registry entry, and one reason per override
+    that changes a value: the result is then not comparable with the paper's. An unknown key or a value
+    of the wrong type is an error naming it."""
     changes: dict[str, Any] = {}
     sampler = dict(p.sampler)
     reasons = []
+    known = ", ".join(list(_PROTOCOL_TYPES) + [f"sampler.{k}" for k in _SAMPLER_TYPES])
     for key, raw in overrides.items():
         value = _parse(raw) if isinstance(raw, str) else raw
         if key.startswith("sampler."):
             field = key.split(".", 1)[1]
-            if field not in _SAMPLER_KEYS:
-                raise ValueError(f"--set {key}: unknown sampler setting; known: "
-                                 + ", ".join(f"sampler.{k}" for k in _SAMPLER_KEYS))
-            before = p.sampler_config.__getattribute__(field)
+            if field not in _SAMPLER_TYPES:
+                raise ValueError(f"--set {key}: unknown sampler setting; overridable: {known}")
+            value = _typed(key, value, _SAMPLER_TYPES[field])
+            before = getattr(p.sampler_config, field)
             sampler[field] = value
-            if value != before:
-                reasons.append(f"{key}={value!r} instead of the protocol's {before!r}")
-        elif key in ("num_samples", "cfg_scale", "guidance_interval", "class_balance", "seed"):
+        elif key in _PROTOCOL_TYPES:
+            value = _typed(key, value, _PROTOCOL_TYPES[key])
             before = getattr(p, key)
-            value = tuple(float(v) for v in value) if key == "guidance_interval" else value
             changes[key] = value
-            if value != before:
-                reasons.append(f"{key}={value!r} instead of the protocol's {before!r}")
         else:
-            raise ValueError(f"--set {key}: not a protocol setting; overridable: num_samples, cfg_scale, "
-                             "guidance_interval, class_balance, seed, "
-                             + ", ".join(f"sampler.{k}" for k in _SAMPLER_KEYS))
+            raise ValueError(f"--set {key}: not a protocol setting; overridable: {known}")
+        if value != before:
+            reasons.append(f"{key}={value!r} instead of the protocol's {before!r}")
     changed = dataclasses.replace(p, sampler=sampler, **changes)
-    changed.sampler_config  # noqa: B018 - a bad sampler value fails here, naming the field
+    check_protocol(changed)  # e.g. an interval outside [0, 1] or an unknown sampler, now and named
     return changed, reasons
+
+
+def override_tag(overrides: Mapping[str, str]) -> str:
+    """A short stable name for a set of overrides (their results go to their own directory)."""
+    text = json.dumps({k: str(v) for k, v in sorted(overrides.items())})
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], list[str], int]:
@@ -106,7 +146,7 @@ def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], 
                      f"checked (the protocol's: {p.method}, {p.train_steps:,} steps)")
         regularizers = None
     else:
-        regularizers = ("layersync",) if "layersync" in str(meta.get("objective", "")).lower() else ()
+        regularizers = tuple(re.findall(r"name='([a-z_]+)'", str(meta.get("objective", ""))))
     differences = config_differences(p, model, None if converted else step, regularizers)
     cfg_model = {"name": config.model.name, **{k: v for k, v in config.model.overrides.items() if v is not None}}
     for difference in config_differences(p, cfg_model, None):
@@ -115,20 +155,33 @@ def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], 
     return differences, notes, step
 
 
+def _agree(value: int) -> int:
+    """Process 0's decision, taken by every process (a disagreement would leave some waiting forever)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(value))))
+
+
 def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | None = None,
               out_dir: str | None = None, overrides: Mapping[str, str] | None = None, batch_size: int = 250,
               weights_path: str | None = None, eval_batch_size: int = 256, fid_method: str = "sqrtm",
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Sample `workdir`'s newest checkpoint as protocol `name` says, evaluate it, print ours next to the
-    paper's value and write OUT_DIR/result.json (default OUT_DIR: WORKDIR/protocols/NAME). `config` is
-    the run's config (default: the protocol's, `configs/paper.py:NAME`). Every input is checked before
-    the first sample: the protocol and overrides, the reference, the Inception weights, the checkpoint
-    and the output directory."""
-    protocol, reasons = apply_overrides(get_protocol(name), overrides or {})
+    paper's value and write OUT_DIR/result.json (default OUT_DIR: WORKDIR/protocols/NAME, or
+    NAME-custom-<hash> with overrides, so a changed run never replaces the protocol's samples). `config`
+    is the run's config (default: the protocol's, `configs/paper.py:NAME`). Every input is checked before
+    the first sample: the protocol and overrides, the reference, the Inception weights, the checkpoint,
+    the output directory and any samples already there."""
+    overrides = dict(overrides or {})
+    protocol, reasons = apply_overrides(get_protocol(name), overrides)
     if protocol.differs:
         reasons.insert(0, protocol.differs)
     config = config if config is not None else protocol_config(name)
     validate_config(config)
+    if config.model.overrides.get("num_tags"):
+        raise ValueError(f"protocol {name!r} samples class-conditional images; the config's model conditions on "
+                         f"{config.model.overrides.num_tags} tags")
+    initialize_distributed(config.distributed)  # before anything asks for devices or the process index
     check_counts(protocol.num_samples, batch_size)
     kind, target = reference_kind(protocol.reference)
     ref_source, ref_num = None, 0
@@ -152,37 +205,53 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
     weights = inception_weights.resolve_weights(weights_path)  # missing weights fail now, not after sampling
     differences, notes, step = run_differences(protocol, config, workdir)
     reasons += differences
-    out_dir = out_dir or storage.join(workdir, "protocols", name)
+    default_dir = name if not overrides else f"{name}-custom-{override_tag(overrides)}"
+    out_dir = out_dir or storage.join(workdir, "protocols", default_dir)
     result_path = storage.join(out_dir, "result.json")
-    if jax.process_index() == 0:
-        check_writable(out_dir)
-        check_output(result_path)
+    # what fixes the samples besides the protocol: the weights, the network, the transport, the decoder
+    record = json_plain(dict(protocol=name, settings=protocol.settings(), workdir=storage.absolute(workdir),
+                             step=step, model=model_fields(config), transport=dict(config.transport),
+                             vae=str(config.vae.path), data=str(config.data.name), batch_size=int(batch_size),
+                             devices=jax.device_count()))
+    npz = storage.join(out_dir, f"samples_{protocol.num_samples}.npz")
+    record_path = npz[:-4] + ".json"
+    parts_dir = storage.join(out_dir, "parts")
+    have, problem = 0, None
+    if jax.process_index() == 0:  # the one writer decides; every process follows (none is left waiting)
+        try:
+            check_writable(out_dir)
+            check_output(result_path)
+            have = _existing_samples(npz, record_path, record, parts_dir)
+        except (OSError, ValueError) as e:
+            have, problem = -1, e
+    have = _agree(have)
+    if problem is not None:
+        raise problem
+    if have < 0:
+        raise ValueError(f"process 0 refused {out_dir} (its log names why)")
     for note in notes:
         log(f"note: {note}")
     for reason in reasons:
         log(f"not comparable: {reason}")
 
-    initialize_distributed(config.distributed)
     mesh = build_mesh(config)
-    run = run_sampler(config, workdir, mesh, protocol.sampler_config, protocol.cfg_scale, protocol.guidance_interval)
-    if run.kind != "image":
-        raise ValueError(f"protocol {name!r} measures images; {workdir} holds a {run.kind} model")
-    labels = protocol_labels(protocol.num_samples, run.model.num_classes, protocol.class_balance, protocol.seed)
-    record = json_plain(dict(protocol=name, settings=protocol.settings(), workdir=storage.absolute(workdir),
-                             step=run.step))
-    npz = storage.join(out_dir, f"samples_{protocol.num_samples}.npz")
-    record_path = npz[:-4] + ".json"
     start = time.time()
-    if storage.exists(npz) and storage.exists(record_path) and storage.read_json(record_path) == dict(
-            record, batch_size=int(batch_size), devices=jax.device_count()):
+    if have:
         log(f"{npz} holds this protocol's samples already: evaluating them")
     else:
-        parts_dir = storage.join(out_dir, "parts")
+        run = run_sampler(config, workdir, mesh, protocol.sampler_config, protocol.cfg_scale,
+                          protocol.guidance_interval)
+        if run.kind != "image":
+            raise ValueError(f"protocol {name!r} measures images; {workdir} holds a {run.kind} model")
+        if run.step != step:
+            raise RuntimeError(f"{workdir}: the newest checkpoint changed from step {step} to {run.step} while "
+                               "starting; run again")
+        labels = protocol_labels(protocol.num_samples, run.model.num_classes, protocol.class_balance, protocol.seed)
         parts = sample_resumable(run, labels, batch_size, protocol.seed, parts_dir, record, log=log)
         if jax.process_index() == 0:
             assemble_parts(run.kind, parts, npz, storage.join(out_dir, "samples.png"))
-            write_json_atomic(record_path, dict(record, batch_size=int(batch_size), devices=jax.device_count()))
-            storage.rmtree(parts_dir)
+            write_json_atomic(record_path, record)
+            storage.rmtree(parts_dir)  # its samples are all in the .npz now
     sampling_seconds = time.time() - start
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("protocol samples written")
@@ -191,7 +260,7 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
                        fid_method=fid_method, log=log)
     ours = payload["metrics"].get(protocol.metric)
     result = compare(protocol, ours, reasons)
-    result.update(notes=notes, workdir=storage.absolute(workdir), step=run.step, samples=npz,
+    result.update(notes=notes, workdir=storage.absolute(workdir), step=step, samples=npz,
                   sampling_seconds=round(sampling_seconds, 1), metrics=payload["metrics"],
                   reference=payload["reference"], num_reference=payload["num_reference"])
     for line in format_comparison(result):
@@ -200,6 +269,23 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
         write_json_atomic(result_path, json_plain(result))
         log(f"wrote {result_path}")
     return result
+
+
+def _existing_samples(npz: str, record_path: str, record: dict[str, Any], parts_dir: str) -> int:
+    """1: the finished samples of exactly this run are there; 0: none (or a resumable parts directory).
+    Anything else there is refused, naming it: samples of other settings are never replaced."""
+    if storage.exists(npz):
+        found = storage.read_json(record_path, "sample record") if storage.exists(record_path) else None
+        if found == record:
+            return 1
+        differ = sorted(k for k in set(found or {}) | set(record) if (found or {}).get(k) != record.get(k))
+        raise ValueError(f"{npz} holds samples of other settings ({', '.join(differ) or 'no record'} differ"
+                         + (f": there {found.get(differ[0])!r}, now {record.get(differ[0])!r}" if found and differ
+                            else "") + "); they are kept: use another --out_dir, or move them away")
+    if storage.exists(parts_dir) and not storage.exists(storage.join(parts_dir, "manifest.json")):
+        raise ValueError(f"{parts_dir} exists but holds no sampling manifest: not this command's; use another "
+                         "--out_dir")
+    return 0
 
 
 def _check_reference(path: str) -> None:

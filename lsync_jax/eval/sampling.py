@@ -213,24 +213,21 @@ def sample_resumable(run: RunSampler, labels: np.ndarray, batch_size: int, seed:
     manifest = json_plain(manifest)
     manifest_path = storage.join(parts_dir, "manifest.json")
     writer = jax.process_index() == 0
+    problem = None
+    done = np.zeros(len(starts) + 1, np.int32)  # [refused, done per batch...]: process 0 decides for all
     if writer:
-        if storage.exists(manifest_path):
-            found = storage.read_json(manifest_path, "sampling manifest")
-            differ = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
-            if differ:
-                shown = "; ".join(f"{k}: there {found.get(k)!r}, now {manifest.get(k)!r}" for k in differ[:4])
-                raise ValueError(f"{parts_dir} holds the parts of another sampling run ({', '.join(differ)} differ: "
-                                 + shown
-                                 + "); a resume needs the same protocol, checkpoint, batch size and device count. "
-                                 "Use another --out_dir, or delete that directory to start over")
-        else:
-            storage.makedirs(parts_dir)
-            storage.write_json_atomic(manifest_path, manifest)
-        done = np.array([_part_intact(_part(parts_dir, s), labels[s:s + batch_size]) for s in starts], np.int32)
-    else:
-        done = np.zeros(len(starts), np.int32)
-    if jax.process_count() > 1:  # every process runs the same batches
+        try:
+            _check_manifest(parts_dir, manifest_path, manifest)
+            done[1:] = [_part_intact(_part(parts_dir, s), labels[s:s + batch_size]) for s in starts]
+        except (OSError, ValueError) as e:
+            problem, done[0] = e, 1
+    if jax.process_count() > 1:  # every process runs the same batches, or stops with the writer
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    if problem is not None:
+        raise problem
+    if done[0]:
+        raise ValueError(f"process 0 refused the sampling parts in {parts_dir} (its log names why)")
+    done = done[1:]
     if done.any():
         log(f"resuming: {int(done.sum())} of {len(starts)} batches already in {parts_dir}")
     progress = Progress("sampling", int(num - sum(min(batch_size, num - s) for s, d in zip(starts, done) if d)),
@@ -252,6 +249,22 @@ def sample_resumable(run: RunSampler, labels: np.ndarray, batch_size: int, seed:
         progress.update(len(chunk))
     progress.finish()
     return [_part(parts_dir, s) for s in starts]
+
+
+def _check_manifest(parts_dir: str, manifest_path: str, manifest: dict[str, Any]) -> None:
+    """Start a parts directory, or resume one of exactly the same run; anything else is refused, naming
+    what differs (a mixed set of samples would be no protocol's)."""
+    if not storage.exists(manifest_path):
+        storage.makedirs(parts_dir)
+        storage.write_json_atomic(manifest_path, manifest)
+        return
+    found = storage.read_json(manifest_path, "sampling manifest")
+    differ = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: there {found.get(k)!r}, now {manifest.get(k)!r}" for k in differ[:4])
+        raise ValueError(f"{parts_dir} holds the parts of another sampling run ({', '.join(differ)} differ: {shown}); "
+                         "a resume needs the same protocol, checkpoint, config, batch size and device count. Use "
+                         "another --out_dir, or delete that directory to start over")
 
 
 def assemble_parts(kind: str, parts: list[str], npz: str, png: str | None) -> None:

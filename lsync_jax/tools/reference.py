@@ -64,12 +64,15 @@ def choose(total: int, num: int, order: str, seed: int) -> np.ndarray:
 
 def make_reference_batch(out: str, source: Any, *, num: int, image_size: int | None = None, order: str = "random",
                          seed: int = 0, weights_path: str | None = None, batch_size: int = 256,
-                         log: Callable[[str], None] = print) -> dict[str, Any]:
+                         overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write OUT (.npz): `num` images of `source` (ADM's centre crop to `image_size` when given), their
     labels and their FID statistics. Every input is checked before an image is read: the output, the
-    Inception weights, the count, and the first image's shape (all images must share it)."""
+    Inception weights, the count, and the first image's shape (all images must share it). An existing
+    OUT (perhaps a downloaded ADM batch) is replaced only with `overwrite`."""
     if not str(out).endswith(".npz"):
         raise ValueError(f"the reference batch {out} must be an .npz file")
+    if storage.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; it is kept. Choose another --out, or pass --overwrite to replace it")
     indices = choose(len(source), int(num), order, seed)
     check_writable(str(storage.path(out).parent))
     weights = inception_weights.resolve_weights(weights_path)

@@ -79,7 +79,10 @@ def test_a_run_that_differs_is_named():
     p = PROTOCOLS["layersync-sit-xl2-400k-heun"]
     found = config_differences(p, {"name": "SiT-L/2", "learn_sigma": False}, 200_000, ())
     assert any("model 'SiT-L/2'" in f for f in found) and any("learn_sigma=False" in f for f in found)
-    assert any("step 200,000" in f for f in found) and any("method is 'layersync'" in f for f in found)
+    assert any("step 200,000" in f for f in found) and any("method 'layersync' trains with" in f for f in found)
+    repa = PROTOCOLS["repa-sit-xl2-4m-cfg1.8"]  # a baseline run is not REPA's, whatever its model and steps
+    assert config_differences(repa, {"name": "SiT-XL/2", "learn_sigma": False}, 4_000_000, ()) != []
+    assert config_differences(repa, {"name": "SiT-XL/2", "learn_sigma": False}, 4_000_000, ("repa",)) == []
     assert config_differences(p, {"name": "SiT-XL/2", "learn_sigma": True}, None) == []  # converted: no step
 
 
@@ -91,8 +94,14 @@ def test_overrides_mark_the_result_not_comparable():
                                            "guidance_interval": "0.3,1.0"})
     assert changed.num_samples == 10_000 and changed.sampler_config.method == "heun"
     assert changed.guidance_interval == (0.3, 1.0) and len(reasons) == 3
+    assert apply_overrides(p, {"sampler.last_step": "None"})[0].sampler_config.last_step is None
+    assert apply_overrides(p, {"num_samples": "5e4"})[0].num_samples == 50_000  # a whole number, as an int
     for bad, match in (({"vae": "mse"}, "not a protocol setting"), ({"sampler.foo": "1"}, "unknown sampler setting"),
-                       ({"sampler.method": "rk4"}, "sampler.method='rk4'")):
+                       ({"sampler.method": "rk4"}, "sampler.method='rk4'"),
+                       ({"class_balance": "bogus"}, "class_balance='bogus'"),
+                       ({"guidance_interval": "0.9,0.1"}, "guidance_interval"),
+                       ({"guidance_interval": "0.3"}, "two numbers LOW,HIGH"), ({"cfg_scale": "0.5"}, "cfg_scale"),
+                       ({"seed": "1.5"}, "a whole number"), ({"sampler.num_steps": "ten"}, "a whole number")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(p, bad)
 

@@ -95,6 +95,8 @@ def test_reference_from_class_folders_uses_adm_crops(tmp_path, cache):
         open_source(images=root, tfds="cifar10")
     with pytest.raises(ValueError, match="source has 18 images"):
         make_reference_batch(str(tmp_path / "y.npz"), source, num=50, image_size=32, log=lambda _: None)
+    with pytest.raises(FileExistsError, match="folder_ref.npz exists; it is kept"):
+        make_reference_batch(out, source, num=5, image_size=32, order="first", log=lambda _: None)
     assert not os.path.exists(tmp_path / "x.npz") and not os.path.exists(tmp_path / "y.npz")
 
 
@@ -178,6 +180,14 @@ def test_overrides_and_differences_are_not_comparable(converted, reference, cach
     assert result["comparable"] is False and len(result["not_comparable_because"]) == 2
     assert json.load(open(tmp_path / "o" / "result.json"))["comparable"] is False
     assert _arrays(result["samples"])[0].shape[0] == 8
+    # samples of other settings in the output directory are kept: the run is refused, naming what differs
+    with pytest.raises(ValueError, match="holds samples of other settings .*settings"):
+        reproduce(NAME, converted, ref_batch=reference, out_dir=str(tmp_path / "o"), batch_size=4,
+                  overrides={"num_samples": "8", "sampler.num_steps": "3"}, log=lambda _: None)
+    assert _arrays(result["samples"])[0].shape[0] == 8
+    os.makedirs(tmp_path / "p" / "parts")
+    with pytest.raises(ValueError, match="holds no sampling manifest"):
+        reproduce(NAME, converted, ref_batch=reference, out_dir=str(tmp_path / "p"), batch_size=4, log=lambda _: None)
 
 
 def test_missing_inputs_fail_before_sampling(converted, reference, cache, tmp_path, monkeypatch):
@@ -241,7 +251,8 @@ def test_a_converted_official_checkpoint_runs_a_protocol(tmp_path, tiny_vae_dir,
                            batch_size=4, eval_batch_size=8, fid_method="eigh", log=logs.append)
     finally:
         del protocols.PROTOCOLS["test-official"]
-    assert result["step"] == 0 and result["comparable"] and result["ours"] > 0
+    assert result["step"] == 0 and result["comparable"], result["not_comparable_because"]
+    assert result["ours"] > 0
     assert any("converted checkpoint" in line for line in logs)
     images, _ = _arrays(result["samples"])
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8  # decoded by the VAE

@@ -47,6 +47,11 @@ flags.DEFINE_list("checkpoint", [], "Where to time saving and restoring each mod
 flags.DEFINE_integer("checkpoint_repeats", 3, "Saves and restores per checkpoint row (the median is reported).")
 flags.DEFINE_integer("checkpoint_steps", 10, "Train steps timed with no save in flight, against those during "
                      "the saves; 0 skips the step rows.")
+flags.DEFINE_string("official_dir", "", "A checkout of vita-epfl/LayerSync (needs torch, timm, torchdiffeq): time its "
+                    "PyTorch train step against ours on the CPU comparison anchor (depth 6, hidden 192, batch 64, "
+                    "28x28x1 patch 4, fp32, LayerSync 2 -> 4, EMA on both), interleaved rounds.")
+flags.DEFINE_integer("official_rounds", 5, "Interleaved rounds of the official comparison (the median is reported).")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for the official step (0: torch's default).")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 
@@ -58,7 +63,8 @@ def main(argv):
                   sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg), inception_batch=FLAGS.inception_batch,
                   fid_samples=FLAGS.fid_samples, image_size=FLAGS.image_size, vae_batch=FLAGS.vae_batch,
                   checkpoint=tuple(FLAGS.checkpoint), checkpoint_repeats=FLAGS.checkpoint_repeats,
-                  checkpoint_steps=FLAGS.checkpoint_steps)
+                  checkpoint_steps=FLAGS.checkpoint_steps, official_dir=FLAGS.official_dir,
+                  official_rounds=FLAGS.official_rounds, torch_threads=FLAGS.torch_threads)
     if FLAGS.config is not None:
         cfg = bench_config_from(FLAGS.config, **common)
     else:

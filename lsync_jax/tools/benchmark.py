@@ -50,6 +50,7 @@ from lsync_jax.objectives import REPA, Diversity, LayerSync, Objective, default_
 from lsync_jax.porting.inception import expected_shapes
 from lsync_jax.sharding import batch_sharding, make_mesh
 from lsync_jax.tools.gcs_emulator import GcsEmulator
+from lsync_jax.tools.torch_step import time_official_step
 from lsync_jax.train import abstract_state, create_train_state, make_optimizer, make_train_step
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.transport import SamplerConfig, create_transport, make_sample_fn
@@ -83,6 +84,11 @@ class BenchConfig:
     checkpoint: Sequence[str] = ()
     checkpoint_repeats: int = 3  # saves (and restores) per checkpoint row, median reported
     checkpoint_steps: int = 10  # train steps timed without a save beside those during saves; 0 skips that row
+    # A checkout of the official LayerSync code (never copied here): time its PyTorch train step against
+    # ours on the comparison anchor (OFFICIAL_ANCHOR), interleaved over `official_rounds` rounds
+    official_dir: str = ""
+    official_rounds: int = 5
+    torch_threads: int = 0  # torch.set_num_threads for the official step; 0: torch's default
 
 
 def bench_config_from(config: Any, **kw: Any) -> BenchConfig:
@@ -612,9 +618,74 @@ def bench_checkpoints(name: str, cfg: BenchConfig) -> Iterator[dict[str, Any]]:
 COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "input", "tokens", "params_m", "ms",
            "img_per_s", "tflops", "mfu", "compile_s", "mem_gib", "peak_gib")
 CHECKPOINT_BENCHES = ("checkpoint", "step_during_save")
+OFFICIAL_COLUMNS = ("bench", "model", "variant", "dtype", "batch", "input", "tokens", "ema", "ours_ms", "official_ms",
+                    "speedup", "xla_cpu_cores", "torch_threads")
 CHECKPOINT_COLUMNS = ("bench", "model", "storage", "dtype", "batch", "params_m", "state_gb", "files_gb", "save_s",
                       "save_gbps", "save_blocking_s", "restore_s", "restore_gbps", "step_ms", "step_ms_saving",
                       "step_ratio", "steps_saving")
+
+
+# The CPU comparison anchor with the official code: a 6-block SiT (hidden 192, 3 heads) on 28x28x1 with
+# patch 4, batch 64, fp32, AdamW, LayerSync 2 -> 4 (weight 0.2) and the EMA update on both sides;
+# learn_sigma as the official model always has it.
+OFFICIAL_ANCHOR = dict(model="SiT-S/4", batch_size=64, input_size=28, in_channels=1, num_classes=10,
+                       overrides=dict(depth=6, hidden_size=192, num_heads=3, learn_sigma=True), pair=(2, 4, 0.2))
+
+
+def anchor_config(cfg: BenchConfig) -> BenchConfig:
+    a = OFFICIAL_ANCHOR
+    return dataclasses.replace(cfg, models=(a["model"],), batch_size=a["batch_size"], input_size=a["input_size"],
+                               in_channels=a["in_channels"], num_classes=a["num_classes"], num_frames=0,
+                               dtype="float32", model_overrides=dict(a["overrides"]), layersync_pairs=(a["pair"],))
+
+
+def _time_steps(compiled: Any, state: Any, batch: Any, steps: int) -> tuple[list[float], Any]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state = compiled(state, batch)[0]
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    return times, state
+
+
+def bench_against_official(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Our train step and the official PyTorch one on OFFICIAL_ANCHOR, interleaved: each round times
+    `cfg.steps` of ours (compiled once, before the first round) then `cfg.steps` of theirs (after two
+    untimed warm-up steps), so that both see the same machine state. One row per round and a summary
+    row with the medians over rounds; thread settings are in the rows (XLA's CPU runtime uses every core
+    the process may run on; torch uses `torch_threads`, or its default)."""
+    if cfg.official_rounds < 1:
+        raise ValueError(f"official_rounds must be >= 1, got {cfg.official_rounds}")
+    anchor = anchor_config(cfg)
+    a = OFFICIAL_ANCHOR
+    model, state, batch, fn = _train_setup(a["model"], anchor, "layersync", "auto")
+    compiled = fn.lower(state, batch).compile()
+    _, state = _time_steps(compiled, state, batch, 2)  # warm-up
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    common = dict(model=f"{a['model']} d{a['overrides']['depth']} h{a['overrides']['hidden_size']}",
+                  batch=a["batch_size"], input=f"{a['input_size']}x{a['input_size']}x{a['in_channels']}",
+                  tokens=_tokens(model), dtype="float32", ema=True, xla_cpu_cores=cores)
+    rows = []
+    for round_index in range(cfg.official_rounds):
+        ours, state = _time_steps(compiled, state, batch, cfg.steps)
+        theirs = time_official_step(cfg.official_dir, depth=a["overrides"]["depth"],
+                                    hidden_size=a["overrides"]["hidden_size"], num_heads=a["overrides"]["num_heads"],
+                                    input_size=a["input_size"], patch_size=4, in_channels=a["in_channels"],
+                                    num_classes=a["num_classes"], batch_size=a["batch_size"], pairs=(a["pair"][:2],),
+                                    reg_weight=a["pair"][2], ema=True, steps=cfg.steps, warmup=2,
+                                    threads=cfg.torch_threads or None, seed=round_index)
+        ours_ms, theirs_ms = float(np.median(ours)) * 1e3, float(theirs["ms_per_step"])
+        rows.append(dict(bench="vs_official", variant=f"round {round_index + 1}", ours_ms=round(ours_ms, 1),
+                         official_ms=round(theirs_ms, 1), speedup=round(theirs_ms / ours_ms, 3),
+                         torch_threads=theirs["threads"], torch=theirs["torch_version"], **common))
+        print_fn(format_table(rows[-1:], OFFICIAL_COLUMNS))
+    ours_ms = float(np.median([r["ours_ms"] for r in rows]))
+    theirs_ms = float(np.median([r["official_ms"] for r in rows]))
+    rows.append(dict(rows[-1], variant=f"median of {len(rows)} rounds", ours_ms=round(ours_ms, 1),
+                     official_ms=round(theirs_ms, 1), speedup=round(theirs_ms / ours_ms, 3)))
+    print_fn(format_table(rows[-1:], OFFICIAL_COLUMNS))
+    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
@@ -626,12 +697,16 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMN
 
 
 def format_tables(rows: Sequence[dict[str, Any]]) -> str:
-    """The compute rows' table, then the checkpoint rows' (their own columns), each only when it has rows."""
+    """The compute rows' table, then the checkpoint rows' and the official comparison's (their own columns),
+    each only when it has rows."""
     checkpoint = [r for r in rows if r["bench"] in CHECKPOINT_BENCHES]
-    compute = [r for r in rows if r["bench"] not in CHECKPOINT_BENCHES]
-    tables = [format_table(compute)] if compute or not checkpoint else []
+    official = [r for r in rows if r["bench"] == "vs_official"]
+    compute = [r for r in rows if r["bench"] not in CHECKPOINT_BENCHES and r["bench"] != "vs_official"]
+    tables = [format_table(compute)] if compute or not (checkpoint or official) else []
     if checkpoint:
         tables.append(format_table(checkpoint, CHECKPOINT_COLUMNS))
+    if official:
+        tables.append(format_table(official, OFFICIAL_COLUMNS))
     return "\n\n".join(tables)
 
 
@@ -668,6 +743,8 @@ def run(cfg: BenchConfig, print_fn: Callable[[str], None] = print) -> dict[str, 
     if cfg.fid_samples > 0:
         rows.append(bench_fid(cfg))
         print_fn(format_table(rows[-1:]))
+    if cfg.official_dir:
+        rows += bench_against_official(cfg, print_fn)
     print_fn("\n" + format_tables(rows))
     return {"device": device, "config": dataclasses.asdict(cfg), "rows": rows}
 

@@ -4,11 +4,12 @@ between processes, distributed start-up, the console, sample-grid pictures and p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -144,3 +145,55 @@ class Progress:
         seconds = time.perf_counter() - self.start
         self.log(f"{self.what}: done, {self.done:,} {self.unit} in {seconds:.1f} s")
         return seconds
+
+
+class PhaseClock:
+    """Where a run's wall time went: seconds per named phase, summed over its intervals. A phase inside
+    another is taken out of the outer one, so each second is counted once; the time in no phase is
+    'other'. One clock per process (`PHASES`): the demo prints it at its end."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.totals: dict[str, float] = {}
+        self._stack: list[list[Any]] = []  # [name, started, seconds of nested phases]
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        entry = [name, time.perf_counter(), 0.0]
+        self._stack.append(entry)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            elapsed = time.perf_counter() - entry[1]
+            self.totals[name] = self.totals.get(name, 0.0) + elapsed - entry[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+    def timed(self, items: Iterable[Any], name: str) -> Iterator[Any]:
+        """`items`, with the time spent producing each (a generator's work) counted as phase `name`."""
+        iterator = iter(items)
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+    def report(self) -> list[str]:
+        """Lines: each phase's seconds and share of the wall time since the clock started, largest first."""
+        total = time.perf_counter() - self.start
+        rows = sorted(self.totals.items(), key=lambda kv: -kv[1])
+        rows.append(("other", max(total - sum(self.totals.values()), 0.0)))
+        width = max(len(name) for name, _ in rows)
+        lines = [f"where the time went ({total:.1f} s in all):"]
+        lines += [f"  {name:<{width}}  {seconds:8.1f} s  {100 * seconds / max(total, 1e-9):5.1f}%" for name, seconds
+                  in rows]
+        return lines
+
+
+PHASES = PhaseClock()

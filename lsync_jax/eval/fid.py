@@ -19,7 +19,7 @@ from lsync_jax import storage
 from lsync_jax.builders import build_source
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
 from lsync_jax.eval.sampling import sample_batches
-from lsync_jax.host import Progress, all_processes
+from lsync_jax.host import PHASES, Progress, all_processes
 from lsync_jax.storage import write_json_atomic
 
 # precision/recall's k-NN radii need k + 1 = 4 images on each side
@@ -67,12 +67,14 @@ class TrainingFID:
             if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
                 raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
                                  f"needs >= {MIN_IMAGES} images (0: the whole split)")
-        self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
+        with PHASES.phase("FID: Inception weights (load, or convert once)"):
+            self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
         if check_only:
             return
-        self.reference = (reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
-                          if reference else
-                          source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info))
+        with PHASES.phase("FID: reference statistics (once, then cached)"):
+            self.reference = (reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
+                              if reference else
+                              source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info))
         if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
             raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
 
@@ -99,7 +101,7 @@ class TrainingFID:
                 progress.update(len(images))
                 yield images
 
-        stats = self.evaluator.statistics(counted(batches))
+        stats = self.evaluator.statistics(counted(PHASES.timed(batches, "FID: sampling")))
         progress.finish()
         result = compute_metrics(self.reference, stats, fid_method="eigh")
         n = self.num_samples

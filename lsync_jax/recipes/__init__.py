@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+from absl import logging
 
 from lsync_jax.builders import validate_config
 from lsync_jax.eval.fid import TrainingFID
-from lsync_jax.host import all_processes, initialize_distributed
+from lsync_jax.host import PHASES, all_processes, initialize_distributed
 from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
 from lsync_jax.recipes.erw import erw_phases
 from lsync_jax.recipes.phases import Phase, check_next_phase, run_phases
@@ -75,7 +76,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Train (or resume) the run described by `config` in `workdir`; returns the last metrics. Raises
     `Preempted` when SIGTERM stopped it after saving (launch/train.py exits with PREEMPTED_EXIT_CODE)."""
     initialize_distributed(config.distributed)
-    return run_phases(phases_of(config, workdir), fid_hooks)
+    metrics = run_phases(phases_of(config, workdir), fid_hooks)
+    if jax.process_index() == 0:  # where the time went, phase by phase (the demo's last lines)
+        for line in PHASES.report():
+            logging.info("%s", line)
+    return metrics
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Phase", "Preempted", "check_run", "phases_of", "run_phases", "train_and_evaluate"]

@@ -175,6 +175,7 @@ class EventSync:
 
 
 class CheckpointHook:
+    phase = "checkpoints"
     """Saves every `every` steps, at the phase's last step and on preemption (forced, at once); never a
     state whose metrics were not finite (the metrics are flushed first)."""
 
@@ -205,6 +206,7 @@ class CheckpointHook:
 
 
 class SampleGridHook:
+    phase = "sample grids"
     """A grid of EMA samples every `every` steps (0: none) and at the end of the run, as PNG
     (WORKDIR/samples/step_*.png) and TensorBoard image. Video samples (N, F, H, W, C) are one clip per
     row, its frames along the row (`columns` = the frame count)."""
@@ -232,6 +234,7 @@ class SampleGridHook:
 
 
 class EvaluationHook:
+    phase = "FID: Inception features and metrics"
     """An evaluator (e.g. `lsync_jax.eval.fid.TrainingFID`: `due(step, num_steps)`, `done(step)`,
     `__call__(step, ema_params) -> scalars`) run periodically and once when the run finishes (also
     when a resumed run finds training done without it), never when preempted. The state is saved

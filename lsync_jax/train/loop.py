@@ -8,10 +8,13 @@ phases (ERW, automatic pairs) through `train`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Sequence
 
+import jax
 from absl import logging
 
+from lsync_jax.host import PHASES
 from lsync_jax.train.hooks import Hook, Preempted, Preemption, StepInfo
 from lsync_jax.train.setup import HookFactory, Run, setup
 from lsync_jax.workdir import checkpoint_dir, first_line
@@ -22,7 +25,8 @@ def train(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     """Train (or resume) `config` in `workdir` up to step `until` (default: train.num_steps); returns
     the last logged metrics, or raises `Preempted` once SIGTERM's checkpoint is saved. The keywords
     are a recipe phase's (see `setup`)."""
-    run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
+    with PHASES.phase("start-up (config, data, model, state, hooks)"):
+        run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
     return train_loop(run, hooks)
 
 
@@ -33,9 +37,14 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
     the first error is the last thing printed."""
     state, step, preempted = run.state, run.start, False
     try:
-        with Preemption(run.log_every) as preemption:
+        with Preemption(run.log_every) as preemption, PHASES.phase("training (steps, data, logging)"):
             for step in range(run.start + 1, run.end + 1):
-                state, metrics = run.step_fn(state, run.next_batch())
+                if step == run.start + 1:
+                    with PHASES.phase("first train step (compile)"):
+                        state, metrics = run.step_fn(state, run.next_batch())
+                        jax.block_until_ready(state)
+                else:
+                    state, metrics = run.step_fn(state, run.next_batch())
                 info = StepInfo(step, state, metrics, last=step == run.end, finished=step == run.num_steps,
                                 preempted=preemption.agreed(step))
                 _run_hooks(run, hooks, info)
@@ -70,6 +79,8 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
 def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> None:
     for hook in hooks:
         if hook.due(info):
-            scalars = hook(info)
+            name = getattr(hook, "phase", None)  # a hook that takes long is a phase of its own
+            with PHASES.phase(name) if name else contextlib.nullcontext():
+                scalars = hook(info)
             if scalars:
                 run.metrics.log(info.step, scalars)

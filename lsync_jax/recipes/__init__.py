@@ -14,14 +14,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-from absl import logging
 
 from lsync_jax.builders import validate_config
 from lsync_jax.eval.fid import TrainingFID
-from lsync_jax.host import PHASES, all_processes, initialize_distributed
+from lsync_jax.host import all_processes, initialize_distributed
 from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
 from lsync_jax.recipes.erw import erw_phases
-from lsync_jax.recipes.phases import Phase, check_next_phase, run_phases
+from lsync_jax.recipes.phases import Phase, check_next_phase, log_time_report, run_phases
 from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, EvaluationHook, Preempted
 from lsync_jax.train.setup import HookFactory, Run
 
@@ -77,9 +76,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     `Preempted` when SIGTERM stopped it after saving (launch/train.py exits with PREEMPTED_EXIT_CODE)."""
     initialize_distributed(config.distributed)
     metrics = run_phases(phases_of(config, workdir), fid_hooks)
-    if jax.process_index() == 0:  # where the time went, phase by phase (the demo's last lines)
-        for line in PHASES.report():
-            logging.info("%s", line)
+    log_time_report()
     return metrics
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 from absl import logging
 
 from lsync_jax.builders import build_model, build_transport, validate_config
+from lsync_jax.host import PHASES
 from lsync_jax.objectives import build_objective
 from lsync_jax.train import train
 from lsync_jax.train.setup import HookFactory, setup
@@ -95,3 +97,10 @@ def run_phases(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[
                             reached, phase.until)
             return metrics
     return metrics
+
+
+def log_time_report() -> None:
+    """Where the run's wall time went, phase by phase (`host.PHASES`), on process 0: the demo's last lines."""
+    if jax.process_index() == 0:
+        for line in PHASES.report():
+            logging.info("%s", line)

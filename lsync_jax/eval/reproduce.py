@@ -39,6 +39,7 @@ from lsync_jax.eval.sampling import (
     check_counts,
     json_plain,
     protocol_labels,
+    record_differences,
     run_sampler,
     sample_resumable,
 )
@@ -148,8 +149,7 @@ def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], 
     else:
         regularizers = tuple(re.findall(r"name='([a-z_]+)'", str(meta.get("objective", ""))))
     differences = config_differences(p, model, None if converted else step, regularizers)
-    cfg_model = {"name": config.model.name, **{k: v for k, v in config.model.overrides.items() if v is not None}}
-    for difference in config_differences(p, cfg_model, None):
+    for difference in config_differences(p, model_fields(config), None):
         if difference not in differences:
             differences.append(f"the config's {difference}")
     return differences, notes, step
@@ -278,10 +278,10 @@ def _existing_samples(npz: str, record_path: str, record: dict[str, Any], parts_
         found = storage.read_json(record_path, "sample record") if storage.exists(record_path) else None
         if found == record:
             return 1
-        differ = sorted(k for k in set(found or {}) | set(record) if (found or {}).get(k) != record.get(k))
-        raise ValueError(f"{npz} holds samples of other settings ({', '.join(differ) or 'no record'} differ"
-                         + (f": there {found.get(differ[0])!r}, now {record.get(differ[0])!r}" if found and differ
-                            else "") + "); they are kept: use another --out_dir, or move them away")
+        differ, shown = record_differences(found, record)
+        raise ValueError(f"{npz} holds samples of other settings ({', '.join(differ) if found else 'no record'} "
+                         f"differ{': ' + shown if found else ''}); they are kept: use another --out_dir, or move "
+                         "them away")
     if storage.exists(parts_dir) and not storage.exists(storage.join(parts_dir, "manifest.json")):
         raise ValueError(f"{parts_dir} exists but holds no sampling manifest: not this command's; use another "
                          "--out_dir")

@@ -52,15 +52,24 @@ def sample_batches(sample_fn: Any, variables: Any, mesh: Any, num_classes: int, 
     rng = np.random.default_rng(seed)
     for start in range(0, num_samples, batch_size):
         labels = sample_conditions(rng, batch_size, num_classes, num_tags)
-        # class labels are split over every device, and with them the batch; tags are checked on the host
-        placed = labels if num_tags else jax.device_put(labels, batch_sharding(mesh))
-        key = jax.random.fold_in(jax.random.key(seed), start)
-        samples = sample_fn(variables, key, placed, cfg_scale, interval)
-        if decode is not None:
-            samples = decode(samples)
         keep = num_samples - start
-        host = gather_to_host(samples)[:keep]
-        yield (to_uint8(host) if quantize else host.astype(np.float32)), labels[:keep]
+        yield sample_batch(sample_fn, variables, mesh, labels, start, seed, cfg_scale, interval, decode,
+                           num_tags=num_tags, quantize=quantize)[:keep], labels[:keep]
+
+
+def sample_batch(sample_fn: Any, variables: Any, mesh: Any, labels: np.ndarray, start: int, seed: int,
+                 cfg_scale: float, interval: tuple[float, float], decode: Callable[[jax.Array], jax.Array] | None,
+                 *, num_tags: int = 0, quantize: bool = True) -> np.ndarray:
+    """One batch of samples for `labels`, its noise the seed folded with the batch's first index `start`
+    (so any batch can be drawn again on its own), gathered to the host: uint8, or float32 without `quantize`."""
+    # class labels are split over every device, and with them the batch; tags are checked on the host
+    placed = labels if num_tags else jax.device_put(labels, batch_sharding(mesh))
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    samples = sample_fn(variables, key, placed, cfg_scale, interval)
+    if decode is not None:
+        samples = decode(samples)
+    host = gather_to_host(samples)
+    return to_uint8(host) if quantize else host.astype(np.float32)
 
 
 def check_counts(num_samples: int, batch_size: int) -> None:
@@ -237,18 +246,21 @@ def sample_resumable(run: RunSampler, labels: np.ndarray, batch_size: int, seed:
             continue
         chunk = labels[start:start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        placed = padded if run.num_tags else jax.device_put(padded, batch_sharding(run.mesh))
-        key = jax.random.fold_in(jax.random.key(seed), start)
-        samples = run.sample_fn({"params": run.ema}, key, placed, run.cfg_scale, run.interval)
-        if run.decode is not None:
-            samples = run.decode(samples)
-        host = gather_to_host(samples)[: len(chunk)]
-        host = host.astype(np.float32) if run.kind == "sequence" else to_uint8(host)
+        host = sample_batch(run.sample_fn, {"params": run.ema}, run.mesh, padded, start, seed, run.cfg_scale,
+                            run.interval, run.decode, num_tags=run.num_tags,
+                            quantize=run.kind != "sequence")[: len(chunk)]
         if writer:
             save_npz_atomic(_part(parts_dir, start), arr_0=host, arr_1=chunk)
         progress.update(len(chunk))
     progress.finish()
     return [_part(parts_dir, s) for s in starts]
+
+
+def record_differences(found: dict[str, Any] | None, wanted: dict[str, Any]) -> tuple[list[str], str]:
+    """(the keys whose values differ between a stored record and this run's, the first few shown)."""
+    found = found or {}
+    differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    return differ, "; ".join(f"{k}: there {found.get(k)!r}, now {wanted.get(k)!r}" for k in differ[:4])
 
 
 def _check_manifest(parts_dir: str, manifest_path: str, manifest: dict[str, Any]) -> None:
@@ -258,10 +270,8 @@ def _check_manifest(parts_dir: str, manifest_path: str, manifest: dict[str, Any]
         storage.makedirs(parts_dir)
         storage.write_json_atomic(manifest_path, manifest)
         return
-    found = storage.read_json(manifest_path, "sampling manifest")
-    differ = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+    differ, shown = record_differences(storage.read_json(manifest_path, "sampling manifest"), manifest)
     if differ:
-        shown = "; ".join(f"{k}: there {found.get(k)!r}, now {manifest.get(k)!r}" for k in differ[:4])
         raise ValueError(f"{parts_dir} holds the parts of another sampling run ({', '.join(differ)} differ: {shown}); "
                          "a resume needs the same protocol, checkpoint, config, batch size and device count. Use "
                          "another --out_dir, or delete that directory to start over")

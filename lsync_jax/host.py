@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 from lsync_jax.storage import write_bytes_atomic
 
@@ -37,7 +38,9 @@ def all_processes(flag: bool) -> bool:
 
 def initialize_distributed(dist: Mapping[str, Any]) -> None:
     """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call); once
-    per process (a recipe's phases share it). Empty / -1 values are auto-detected (TPU pods, SLURM)."""
+    per process (a recipe's phases share it). Empty / -1 values are auto-detected (TPU pods, SLURM).
+    `cpu_devices` > 0 splits the CPU backend into that many devices first."""
+    set_cpu_devices(int(dist.get("cpu_devices", -1)))
     if not dist["enabled"] or jax.distributed.is_initialized():
         return
     if dist["cpu_collectives"]:
@@ -46,6 +49,54 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
     jax.distributed.initialize(coordinator_address=dist["coordinator_address"] or None,
                                num_processes=None if num is None or num < 0 else num,
                                process_id=None if pid is None or pid < 0 else pid)
+
+
+# XLA options our hot jits (train step, sampler, FID Inception) compile with on CPU. jaxlib 0.10
+# hands convolutions and dots to YNNPACK by default; on a 2-core EPYC that ran the Inception pass at
+# 3.2-3.9 images/s with a third of its time in page faults, against 8.1-8.3 with YNNPACK off, and the
+# train step about 10% slower (docs/benchmarks.md). A setting of the same option in XLA_FLAGS wins.
+CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_CPU_OPTIONS_OK: dict[str, bool] = {}
+
+
+def compiler_options(platform: str) -> dict[str, str]:
+    """The `jax.jit(compiler_options=...)` for a jit whose devices are on `platform`: on CPU,
+    `CPU_COMPILER_OPTIONS` less those the user sets in XLA_FLAGS and those this jaxlib does not know
+    (checked once by compiling a scalar function, so a renamed option costs speed, not a crash)."""
+    if platform != "cpu":
+        return {}
+    user = os.environ.get("XLA_FLAGS", "")
+    options = {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}" not in user}
+    for key, value in list(options.items()):
+        if key not in _CPU_OPTIONS_OK:
+            try:
+                jax.jit(lambda x: x + 1, compiler_options={key: value}).lower(np.float32(0)).compile()
+                _CPU_OPTIONS_OK[key] = True
+            except Exception:  # noqa: BLE001 - an unknown option name raises a backend-specific error
+                _CPU_OPTIONS_OK[key] = False
+        if not _CPU_OPTIONS_OK[key]:
+            del options[key]
+    return options
+
+
+def set_cpu_devices(count: int) -> None:
+    """Split the CPU backend into `count` devices (config.distributed.cpu_devices; -1 leaves JAX's).
+
+    Only possible before JAX starts its backends: afterwards (a notebook that already ran JAX, a test)
+    a different count is logged as not applied and the run keeps the devices it has. XLA_FLAGS's
+    --xla_force_host_platform_device_count, when set, is the user's choice and wins."""
+    if count == -1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if count < 1:
+        raise ValueError(f"config.distributed.cpu_devices={count}: expected -1 (JAX's default) or a count >= 1")
+    if jax.config.jax_num_cpu_devices == count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        logging.warning("config.distributed.cpu_devices=%d not applied: JAX's backends already started with %d CPU "
+                        "device(s) in this process (set it before any JAX call, or use XLA_FLAGS="
+                        "--xla_force_host_platform_device_count)", count, len(jax.devices("cpu")))
 
 
 # Whose INFO lines reach the console: lsync-jax's own, clu's metric lines and progress reports.

@@ -158,8 +158,11 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
 
     # Multi-host: enabled=True calls jax.distributed.initialize(); empty/-1 values are auto-detected
     # (TPU pods, SLURM, ...). cpu_collectives='gloo' lets CPU processes talk (tests, CPU clusters).
+    # cpu_devices > 0 splits each process's CPU into that many JAX devices (jax_num_cpu_devices), so a
+    # small model's data-parallel halves keep every core busy; -1 keeps JAX's one CPU device. It acts
+    # only on the CPU backend, and XLA_FLAGS=--xla_force_host_platform_device_count wins over it.
     config.distributed = _section(dict(enabled=False, coordinator_address="", num_processes=-1, process_id=-1,
-                                       cpu_collectives=""))
+                                       cpu_collectives="", cpu_devices=-1))
     return config
 
 

@@ -35,4 +35,7 @@ def get_config(variant: str = "layersync"):
     # upwards: compare runs at the same N, not with published FID-50K numbers.
     config.eval.update(dict(every=800, num_samples=1000, batch_size=250, reference_split="test",
                             reference_size=1000))
+    # Two CPU devices: on the 2-core machine the data-parallel halves of this small model's step keep
+    # both cores busier (515 against 652 ms a step; docs/benchmarks.md). No effect on GPUs or TPUs.
+    config.distributed.cpu_devices = 2
     return config

@@ -27,7 +27,7 @@ from scipy import special
 
 from lsync_jax import storage
 from lsync_jax.eval import metrics
-from lsync_jax.host import Progress, all_processes, gather_to_host, pad_rows
+from lsync_jax.host import Progress, all_processes, compiler_options, gather_to_host, pad_rows
 from lsync_jax.models import inception
 from lsync_jax.porting import inception as weights
 from lsync_jax.storage import save_npz_atomic, write_bytes_atomic, write_json_atomic
@@ -99,7 +99,7 @@ class InceptionEvaluator:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         # (params, placed uint8 batch) -> features on device, sharded like the batch
         self.apply = jax.jit(functools.partial(inception.features, with_logits=self.has_logits),
-                             out_shardings=self._batch)
+                             out_shardings=self._batch, compiler_options=compiler_options(devices[0].platform))
 
     def place(self, images: np.ndarray) -> jax.Array:
         """A host batch (the same on every process) as a global array split over the mesh."""

@@ -24,7 +24,15 @@ from jax.experimental import multihost_utils
 from lsync_jax import storage
 from lsync_jax.builders import build_decoder, build_mesh, build_sampler, build_transport, validate_config
 from lsync_jax.eval.video import video_grid
-from lsync_jax.host import Progress, gather_to_host, initialize_distributed, make_grid, save_png, to_uint8
+from lsync_jax.host import (
+    Progress,
+    compiler_options,
+    gather_to_host,
+    initialize_distributed,
+    make_grid,
+    save_png,
+    to_uint8,
+)
 from lsync_jax.sharding import batch_sharding
 from lsync_jax.storage import check_writable, save_npz_atomic, write_adm_batch
 from lsync_jax.transport import SamplerConfig, make_sample_fn
@@ -111,7 +119,8 @@ def run_sampler(config: Any, workdir: str, mesh: Any, sampler: SamplerConfig | N
     model, ema, step = load_params(config, workdir, mesh)
     configured, scale, configured_interval = build_sampler(config)
     sampler = sampler or configured
-    sample_fn = make_sample_fn(model, build_transport(config), sampler)
+    sample_fn = make_sample_fn(model, build_transport(config), sampler,
+                               compiler_options=compiler_options(mesh.devices.flat[0].platform))
     return RunSampler(model, ema, step, mesh, sample_fn, scale if cfg_scale is None else float(cfg_scale),
                       configured_interval if interval is None else tuple(interval), build_decoder(config, mesh))
 

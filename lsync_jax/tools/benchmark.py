@@ -35,6 +35,7 @@ from lsync_jax import storage
 from lsync_jax.builders import model_fields
 from lsync_jax.configs.base import base_config
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
+from lsync_jax.host import compiler_options
 from lsync_jax.models import VIDEO_MODEL_NAMES, get_model, model_config
 from lsync_jax.models.encoders import CONFIGS, random_dinov2
 from lsync_jax.models.encoders.features import encoder_tokens
@@ -294,7 +295,8 @@ def bench_sampler(name: str, cfg: BenchConfig, method: str, cfg_scale: float) ->
     model = bench_model(name, cfg)
     variables = jax.jit(model.init)(jax.random.key(0), *model.init_inputs(1))
     sampler = SamplerConfig(method=method, num_steps=cfg.sample_steps)
-    sample_fn = make_sample_fn(model, create_transport(), sampler)
+    sample_fn = make_sample_fn(model, create_transport(), sampler,
+                               compiler_options=compiler_options(jax.default_backend()))
     labels = (np.eye(model.num_tags, dtype=np.float32)[np.arange(cfg.sample_batch) % model.num_tags]
               if getattr(model, "num_tags", 0) else jnp.arange(cfg.sample_batch) % max(model.num_classes, 1))
     key = jax.random.key(0)

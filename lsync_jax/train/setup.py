@@ -39,7 +39,7 @@ from lsync_jax.builders import (
 )
 from lsync_jax.configs.protocols import config_protocol_differences
 from lsync_jax.data import LoaderSpec, global_batch, make_loader
-from lsync_jax.host import initialize_distributed
+from lsync_jax.host import compiler_options, initialize_distributed
 from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.objectives import Objective, build_objective
 from lsync_jax.sharding import batch_sharding
@@ -144,8 +144,10 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))
-    run = Run(config, workdir, model, objective, mesh, make_sample_fn(model, transport, sampler_cfg), cfg_scale,
-              interval, build_decoder(config, mesh), iter(loader), encoder)
+    sample_fn = make_sample_fn(model, transport, sampler_cfg,
+                               compiler_options=compiler_options(mesh.devices.flat[0].platform))
+    run = Run(config, workdir, model, objective, mesh, sample_fn, cfg_scale, interval, build_decoder(config, mesh),
+              iter(loader), encoder)
     run.end = run.num_steps if until is None else min(int(until), run.num_steps)
     run.checking = check
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from lsync_jax.host import compiler_options
 from lsync_jax.objectives import Objective, objective_loss
 from lsync_jax.sharding import DEFAULT_RULES, batch_sharding, replicated
 from lsync_jax.train.state import TrainState, state_shardings
@@ -41,4 +42,4 @@ def make_train_step(model: Any, objective: Objective, tx: optax.GradientTransfor
     step = functools.partial(train_step, apply_fn=model.apply, objective=objective, tx=tx, schedule=schedule,
                              ema_decay=ema_decay)
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=compiler_options(mesh.devices.flat[0].platform))

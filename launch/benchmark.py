@@ -15,12 +15,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, set_cpu_devices
 from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, run, write_json
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Optional training config: benchmark its model, batch and "
-                                "LayerSync pairs (overrides --models, --batch_size, --dtype, shapes).")
+                                "LayerSync pairs (overrides --models, --batch_size, --dtype, shapes), on its "
+                                "distributed.cpu_devices CPU devices.")
 flags.DEFINE_list("models", ["SiT-B/2"], "Model names, e.g. SiT-XL/2,SiT-B/2.")
 flags.DEFINE_integer("batch_size", 32, "Train-step batch size.")
 flags.DEFINE_integer("input_size", 32, "Spatial size H = W of the (latent) images and clips; the length L of "
@@ -66,6 +67,7 @@ def main(argv):
                   checkpoint_steps=FLAGS.checkpoint_steps, official_dir=FLAGS.official_dir,
                   official_rounds=FLAGS.official_rounds, torch_threads=FLAGS.torch_threads)
     if FLAGS.config is not None:
+        set_cpu_devices(int(FLAGS.config.distributed.cpu_devices))  # as training splits the CPU, before any JAX call
         cfg = bench_config_from(FLAGS.config, **common)
     else:
         cfg = BenchConfig(models=tuple(FLAGS.models), batch_size=FLAGS.batch_size, input_size=FLAGS.input_size,

@@ -123,9 +123,7 @@ def quiet_library_logs() -> None:
     dropped; set LSYNC_JAX_LIBRARY_LOGS=1 to see it."""
     if os.environ.get("LSYNC_JAX_LIBRARY_LOGS", "") not in ("", "0"):
         return
-    from absl import logging as absl_logging
-
-    handler = absl_logging.get_absl_handler()
+    handler = logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
 
@@ -175,10 +173,8 @@ class Progress:
 
     def __init__(self, what: str, total: int, unit: str = "images", every_secs: float = 30.0,
                  log: Any = None):
-        from absl import logging as absl_logging
-
         self.what, self.total, self.unit, self.every = what, int(total), unit, every_secs
-        self.log = log or absl_logging.info
+        self.log = log or logging.info
         self.done = 0
         self.start = self._last = time.perf_counter()
         self.log(f"{what}: {self.total:,} {unit}")

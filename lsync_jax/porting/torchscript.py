@@ -18,7 +18,7 @@ import numpy as np
 
 # torch storage classes -> numpy dtypes (the ones weights use)
 _STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-                   "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32,
+                   "LongStorage": np.int64, "IntStorage": np.int32,
                    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
 
 
@@ -34,7 +34,7 @@ class _Module:
 
 class _StorageType:
     def __init__(self, name: str) -> None:
-        if name not in _STORAGE_DTYPES or _STORAGE_DTYPES[name] is None:
+        if name not in _STORAGE_DTYPES:
             raise ValueError(f"TorchScript archive: unsupported tensor storage torch.{name}")
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 

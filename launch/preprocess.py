@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from lsync_jax import storage
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.data.sources import ImageFolderSource, TfdsSource
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.tools.preprocess import PreprocessSpec, check_classes, preprocess_latents
 
 FLAGS = flags.FLAGS
@@ -70,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

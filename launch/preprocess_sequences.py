@@ -11,7 +11,7 @@ interruption; finished shards are kept. Then train with --config.data.dir=OUT.
 from absl import app, flags, logging
 
 from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.tools.preprocess_sequences import SequenceSpec, preprocess_sequences
 
 FLAGS = flags.FLAGS
@@ -45,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.configs.protocols import PROTOCOLS
 from lsync_jax.eval.reproduce import reproduce
-from lsync_jax.host import quiet_library_logs
+from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("protocol", None, "The protocol's name (--list prints them).")
@@ -58,4 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     app.run(main, flags_parser=parse_flags)

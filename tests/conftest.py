@@ -21,6 +21,11 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+# The launch scripts restart themselves once with glibc tuned for XLA on CPU (lsync_jax.host); the CLI
+# subprocesses of the tests start with that setting already, so none pays for a second start-up.
+# tests/test_host.py tests the restart itself.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+
 
 import pytest  # noqa: E402
 

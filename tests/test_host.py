@@ -1,4 +1,5 @@
-"""lsync_jax.host.PhaseClock: seconds per phase, nested phases counted once, generators' work timed."""
+"""lsync_jax.host: PhaseClock (seconds per phase, nested phases counted once, generators' work timed), the CPU
+compiler options, CPU devices and the glibc tunables a CPU run restarts with."""
 
 from lsync_jax import host
 
@@ -103,3 +104,52 @@ def test_cpu_devices_apply_before_the_backends_start_and_are_checked(monkeypatch
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     with pytest.raises(ValueError, match="config.distributed.cpu_devices=0"):
         host.set_cpu_devices(0)
+
+
+def test_host_tunables_are_added_only_where_they_apply():
+    glibc, thp, none = ("glibc", "2.36"), "always [madvise] never", []
+    env, why = host.host_tunables_env({"PATH": "/bin"}, libc=glibc, thp_setting=thp, plugins=none)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} and "hugetlb=1" in why
+    # the user's other tunables are kept; a setting of this one (or the restarted process) is left alone
+    env, _ = host.host_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, libc=glibc, thp_setting=thp,
+                                    plugins=none)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    for environ, libc, setting, plugins, reason in [
+            ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, thp, none, "already sets glibc.malloc.hugetlb"),
+            ({host.HOST_TUNABLES_SWITCH: "0"}, glibc, thp, none, "LSYNC_JAX_HOST_TUNABLES=0"),
+            ({}, ("glibc", "2.31"), thp, none, "not glibc >= 2.35"),
+            ({}, ("", ""), thp, none, "not glibc >= 2.35"),  # musl, macOS
+            ({}, glibc, "always madvise [never]", none, "huge pages are off"),
+            ({}, glibc, thp, ["xla_cuda12"], "accelerator plugins installed (xla_cuda12)"),
+            ({"JAX_PLATFORMS": "cuda,cpu"}, glibc, thp, ["xla_cuda12"], "accelerator plugins")]:
+        env, why = host.host_tunables_env(environ, libc=libc, thp_setting=setting, plugins=plugins)
+        assert env is None and reason in why, (environ, why)
+    # a GPU/TPU host told to run on the CPU is a CPU run
+    env, _ = host.host_tunables_env({"JAX_PLATFORMS": "cpu"}, libc=glibc, thp_setting=thp, plugins=["libtpu"])
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_restart_keeps_the_process_its_arguments_and_options(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import os, sys\n"
+        "from lsync_jax import host\n"
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], sys.flags.dont_write_bytecode,\n"
+        "      flush=True)\n"
+        "if not os.environ.get('GLIBC_TUNABLES'):  # the decision is tested above; here, the restart itself\n"
+        "    host.host_tunables_env = lambda: (dict(os.environ, GLIBC_TUNABLES=host.HOST_TUNABLES), 'test')\n"
+        "if __name__ == '__main__':\n"
+        "    host.restart_with_host_tunables()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.HOST_TUNABLES_SWITCH)}
+    out = subprocess.run([sys.executable, "-B", str(script), "--workdir=/tmp/x", "two words"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = [line.split(" ", 2) for line in out.stdout.splitlines()]
+    assert first[0] == second[0]  # the same process (exec), so a scheduler's signals still reach the run
+    assert first[1] == "None" and second[1] == "glibc.malloc.hugetlb=1"
+    assert first[2] == second[2] == "['--workdir=/tmp/x', 'two words'] 1"  # arguments and -B kept
+    assert "restarting with test" in out.stderr and "LSYNC_JAX_HOST_TUNABLES=0 turns this off" in out.stderr

@@ -621,7 +621,7 @@ COLUMNS = ("bench", "model", "variant", "attention", "dtype", "batch", "input", 
            "img_per_s", "tflops", "mfu", "compile_s", "mem_gib", "peak_gib")
 CHECKPOINT_BENCHES = ("checkpoint", "step_during_save")
 OFFICIAL_COLUMNS = ("bench", "model", "variant", "dtype", "batch", "input", "tokens", "ema", "ours_ms", "official_ms",
-                    "speedup", "xla_cpu_cores", "torch_threads")
+                    "speedup", "xla_cpu_cores", "xla_devices", "torch_threads", "glibc_tunables")
 CHECKPOINT_COLUMNS = ("bench", "model", "storage", "dtype", "batch", "params_m", "state_gb", "files_gb", "save_s",
                       "save_gbps", "save_blocking_s", "restore_s", "restore_gbps", "step_ms", "step_ms_saving",
                       "step_ratio", "steps_saving")
@@ -656,7 +656,8 @@ def bench_against_official(cfg: BenchConfig, print_fn: Callable[[str], None] = p
     `cfg.steps` of ours (compiled once, before the first round) then `cfg.steps` of theirs (after two
     untimed warm-up steps), so that both see the same machine state. One row per round and a summary
     row with the medians over rounds; thread settings are in the rows (XLA's CPU runtime uses every core
-    the process may run on; torch uses `torch_threads`, or its default)."""
+    the process may run on, split into `xla_devices` data-parallel devices; torch uses `torch_threads`, or
+    its default), and so is the allocator setting both sides ran under (`glibc_tunables`)."""
     if cfg.official_rounds < 1:
         raise ValueError(f"official_rounds must be >= 1, got {cfg.official_rounds}")
     anchor = anchor_config(cfg)
@@ -667,7 +668,8 @@ def bench_against_official(cfg: BenchConfig, print_fn: Callable[[str], None] = p
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     common = dict(model=f"{a['model']} d{a['overrides']['depth']} h{a['overrides']['hidden_size']}",
                   batch=a["batch_size"], input=f"{a['input_size']}x{a['input_size']}x{a['in_channels']}",
-                  tokens=_tokens(model), dtype="float32", ema=True, xla_cpu_cores=cores)
+                  tokens=_tokens(model), dtype="float32", ema=True, xla_cpu_cores=cores,
+                  xla_devices=jax.device_count(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     rows = []
     for round_index in range(cfg.official_rounds):
         ours, state = _time_steps(compiled, state, batch, cfg.steps)

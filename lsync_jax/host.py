@@ -1,6 +1,7 @@
 """Host-side helpers shared by training and evaluation: whole arrays on every process, agreement
-between processes, distributed start-up, the console, sample-grid pictures and progress lines. Files
-(local or gs://) are `lsync_jax.storage`."""
+between processes, distributed start-up, what a CPU run is compiled and started with (compile options,
+CPU devices, glibc tunables), the console, sample-grid pictures and progress lines. Files (local or
+gs://) are `lsync_jax.storage`."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ import tempfile
 
 import jax  # noqa: E402
 
+from lsync_jax.host import host_tunables_env
+
 # Threefry inlines a large graph per random call, and CPU compiles of model inits dominate the
 # suite's time; the 'rbg' generator compiles about twice as fast. Tests assert no random stream.
 jax.config.update("jax_default_prng_impl", "rbg")
@@ -22,9 +24,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The launch scripts restart themselves once with glibc tuned for XLA on CPU (lsync_jax.host); the CLI
-# subprocesses of the tests start with that setting already, so none pays for a second start-up.
+# subprocesses of the tests start with what that restart would add, so none pays for a second start-up.
 # tests/test_host.py tests the restart itself.
-os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+_TUNED, _ = host_tunables_env()
+if _TUNED is not None:
+    os.environ["GLIBC_TUNABLES"] = _TUNED["GLIBC_TUNABLES"]
 
 
 import pytest  # noqa: E402

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsync_jax.models.layers import fan_in_normal
+from lsync_jax.models.layers import Dense, fan_in_normal
 
 Dtype = Any
 
@@ -50,7 +50,7 @@ class LongSkipFusion(nn.Module):
         joined = jnp.concatenate([x, skip], axis=-1).astype(jnp.float32)
         joined = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(joined)
         init = fan_in_normal if self.parametrization == "mup" else nn.initializers.xavier_uniform()
-        return nn.Dense(self.hidden_size, kernel_init=init,
+        return Dense(self.hidden_size, kernel_init=init,
                         bias_init=nn.initializers.zeros, dtype=self.dtype, name="linear")(joined.astype(self.dtype))
 
 
@@ -69,7 +69,7 @@ class SelfCondition(nn.Module):
             pooled = jax.lax.stop_gradient(pooled)
         z = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name="norm")(pooled)
         init = fan_in_normal if self.parametrization == "mup" else nn.linear.default_kernel_init
-        z = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="fc_0")(z.astype(self.dtype))
+        z = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="fc_0")(z.astype(self.dtype))
         z = nn.silu(z)
-        return nn.Dense(self.hidden_size, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+        return Dense(self.hidden_size, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                         dtype=self.dtype, name="fc_1")(z)

@@ -26,6 +26,7 @@ import numpy as np
 
 from lsync_jax.models.layers import (
     AdaLNBlock,
+    Dense,
     FinalLayer,
     LabelEmbedder,
     TagEmbedder,
@@ -65,9 +66,9 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.silu(nn.Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_0")(x))
-        h = nn.silu(nn.Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_1")(h))
-        return nn.Dense(self.z_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_2")(h)
+        h = nn.silu(Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_0")(x))
+        h = nn.silu(Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_1")(h))
+        return Dense(self.z_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_2")(h)
 
 
 class SiT(nn.Module):

@@ -75,6 +75,7 @@ import jax.numpy as jnp
 from lsync_jax.models.layers import (
     ATTENTION_IMPLS,
     Attention,
+    Dense,
     LabelEmbedder,
     Mlp,
     check_image_inputs,
@@ -134,7 +135,7 @@ class UViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
         if self.long_skip:
-            x = nn.Dense(self.hidden_size, kernel_init=normal_002, dtype=self.dtype,
+            x = Dense(self.hidden_size, kernel_init=normal_002, dtype=self.dtype,
                          name="skip_linear")(jnp.concatenate([x, skip], axis=-1))
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
         x = x + Attention(self.hidden_size, self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
@@ -153,9 +154,9 @@ class SkipCalibration(nn.Module):
     def __call__(self, skip: jax.Array) -> jax.Array:
         hidden = max(1, self.tokens // LS_REDUCTION)
         pooled = jnp.mean(skip.astype(jnp.float32), axis=-1)  # (B, L): one number per token
-        h = nn.Dense(hidden, kernel_init=torch_default_kernel, bias_init=torch_default_bias(self.tokens),
+        h = Dense(hidden, kernel_init=torch_default_kernel, bias_init=torch_default_bias(self.tokens),
                      dtype=self.dtype, name="layer1")(pooled)
-        h = nn.Dense(self.tokens, kernel_init=torch_default_kernel, bias_init=torch_default_bias(hidden),
+        h = Dense(self.tokens, kernel_init=torch_default_kernel, bias_init=torch_default_bias(hidden),
                      dtype=self.dtype, name="layer2")(nn.relu(h))
         return nn.sigmoid(h.astype(jnp.float32))[..., None].astype(skip.dtype)
 
@@ -280,8 +281,8 @@ class UViT(nn.Module):
 
         time = timestep_frequencies(TIME_SCALE * t.astype(jnp.float32), d)
         if self.mlp_time_embed:
-            time = nn.Dense(4 * d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_0")(time)
-            time = nn.Dense(d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_2")(nn.silu(time))
+            time = Dense(4 * d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_0")(time)
+            time = Dense(d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_2")(nn.silu(time))
         tokens = [time.astype(self.dtype)[:, None]]
         if self.num_classes > 0:
             label = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, dtype=self.dtype,
@@ -329,7 +330,7 @@ class UViT(nn.Module):
             sow(x)
 
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-        x = nn.Dense(p * p * self.out_channels, kernel_init=normal_002, dtype=self.dtype, name="decoder_pred")(x)
+        x = Dense(p * p * self.out_channels, kernel_init=normal_002, dtype=self.dtype, name="decoder_pred")(x)
         x = einops.rearrange(x[:, extras:], "n (h w) (p q c) -> n (h p) (w q) c", h=gh, w=gw, p=p, q=p)
         if self.final_conv:
             x = nn.Conv(self.out_channels, kernel_size=(3, 3), padding="SAME", kernel_init=torch_default_kernel,

@@ -1,0 +1,115 @@
+"""The CPU layouts of `layers.Dense` and `layers.heads_first_attention`: the same numbers as flax's
+nn.Dense and jax.nn.dot_product_attention, forward and backward, without the copies they exist to avoid."""
+
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsync_jax.models.layers import Attention, Dense, heads_first_attention
+
+N, T, IN, OUT = 8, 49, 24, 40
+
+
+def _inputs(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
+def _loss(module):
+    return lambda p, x: jnp.sum(jnp.tanh(module.apply(p, x)) ** 2)
+
+
+@pytest.mark.parametrize("shape", [(N, T, IN), (N * T, IN), (2, 3, 5, IN)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_matches_flax_dense_forward_and_gradients(shape, use_bias):
+    x = _inputs(shape)
+    ours, flax_dense = Dense(OUT, use_bias=use_bias), nn.Dense(OUT, use_bias=use_bias)
+    params = ours.init(jax.random.key(1), x)
+    # Same parameter tree, shapes and initial values as flax's own Dense.
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, flax_dense.init(jax.random.key(1), x))
+    jax.tree.map(np.testing.assert_array_equal, params, flax_dense.init(jax.random.key(1), x))
+    params = jax.tree.map(lambda a: a + 0.1, params)  # a nonzero bias
+    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(_loss(ours), argnums=(0, 1))(params, x)
+    g_flax = jax.grad(_loss(flax_dense), argnums=(0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_ours, g_flax)
+
+
+def test_dense_forward_mode_gives_the_bias_tangent():
+    x = _inputs((N, T, IN))
+    dense = Dense(OUT)
+    params = dense.init(jax.random.key(0), x)
+    tangent = jax.tree.map(jnp.zeros_like, params)
+    tangent["params"]["bias"] = jnp.arange(OUT, dtype=jnp.float32)
+    _, out_dot = jax.jvp(lambda p: dense.apply(p, x), (params,), (tangent,))
+    np.testing.assert_allclose(out_dot, jnp.broadcast_to(jnp.arange(OUT, dtype=jnp.float32), (N, T, OUT)))
+
+
+def test_dense_backward_on_cpu_has_no_transposed_activation():
+    """The point of the layout: flax's Dense makes XLA:CPU copy an (OUT, N*T) transpose of the output
+    gradient for the weight gradient; ours contracts the rows in place."""
+    x = _inputs((N, T, IN))
+    rows = f",{N * T}]"
+
+    def transposed_activations(module):
+        params = module.init(jax.random.key(0), x)
+        hlo = jax.jit(jax.grad(_loss(module), argnums=(0, 1))).lower(params, x).compile().as_text()
+        entry = hlo.split("ENTRY")[1]
+        return [line for line in entry.splitlines() if " = " in line and rows in line.split(" = ")[1][:24]]
+
+    assert jax.default_backend() == "cpu"
+    assert transposed_activations(nn.Dense(OUT)), "flax's Dense no longer transposes here: the layout may be moot"
+    assert transposed_activations(Dense(OUT)) == []
+
+
+def test_dense_off_cpu_takes_flax_computation():
+    x = _inputs((N, T, IN))
+    dense = Dense(OUT)
+    params = dense.init(jax.random.key(0), x)
+    with mock.patch("lsync_jax.models.layers.jax.default_backend", return_value="gpu"):
+        jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
+    assert "custom_jvp_call" not in jaxpr and "reshape" not in jaxpr
+    assert "custom_jvp_call" in str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_first_attention_matches_dot_product_attention(dtype):
+    heads, head_dim = 3, 16
+    qkv = _inputs((4, T, 3 * heads * head_dim)).astype(dtype)
+    w = _inputs((4, T, heads * head_dim), seed=1).astype(dtype)
+
+    def reference(qkv):
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = (z.reshape(4, T, heads, head_dim) for z in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla").reshape(4, T, -1)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    ours = heads_first_attention(qkv, heads)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(ours.astype(np.float32), reference(qkv).astype(np.float32), **tol)
+    g_ours = jax.grad(lambda a: jnp.sum(heads_first_attention(a, heads) * w).astype(jnp.float32))(qkv)
+    g_ref = jax.grad(lambda a: jnp.sum(reference(a) * w).astype(jnp.float32))(qkv)
+    np.testing.assert_allclose(g_ours.astype(np.float32), g_ref.astype(np.float32), **tol)
+
+
+def test_attention_module_uses_the_heads_first_path_only_on_cpu_without_lengths():
+    x = _inputs((2, T, 48))
+    attn = Attention(48, 3, implementation="xla")
+    params = attn.init(jax.random.key(0), x)
+    calls = []
+
+    def spy(qkv, heads):
+        calls.append(qkv.shape)
+        return heads_first_attention(qkv, heads)
+
+    with mock.patch("lsync_jax.models.layers.heads_first_attention", side_effect=spy):
+        full = attn.apply(params, x)
+        masked = attn.apply(params, x, jnp.full((2,), T))  # lengths: jax.nn.dot_product_attention's masks
+        assert calls == [(2, T, 144)]
+        with mock.patch("lsync_jax.models.layers.jax.default_backend", return_value="gpu"):
+            attn.apply(params, x)
+        assert len(calls) == 1
+    np.testing.assert_allclose(full, masked, rtol=1e-5, atol=1e-5)

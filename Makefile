@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
-#   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~14.5 min on 2 CPU cores)
+#   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~14 min on 2 CPU cores)
 #   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
 #   make test-fast   the fast tier (no training, sampling, CLI or emulator runs: pytest -m "not slow and not gcs"), ~2 min on 2 cores (~4 on a first run)
 PYTHON ?= python3

@@ -1,5 +1,5 @@
-"""The default demo: a small SiT with LayerSync on Fashion-MNIST (28x28x1), on a 2-core CPU in ~12.5 min
-(5.5 min training, 2 min once for the reference statistics, 3.8 min for the final FID-1K).
+"""The default demo: a small SiT with LayerSync on Fashion-MNIST (28x28x1), on a 2-core CPU in ~11.5 min
+(5 min training, 2 min once for the reference statistics, 3.7 min for the final FID-1K).
 
     python launch/train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
     python launch/train.py --config=configs/fashion_mnist.py:baseline --workdir=/tmp/fmnist_base  # LayerSync off
@@ -30,8 +30,8 @@ def get_config(variant: str = "layersync"):
     config.sampler.update(dict(method="euler", num_steps=32, cfg_scale=2.0, guidance_interval=(0.0, 1.0)))
     config.train.update(dict(num_steps=800, ema_decay=0.995, log_every=50, checkpoint_every=200,
                              sample_every=400, num_grid_samples=40))
-    # The final FID-1K of EMA samples against the first 1,000 test images (on 2 CPU cores ~105 s of
-    # sampling and ~120 s of Inception, plus ~112 s once for the cached reference). Small-N FID is
+    # The final FID-1K of EMA samples against the first 1,000 test images (on 2 CPU cores ~100 s of
+    # sampling and ~120 s of Inception, plus ~115 s once for the cached reference). Small-N FID is
     # biased upwards: compare runs at the same N, not with published FID-50K numbers.
     config.eval.update(dict(every=800, num_samples=1000, batch_size=250, reference_split="test",
                             reference_size=1000))

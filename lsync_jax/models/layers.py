@@ -60,14 +60,19 @@ class Dense(nn.Dense):
     Dense; as rows it contracts over one axis, which the CPU matmul takes transposed without a copy.
     Together these cut the CPU train step of a small SiT by about a fifth (docs/benchmarks.md).
     Other backends take flax's own computation: TPU tiles the last two axes, so a flatten there can
-    itself be a copy. (`dot_general` and `dot_general_cls` are not used.)
+    itself be a copy. It computes its own matmul, so flax's `dot_general` and `dot_general_cls` fields
+    are refused (use flax's nn.Dense for those).
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        for field in ("dot_general", "dot_general_cls"):
+            if getattr(self, field) is not None:
+                raise ValueError(f"lsync_jax.models.layers.Dense computes its own matmul and does not take "
+                                 f"{field}={getattr(self, field)!r}; use flax.linen.Dense for a custom {field}")
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         if jax.default_backend() != "cpu" or inputs.ndim < 2:
             y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
             return y if bias is None else y + bias
@@ -223,7 +228,9 @@ def heads_first_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     Why: XLA:CPU. Slicing a (three, heads, dim) view makes each slice's gradient a full-size pad,
     and the (T, heads) layout of the products makes their operands transposed copies; split
     heads-first, the backward pass concatenates once. One SiT block's attention (batch 64, 49
-    tokens, 3 heads of 64) took 20 ms forward and backward this way, 25 ms the other.
+    tokens, 3 heads of 64) took 20 ms forward and backward this way, 25 ms the other. In bfloat16 and
+    float16 the logits' gradient stays float32 here, where jax's precision preset rounds it to the
+    input dtype, so gradients differ in the last bits (they are the more precise).
     """
     n, t, _ = qkv.shape
     q, k, v = (z.reshape(n, t, num_heads, -1).transpose(0, 2, 1, 3) for z in jnp.split(qkv, 3, axis=-1))

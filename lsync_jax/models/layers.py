@@ -262,18 +262,15 @@ class Attention(nn.Module):
         # Logits stay scaled by 1/sqrt(head_dim) under muP too, as the muP-DiT code: width grows by heads.
         kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
         qkv = Dense(3 * self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="qkv")(x)
-        impl = resolve_attention_impl(self.implementation, jax.default_backend(), qkv.dtype,
-                                      self.hidden_size // self.num_heads)
-        if lengths is None and impl == "xla" and jax.default_backend() == "cpu":
+        backend = jax.default_backend()
+        impl = resolve_attention_impl(self.implementation, backend, qkv.dtype, self.hidden_size // self.num_heads)
+        if lengths is None and impl == "xla" and backend == "cpu":
             out = heads_first_attention(qkv, self.num_heads)
-            return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="proj")(out)
-        q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
-        if lengths is None:
-            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths.astype(jnp.int32),
-                                               implementation=impl)
-        out = einops.rearrange(out, "b t h d -> b t (h d)")
+            q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
+            seq_lengths = None if lengths is None else lengths.astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=seq_lengths, implementation=impl)
+            out = einops.rearrange(out, "b t h d -> b t (h d)")
         return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="proj")(out)
 
 

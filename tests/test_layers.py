@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lsync_jax"
 
 LAYERS = [
-    {"storage"},  # paths and files anywhere (local, gs://): every layer may use it
+    {"storage", "extras"},  # paths and files anywhere (local, gs://); optional dependencies: every layer may use them
     {"host"},  # shared host helpers (processes, console, images): every layer may use them
     {"models", "transport", "data", "sharding"},  # base: networks, interpolants and samplers, data, the mesh
     {"objectives", "porting"},  # pure losses; weights from PyTorch / diffusers / TorchScript

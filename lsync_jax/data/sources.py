@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lsync_jax import storage
+from lsync_jax.extras import require
 
 NULL_CLASS_NOTE = "label num_classes is the model's null class (classifier-free guidance), never a data label"
 
@@ -107,7 +108,7 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                  image_key: str = "image", label_key: str = "label"):
-        import tensorflow_datasets as tfds  # imported here: only this source needs it
+        tfds = require("tensorflow_datasets", what="a tfds source")  # imported here: only this source needs it
 
         try:
             builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)

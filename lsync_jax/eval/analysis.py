@@ -48,6 +48,7 @@ from lsync_jax.eval.representations import (
     probe_blocks,
     probe_split,
 )
+from lsync_jax.extras import require
 from lsync_jax.host import Progress, save_png
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.objectives.layersync import SELECTION_DEFAULTS
@@ -145,16 +146,12 @@ def merge_measurements(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def _render(fig: Any) -> np.ndarray:
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return image
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", what="the analysis figures").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

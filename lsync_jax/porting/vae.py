@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from lsync_jax import storage
+from lsync_jax.extras import require
 from lsync_jax.models.vae import AutoencoderKL, VAEConfig
 from lsync_jax.storage import read_json
 
@@ -69,8 +70,7 @@ def read_state_file(path: str) -> dict[str, np.ndarray]:
             return dict(load_file(path))
         except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
             raise ValueError(f"weights file {path} is damaged or not safetensors: {e}") from None
-    import torch
-
+    torch = require("torch", what=f"reading the PyTorch file {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
 

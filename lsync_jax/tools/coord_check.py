@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsync_jax.extras import require
 from lsync_jax.models import block_name, get_model
 from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.objectives import Objective, objective_loss
@@ -178,9 +179,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 def plot_coord_check(records: Sequence[dict[str, Any]], path: str) -> None:
     """Activation scale vs width (log-log), one line per layer, one panel per (parametrization, step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", what="the coordinate-check plot").use("Agg")
     import matplotlib.pyplot as plt
 
     means = mean_scales(records)

@@ -25,6 +25,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.host import gather_to_host, make_grid, save_png, to_uint8
+from lsync_jax.train import writers
 from lsync_jax.workdir import all_finite
 
 # The exit code of launch/train.py when SIGTERM stopped a run after saving a checkpoint: sysexits.h's
@@ -95,16 +96,15 @@ def check_state_finite(step: int, state: Any, last_saved: int | None) -> None:
 
 class MetricsHook:
     """Collects every step's metrics, checks they are finite, and every `log_every` steps writes their
-    mean and the throughput (clu's TensorBoard + console writer); ReportProgress gives steps/s and ETA.
+    mean and the throughput (TensorBoard events + console lines, `writers.create_default_writer`); a
+    progress report gives steps/s and ETA.
     Other hooks' scalars go through `log`."""
 
     def __init__(self, workdir: str, num_steps: int, log_every: int, batch_size: int, start: int):
-        from clu import metric_writers, periodic_actions  # clu imports TensorFlow: only when training
-
         self.events = EventSync(workdir) if storage.is_remote(workdir) and jax.process_index() == 0 else None
         logdir = self.events.local if self.events else workdir
-        self.writer = metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
-        self.report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=self.writer, every_secs=30)
+        self.writer = writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+        self.report = writers.report_progress(num_steps, self.writer, every_secs=30)
         self.log_every, self.batch_size = log_every, batch_size
         self.pending: list[tuple[int, Any]] = []
         self.last: dict[str, float] = {}

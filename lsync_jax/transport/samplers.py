@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsync_jax.extras import require
 from lsync_jax.transport.paths import DIFFUSION_FORMS, expand_like
 from lsync_jax.transport.transport import Transport
 
@@ -115,7 +116,7 @@ def ode_sample(field: ModelField, transport: Transport, x: Array, *, method: str
 def adaptive_ode_sample(field: ModelField, transport: Transport, x: Array, *, method: str = "dopri5",
                         rtol: float = 1e-3, atol: float = 1e-6, max_steps: int = 4096) -> tuple[Array, Array]:
     """Adaptive probability-flow ODE (diffrax, PID step control); returns (x1, number of steps)."""
-    import diffrax  # imported here: only the adaptive sampler needs it
+    diffrax = require("diffrax", what="the adaptive ODE sampler")  # imported here: only this sampler needs it
 
     solvers = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "dopri8": diffrax.Dopri8, "bosh3": diffrax.Bosh3}
     if method not in solvers:

@@ -34,6 +34,7 @@ from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from lsync_jax.data.latents import read_metadata
 from lsync_jax.data.pipeline import to_example
 from lsync_jax.models import get_model
+from lsync_jax.models.layers import resolve_attention_impl, resolve_layout
 from lsync_jax.models.vae import decode_latents
 from lsync_jax.porting.vae import load_vae
 from lsync_jax.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, replicated
@@ -67,9 +68,15 @@ def mesh_rules(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(tuple(r) for r in config.mesh.rules) or DEFAULT_RULES
 
 
-def build_mesh(config: Mapping[str, Any]) -> Mesh:
-    """The (data, fsdp) device mesh of config.mesh: the one mesh every entry point uses."""
-    return make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+def build_mesh(config: Mapping[str, Any], devices: Any = None) -> Mesh:
+    """The (data, fsdp) device mesh of config.mesh over `devices` (default: all of this run's): the one
+    mesh every entry point uses; `lsync_jax.tools.fit` passes the devices of a TPU topology."""
+    return make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ('cpu', 'gpu', 'tpu') of the devices a mesh spans: what the model is traced for."""
+    return mesh.devices.flat[0].platform
 
 
 def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,12 +85,23 @@ def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(name=config.model.name, **{k: v for k, v in dict(config.model.overrides).items() if v is not None})
 
 
-def build_model(config: Mapping[str, Any]):
+def build_model(config: Mapping[str, Any], platform: str | None = None):
+    """The model of config.model, laid out for devices of `platform` (default: this process's devices):
+    `layout` (unless the config sets it) and `attention_impl='auto'` are resolved from it, so the
+    program traced is the one those devices run, whatever the host's own backend."""
     overrides = model_fields(config)
     name = overrides.pop("name")
     if "dtype" in overrides:
         overrides["dtype"] = jnp.dtype(overrides["dtype"])
-    return get_model(name, **overrides)
+    return for_platform(get_model(name, **overrides), platform or jax.devices()[0].platform,
+                        layout=overrides.get("layout"))
+
+
+def for_platform(model: Any, platform: str, layout: str | None = None) -> Any:
+    """`model` with its compute fields resolved for devices of `platform`: `layout` (unless given) and
+    `attention_impl='auto'` (cuDNN on GPUs where it applies, else XLA)."""
+    impl = resolve_attention_impl(model.attention_impl, platform, model.dtype, model.hidden_size // model.num_heads)
+    return model.clone(layout=layout or resolve_layout(platform), attention_impl=impl)
 
 
 def build_transport(config: Mapping[str, Any]) -> Transport:

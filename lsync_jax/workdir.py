@@ -27,7 +27,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.builders import build_model, mesh_rules, model_fields
-from lsync_jax.models import get_model
+from lsync_jax.models import COMPUTE_OVERRIDES, get_model
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
 from lsync_jax.storage import read_json
 
@@ -103,7 +103,7 @@ def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where:
             # a field one side's config does not list has the model's default (configs gain switches)
             default = _model_default(saved_model.get("name") or wanted_model.get("name"), key)
             a, b = (default if key not in saved_model else a), (default if key not in wanted_model else b)
-        if a != b and key not in ("dtype", "attention_impl", "remat"):  # compute options may change
+        if a != b and key not in COMPUTE_OVERRIDES:  # compute options may change
             problems.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
     shapes_a, shapes_b = saved.get("param_shapes", {}), wanted["param_shapes"]
     for key in sorted(set(shapes_a) | set(shapes_b)):

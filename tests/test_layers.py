@@ -27,6 +27,7 @@ LAYERS = [
     {"train", "eval"},  # the engine; evaluation (independent of each other)
     {"recipes"},  # multi-phase runs on the engine
     {"tools"},  # programs over the library
+    {"cli"},  # how launch scripts run: run(main), the console scripts
 ]
 LEVEL = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
@@ -66,6 +67,14 @@ def test_no_function_level_imports_of_the_package():
     """Function-level imports are for optional heavy dependencies (torch, matplotlib, TensorFlow) only."""
     hidden = [where for _, _, where, top in _imports() if not top]
     assert not hidden, "lsync_jax imported inside a function (hides cycles):\n" + "\n".join(hidden)
+
+
+def test_no_model_code_reads_the_host_backend():
+    """A program compiled for a TPU on a CPU host must be traced on the TPU path: the layout and the
+    attention implementation are model fields that the builders resolve from the mesh's devices."""
+    readers = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((PACKAGE / "models").rglob("*.py"))
+               for n, line in enumerate(path.read_text().splitlines(), 1) if "default_backend" in line]
+    assert not readers, "model code reads jax.default_backend():\n" + "\n".join(readers)
 
 
 def test_loading_a_config_pulls_in_no_training_machinery():

@@ -37,7 +37,7 @@ def get_config(variant: str = "none"):
     config.model.overrides.update(dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=False,
                                        class_dropout_prob=0.1, mlp_time_embed=False, final_conv=False,
                                        skip_scaling=variant, skip_kappa=0.7, ls_shared=True, dtype="bfloat16",
-                                       remat=True))
+                                       remat="blocks"))
     config.objective.layersync.pairs = ((8, 16, 0.2),)
     config.optimizer.update(dict(lr=2e-4, b1=0.99, b2=0.99, weight_decay=0.03, warmup_steps=5000))
     config.data.update(dict(name="imagenet_latents", dir="", image_size=256, batch_size=1024, flip=True))

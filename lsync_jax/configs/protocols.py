@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from lsync_jax.configs import fashion_mnist, imagenet256, imagenet256_erw, imagenet256_repa, imagenet256_selfcond, tiny
-from lsync_jax.models import get_model
+from lsync_jax.models import COMPUTE_OVERRIDES, get_model
 from lsync_jax.transport import SamplerConfig
 
 SOURCE_KINDS = ("paper", "readme", "issue", "summary", "notes", "measured")
@@ -36,7 +36,7 @@ METHOD_REGULARIZERS = {"baseline": (), "layersync": ("layersync",), "repa": ("re
                        "repa+layersync": ("layersync", "repa"), "erw": ("repa",), "selfcond": (),
                        "selfcond+layersync": ("layersync",)}
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
-COMPUTE_OPTIONS = ("dtype", "attention_impl", "remat")
+COMPUTE_OPTIONS = COMPUTE_OVERRIDES
 # Settings whose change changes the number: an override of any of them makes a result "not comparable".
 SAMPLING_SETTINGS = ("sampler", "cfg_scale", "guidance_interval", "num_samples", "class_balance", "seed",
                      "reference")

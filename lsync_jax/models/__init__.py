@@ -16,7 +16,7 @@ import numbers
 import typing
 from typing import Any
 
-from lsync_jax.models.layers import ATTENTION_IMPLS
+from lsync_jax.models.layers import ATTENTION_IMPLS, check_layout, remat_policy
 from lsync_jax.models.sit import SiT, SiTSequence, SiTVideo, block_name, projection_name
 from lsync_jax.models.uvit import UViT
 
@@ -64,7 +64,8 @@ OFFICIAL_OVERRIDES = SHARED_OVERRIDES + (
     "self_condition",
     "self_condition_stop_gradient",
 )
-COMPUTE_OVERRIDES = ("dtype", "attention_impl", "remat")
+# How the model computes, not what: a resume may change them (workdir.check_compatible).
+COMPUTE_OVERRIDES = ("dtype", "attention_impl", "remat", "layout")
 
 # U-ViT's sizes (Bao et al., Table 1; the official configs' `depth` + 1): total blocks / hidden /
 # heads. Patch 2 for CIFAR-10 (S/2) and 32x32x4 ImageNet-256 latents (L/2, H/2), 4 at 64 px.
@@ -178,6 +179,8 @@ def get_model(name: str, **overrides: Any) -> SiT:
         raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {prob}")
     if fields["attention_impl"] not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={fields['attention_impl']!r}; expected one of {ATTENTION_IMPLS}")
+    check_layout(fields["layout"])
+    fields["remat"] = remat_policy(fields["remat"])
     z_dims = fields["z_dims"]  # one REPA projector per entry
     if isinstance(z_dims, (str, numbers.Number)) or not all(
         isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 1 for z in z_dims
@@ -220,6 +223,8 @@ def get_uvit(name: str, **overrides: Any) -> UViT:
     fields.update(overrides)
     if "z_dims" in fields:
         fields["z_dims"] = tuple(fields["z_dims"])
+    if "remat" in fields:
+        fields["remat"] = remat_policy(fields["remat"])
     return UViT(**fields)
 
 

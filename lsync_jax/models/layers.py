@@ -29,6 +29,52 @@ patch_embed_init = nn.initializers.variance_scaling(
 PARAMETRIZATIONS = ("sp", "mup")
 fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
+# How `Dense` and `Attention` lay out their work: 'accelerator' is flax's own computation (what GPUs
+# and TPUs run); 'cpu' multiplies rows and splits attention heads-first (XLA:CPU's backward pass, see
+# `Dense`). A compute field of every backbone: the builders resolve it from the platform of the mesh's
+# devices (`resolve_layout`), so a program compiled for a TPU on a CPU host is traced on the TPU path.
+LAYOUTS = ("accelerator", "cpu")
+
+
+def resolve_layout(platform: str) -> str:
+    """The layout for devices of `platform` ('cpu', 'gpu', 'tpu', ...)."""
+    return "cpu" if platform == "cpu" else "accelerator"
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"model.layout={layout!r}; expected one of {LAYOUTS} (None in a config: from the platform "
+                         "of the mesh's devices)")
+
+
+# Activation rematerialisation of the transformer blocks (the model's `remat` field): 'none' keeps
+# every activation for the backward pass; 'blocks' keeps only each block's input and recomputes the
+# rest (about a third more FLOPs); 'dots' keeps the linears' outputs and recomputes the cheap
+# element-wise work and attention's batched products. True and False mean 'blocks' and 'none'.
+REMAT_POLICIES = ("none", "blocks", "dots")
+
+
+def remat_policy(remat: Any) -> str:
+    """The policy named by a model's `remat` field (a bool, a policy name, or their command-line strings)."""
+    if isinstance(remat, bool) or remat in ("True", "False", "true", "false"):
+        return "blocks" if remat in (True, "True", "true") else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r}; expected one of {REMAT_POLICIES} (or True = 'blocks', "
+                         "False = 'none')")
+    return remat
+
+
+def remat_block(block_cls: type, remat: Any) -> type:
+    """`block_cls` wrapped for the `remat` policy (the class itself for 'none'). The blocks' outputs
+    that the regularisers read are sown by the backbone outside the wrapped block, so every policy
+    sows the same features."""
+    policy = remat_policy(remat)
+    if policy == "none":
+        return block_cls
+    if policy == "dots":
+        return nn.remat(block_cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return nn.remat(block_cls)
+
 
 
 @jax.custom_jvp
@@ -61,8 +107,11 @@ class Dense(nn.Dense):
     Together these cut the CPU train step of a small SiT by about a fifth (docs/benchmarks.md).
     Other backends take flax's own computation: TPU tiles the last two axes, so a flatten there can
     itself be a copy. It computes its own matmul, so flax's `dot_general` and `dot_general_cls` fields
-    are refused (use flax's nn.Dense for those).
+    are refused (use flax's nn.Dense for those). `layout` ('accelerator' or 'cpu', see `LAYOUTS`)
+    chooses; the two agree to float rounding.
     """
+
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -73,7 +122,8 @@ class Dense(nn.Dense):
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        if jax.default_backend() != "cpu" or inputs.ndim < 2:
+        check_layout(self.layout)
+        if self.layout != "cpu" or inputs.ndim < 2:
             y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
             return y if bias is None else y + bias
         rows = jnp.dot(inputs.reshape(-1, inputs.shape[-1]), kernel, precision=self.precision)
@@ -141,14 +191,15 @@ class TimestepEmbedder(nn.Module):
     frequency_embedding_size: int = 256
     dtype: Dtype = jnp.float32
     parametrization: str = "sp"
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         init = fan_in_normal if self.parametrization == "mup" else nn.initializers.normal(0.02)
         h = timestep_frequencies(t, self.frequency_embedding_size)
-        h = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(h)
+        h = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, layout=self.layout, name="mlp_0")(h)
         h = nn.silu(h)
-        return Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
+        return Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, layout=self.layout, name="mlp_2")(h)
 
 
 class LabelEmbedder(nn.Module):
@@ -191,6 +242,7 @@ class TagEmbedder(nn.Module):
     hidden_size: int
     dropout_prob: float
     dtype: Dtype = jnp.float32
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, tags: jax.Array, train: bool) -> jax.Array:
@@ -199,7 +251,7 @@ class TagEmbedder(nn.Module):
             keep = ~jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, tags.shape[:1])
             tags = tags * keep[:, None]
         return Dense(self.hidden_size, use_bias=False, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
-                        name="embedding")(tags)
+                     layout=self.layout, name="embedding")(tags)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -210,7 +262,9 @@ def resolve_attention_impl(impl: str, backend: str, dtype: Any, head_dim: int) -
 
     jax.nn.dot_product_attention's own default (None) always takes the XLA path, so 'auto' picks
     cuDNN itself: on GPUs, for bfloat16/float16 inputs with head_dim a multiple of 8 up to 128
-    (SiT's heads are 64 or 72 wide).
+    (SiT's heads are 64 or 72 wide). `backend` is the platform of the devices the model runs on:
+    the builders call this with the mesh's (`lsync_jax.builders.build_model`); a model left at
+    'auto' by the Python API takes the XLA path.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -245,8 +299,9 @@ def heads_first_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
 class Attention(nn.Module):
     """timm-style multi-head self-attention (fused qkv with bias) on jax.nn.dot_product_attention.
 
-    `implementation`: 'auto' (cuDNN flash attention where supported, see `resolve_attention_impl`),
-    'xla' or 'cudnn'.
+    `implementation`: 'xla' or 'cudnn'; 'auto' is resolved by the builders from the mesh's platform
+    (`resolve_attention_impl`) and means 'xla' here. `layout` 'cpu' splits a fused qkv heads-first
+    (`heads_first_attention`) where the XLA path takes no padding lengths.
     """
 
     hidden_size: int
@@ -254,6 +309,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     implementation: str = "auto"
     parametrization: str = "sp"
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -261,17 +317,19 @@ class Attention(nn.Module):
         fused kernels take lengths, not arbitrary masks: padding is always at the end)."""
         # Logits stay scaled by 1/sqrt(head_dim) under muP too, as the muP-DiT code: width grows by heads.
         kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
-        qkv = Dense(3 * self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="qkv")(x)
-        backend = jax.default_backend()
-        impl = resolve_attention_impl(self.implementation, backend, qkv.dtype, self.hidden_size // self.num_heads)
-        if lengths is None and impl == "xla" and backend == "cpu":
+        qkv = Dense(3 * self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, layout=self.layout, name="qkv")(x)
+        if self.implementation not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {self.implementation!r}; expected one of "
+                             f"{ATTENTION_IMPLS}")
+        impl = "xla" if self.implementation == "auto" else self.implementation
+        if lengths is None and impl == "xla" and self.layout == "cpu":
             out = heads_first_attention(qkv, self.num_heads)
         else:
             q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
             seq_lengths = None if lengths is None else lengths.astype(jnp.int32)
             out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=seq_lengths, implementation=impl)
             out = einops.rearrange(out, "b t h d -> b t (h d)")
-        return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="proj")(out)
+        return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, layout=self.layout, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -281,13 +339,15 @@ class Mlp(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     parametrization: str = "sp"
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel_init = fan_in_normal if self.parametrization == "mup" else xavier_uniform
-        h = Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=kernel_init, dtype=self.dtype, name="fc1")(x)
+        dense = dict(kernel_init=kernel_init, dtype=self.dtype, layout=self.layout)
+        h = Dense(int(self.hidden_size * self.mlp_ratio), name="fc1", **dense)(x)
         h = nn.gelu(h, approximate=True)
-        return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, name="fc2")(h)
+        return Dense(self.hidden_size, name="fc2", **dense)(h)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -296,12 +356,12 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 def adaln_modulation(features: int, dtype: Dtype, name: str = "adaLN_modulation",
-                     parametrization: str = "sp") -> Dense:
+                     parametrization: str = "sp", layout: str = "accelerator") -> Dense:
     """The Linear behind SiLU that produces shift/scale/gate: zero-initialised (adaLN-Zero), except
     under muP, where it is a hidden layer initialised N(0, 1/fan_in) as the muP-DiT code does."""
     kernel_init = fan_in_normal if parametrization == "mup" else nn.initializers.zeros
     return Dense(
-        features, kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype, name=name
+        features, kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype, layout=layout, name=name
     )
 
 
@@ -336,17 +396,19 @@ class AdaLNBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     parametrization: str = "sp"
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
-        mod = adaln_modulation(6 * self.hidden_size, self.dtype, parametrization=self.parametrization)(nn.silu(c))
+        mod = adaln_modulation(6 * self.hidden_size, self.dtype, parametrization=self.parametrization,
+                               layout=self.layout)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
         h = Attention(self.hidden_size, self.num_heads, self.dtype, self.attention_impl, self.parametrization,
-                      name="attn")(h, lengths)
+                      self.layout, name="attn")(h, lengths)
         x = x + gate_msa[:, None, :] * h
         h = modulate(layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
-        h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, self.parametrization, name="mlp")(h)
+        h = Mlp(self.hidden_size, self.mlp_ratio, self.dtype, self.parametrization, self.layout, name="mlp")(h)
         return x + gate_mlp[:, None, :] * h
 
 
@@ -364,10 +426,12 @@ class FinalLayer(nn.Module):
     output_multiplier: float = 1.0
     width_multiplier: float = 1.0
     patch_elements: int = 0  # input elements per patch (0: patch_size ** 2, an image patch)
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        mod = adaln_modulation(2 * self.hidden_size, self.dtype, parametrization=self.parametrization)(nn.silu(c))
+        mod = adaln_modulation(2 * self.hidden_size, self.dtype, parametrization=self.parametrization,
+                               layout=self.layout)(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm("norm_final", self.dtype)(x), shift, scale)
         if self.parametrization == "mup":
@@ -376,5 +440,6 @@ class FinalLayer(nn.Module):
             (self.patch_elements or self.patch_size * self.patch_size) * self.out_channels,
             kernel_init=nn.initializers.zeros,
             dtype=self.dtype,
+            layout=self.layout,
             name="linear",
         )(x)

@@ -44,14 +44,15 @@ class LongSkipFusion(nn.Module):
     hidden_size: int
     dtype: Dtype = jnp.float32
     parametrization: str = "sp"  # 'mup': a hidden matrix, N(0, 1/fan_in) (lsync_jax/models/mup.py)
+    layout: str = "accelerator"  # layers.LAYOUTS
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
         joined = jnp.concatenate([x, skip], axis=-1).astype(jnp.float32)
         joined = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="norm")(joined)
         init = fan_in_normal if self.parametrization == "mup" else nn.initializers.xavier_uniform()
-        return Dense(self.hidden_size, kernel_init=init,
-                        bias_init=nn.initializers.zeros, dtype=self.dtype, name="linear")(joined.astype(self.dtype))
+        return Dense(self.hidden_size, kernel_init=init, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                     layout=self.layout, name="linear")(joined.astype(self.dtype))
 
 
 class SelfCondition(nn.Module):
@@ -61,6 +62,7 @@ class SelfCondition(nn.Module):
     stop_gradient: bool = False
     dtype: Dtype = jnp.float32
     parametrization: str = "sp"  # 'mup': fc_0 is a hidden matrix, N(0, 1/fan_in); fc_1 starts at zero either way
+    layout: str = "accelerator"  # layers.LAYOUTS
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -69,7 +71,8 @@ class SelfCondition(nn.Module):
             pooled = jax.lax.stop_gradient(pooled)
         z = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name="norm")(pooled)
         init = fan_in_normal if self.parametrization == "mup" else nn.linear.default_kernel_init
-        z = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="fc_0")(z.astype(self.dtype))
+        z = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, layout=self.layout, name="fc_0")(
+            z.astype(self.dtype))
         z = nn.silu(z)
         return Dense(self.hidden_size, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                        dtype=self.dtype, name="fc_1")(z)
+                     dtype=self.dtype, layout=self.layout, name="fc_1")(z)

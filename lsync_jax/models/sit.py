@@ -32,9 +32,11 @@ from lsync_jax.models.layers import (
     TagEmbedder,
     TimestepEmbedder,
     check_image_inputs,
+    check_layout,
     dummy_inputs,
     fan_in_normal,
     patch_embed_init,
+    remat_block,
     sincos_1d,
     sincos_2d,
     sincos_spacetime,
@@ -63,12 +65,14 @@ class Projector(nn.Module):
     projector_dim: int
     z_dim: int
     dtype: Dtype = jnp.float32
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.silu(Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_0")(x))
-        h = nn.silu(Dense(self.projector_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_1")(h))
-        return Dense(self.z_dim, kernel_init=xavier_uniform, dtype=self.dtype, name="fc_2")(h)
+        dense = dict(kernel_init=xavier_uniform, dtype=self.dtype, layout=self.layout)
+        h = nn.silu(Dense(self.projector_dim, name="fc_0", **dense)(x))
+        h = nn.silu(Dense(self.projector_dim, name="fc_1", **dense)(h))
+        return Dense(self.z_dim, name="fc_2", **dense)(h)
 
 
 class SiT(nn.Module):
@@ -81,8 +85,11 @@ class SiT(nn.Module):
     (the velocity) is returned. `z_dims`, `encoder_depth`, `projector_dim`: REPA's projectors, one
     per entry of `z_dims` (none by default) on the output of block `encoder_depth` (1-indexed),
     sown as `projection_{k}`. `dtype` is the compute dtype; parameters stay float32 and the
-    output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16),
-    'xla' or 'cudnn'. `parametrization`: 'sp' (the official initialisation) or 'mup' (muP as the
+    output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, as
+    the builders resolve it from the mesh's platform; 'xla' when left unresolved), 'xla' or 'cudnn'.
+    `layout`: 'accelerator' or 'cpu' (`layers.LAYOUTS`; the builders resolve it from the platform).
+    `remat`: 'none', 'blocks' or 'dots' (`layers.REMAT_POLICIES`; True/False: 'blocks'/'none').
+    `parametrization`: 'sp' (the official initialisation) or 'mup' (muP as the
     muP-DiT code: N(0, 1/fan_in) weights, adaLN not zero, readout input times
     `output_multiplier * mup_base_width / hidden_size`; the optimizer side is
     `lsync_jax.models.mup.mup_lr_multipliers`). `long_skips` (DiverseDiT) and `self_condition`
@@ -104,7 +111,8 @@ class SiT(nn.Module):
     projector_dim: int = 2048
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    layout: str = "accelerator"
     parametrization: str = "sp"
     mup_base_width: int = 288  # the muP-DiT base: 4 heads of 72 (DiT-XL/2 is 16 of 72)
     output_multiplier: float = 1.0
@@ -197,17 +205,18 @@ class SiT(nn.Module):
         if lengths is not None:  # for the regularisers' token averages
             self.sow("intermediates", "token_mask", jnp.arange(x.shape[1])[None, :] < lengths[:, None])
 
-        mup = dict(parametrization=self.parametrization)
+        check_layout(self.layout)
+        mup = dict(parametrization=self.parametrization, layout=self.layout)
         c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder", **mup)(t)
         if self.num_classes > 0:
             c = c + LabelEmbedder(
-                self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder", **mup
-            )(y, train)
+                self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder",
+                parametrization=self.parametrization)(y, train)
         if self.num_tags > 0:
             c = c + TagEmbedder(self.num_tags, self.hidden_size, self.tag_dropout_prob, dtype=self.dtype,
-                                name="tag_embedder")(y, train)
+                                layout=self.layout, name="tag_embedder")(y, train)
 
-        block_cls = nn.remat(AdaLNBlock) if self.remat else AdaLNBlock
+        block_cls = remat_block(AdaLNBlock, self.remat)
         if not 0 <= self.self_condition < self.depth:
             raise ValueError(f"self_condition={self.self_condition} must name a block in 1..{self.depth - 1} that has "
                              "later blocks to condition (0: off)")
@@ -227,7 +236,7 @@ class SiT(nn.Module):
                                       name="self_condition", **mup)(x).astype(c.dtype)
             if i + 1 == self.encoder_depth:
                 for k, z_dim in enumerate(self.z_dims):
-                    z = Projector(self.projector_dim, z_dim, self.dtype, name=f"projectors_{k}")(x)
+                    z = Projector(self.projector_dim, z_dim, self.dtype, self.layout, name=f"projectors_{k}")(x)
                     self.sow("intermediates", projection_name(k), z)
 
         x = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, dtype=self.dtype, name="final_layer",

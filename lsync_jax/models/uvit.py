@@ -79,7 +79,10 @@ from lsync_jax.models.layers import (
     LabelEmbedder,
     Mlp,
     check_image_inputs,
+    check_layout,
     dummy_inputs,
+    remat_block,
+    remat_policy,
     sincos_2d,
     timestep_frequencies,
 )
@@ -131,17 +134,18 @@ class UViTBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     long_skip: bool = False
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
         if self.long_skip:
-            x = Dense(self.hidden_size, kernel_init=normal_002, dtype=self.dtype,
-                         name="skip_linear")(jnp.concatenate([x, skip], axis=-1))
+            x = Dense(self.hidden_size, kernel_init=normal_002, dtype=self.dtype, layout=self.layout,
+                      name="skip_linear")(jnp.concatenate([x, skip], axis=-1))
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
         x = x + Attention(self.hidden_size, self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                          name="attn")(h)
+                          layout=self.layout, name="attn")(h)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x)
-        return x + Mlp(self.hidden_size, self.mlp_ratio, dtype=self.dtype, name="mlp")(h)
+        return x + Mlp(self.hidden_size, self.mlp_ratio, dtype=self.dtype, layout=self.layout, name="mlp")(h)
 
 
 class SkipCalibration(nn.Module):
@@ -149,15 +153,16 @@ class SkipCalibration(nn.Module):
 
     tokens: int
     dtype: Dtype = jnp.float32
+    layout: str = "accelerator"
 
     @nn.compact
     def __call__(self, skip: jax.Array) -> jax.Array:
         hidden = max(1, self.tokens // LS_REDUCTION)
         pooled = jnp.mean(skip.astype(jnp.float32), axis=-1)  # (B, L): one number per token
         h = Dense(hidden, kernel_init=torch_default_kernel, bias_init=torch_default_bias(self.tokens),
-                     dtype=self.dtype, name="layer1")(pooled)
+                  dtype=self.dtype, layout=self.layout, name="layer1")(pooled)
         h = Dense(self.tokens, kernel_init=torch_default_kernel, bias_init=torch_default_bias(hidden),
-                     dtype=self.dtype, name="layer2")(nn.relu(h))
+                  dtype=self.dtype, layout=self.layout, name="layer2")(nn.relu(h))
         return nn.sigmoid(h.astype(jnp.float32))[..., None].astype(skip.dtype)
 
 
@@ -168,7 +173,7 @@ class UViT(nn.Module):
     predicts the velocity only and has no REPA projectors). Size defaults: U-ViT-H/2 on ImageNet
     256 latents (the official H/2 config also sets mlp_time_embed=False, final_conv=False).
     `dtype` is the compute dtype; parameters and the output are float32.
-    `attention_impl`: as SiT's. `remat`: recompute each block in the backward pass (the official
+    `attention_impl`, `layout`: as SiT's. `remat`: as SiT's ('blocks' or True is the official
     `use_checkpoint`).
     """
 
@@ -191,7 +196,8 @@ class UViT(nn.Module):
     ls_shared: bool = True
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    layout: str = "accelerator"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -233,6 +239,8 @@ class UViT(nn.Module):
             raise ValueError(f"UViT skip_kappa={self.skip_kappa} must be in [{low}, {high}] (ScaleLong's range)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"UViT attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        check_layout(self.layout)
+        remat_policy(self.remat)
 
     @property
     def out_channels(self) -> int:
@@ -281,8 +289,9 @@ class UViT(nn.Module):
 
         time = timestep_frequencies(TIME_SCALE * t.astype(jnp.float32), d)
         if self.mlp_time_embed:
-            time = Dense(4 * d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_0")(time)
-            time = Dense(d, kernel_init=normal_002, dtype=self.dtype, name="time_embed_2")(nn.silu(time))
+            time = Dense(4 * d, kernel_init=normal_002, dtype=self.dtype, layout=self.layout, name="time_embed_0")(time)
+            time = Dense(d, kernel_init=normal_002, dtype=self.dtype, layout=self.layout,
+                         name="time_embed_2")(nn.silu(time))
         tokens = [time.astype(self.dtype)[:, None]]
         if self.num_classes > 0:
             label = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, dtype=self.dtype,
@@ -296,9 +305,9 @@ class UViT(nn.Module):
             pos = jnp.concatenate([jnp.zeros((extras, d)), jnp.asarray(sincos_2d(d, gh, gw))])[None]
         x = x + pos.astype(self.dtype)
 
-        block_cls = nn.remat(UViTBlock) if self.remat else UViTBlock
+        block_cls = remat_block(UViTBlock, self.remat)
         kw = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                  attention_impl=self.attention_impl)
+                  attention_impl=self.attention_impl, layout=self.layout)
         index = 0
 
         def sow(h: jax.Array) -> None:
@@ -316,13 +325,15 @@ class UViT(nn.Module):
 
         if self.skip_scaling == "ls":
             tokens_total = extras + gh * gw
-            shared = SkipCalibration(tokens_total, self.dtype, name="skip_calibration") if self.ls_shared else None
+            shared = (SkipCalibration(tokens_total, self.dtype, self.layout, name="skip_calibration")
+                      if self.ls_shared else None)
         else:
             factors = skip_scale_factors(self.skip_scaling, self.num_out_blocks, self.skip_kappa)
         for i in range(self.num_out_blocks):
             skip = skips.pop()  # the mirror: in-block N - 1 - i
             if self.skip_scaling == "ls":
-                calibrate = shared or SkipCalibration(tokens_total, self.dtype, name=f"skip_calibration_{i}")
+                calibrate = shared or SkipCalibration(tokens_total, self.dtype, self.layout,
+                                                      name=f"skip_calibration_{i}")
                 skip = skip * calibrate(skip)
             elif self.skip_scaling != "none":
                 skip = skip * jnp.asarray(factors[i], skip.dtype)
@@ -330,7 +341,8 @@ class UViT(nn.Module):
             sow(x)
 
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-        x = Dense(p * p * self.out_channels, kernel_init=normal_002, dtype=self.dtype, name="decoder_pred")(x)
+        x = Dense(p * p * self.out_channels, kernel_init=normal_002, dtype=self.dtype, layout=self.layout,
+                  name="decoder_pred")(x)
         x = einops.rearrange(x[:, extras:], "n (h w) (p q c) -> n (h p) (w q) c", h=gh, w=gw, p=p, q=p)
         if self.final_conv:
             x = nn.Conv(self.out_channels, kernel_size=(3, 3), padding="SAME", kernel_init=torch_default_kernel,

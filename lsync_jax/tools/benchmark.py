@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsync_jax import storage
-from lsync_jax.builders import model_fields
+from lsync_jax.builders import for_platform, model_fields
 from lsync_jax.configs.base import base_config
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
 from lsync_jax.host import compiler_options
@@ -147,8 +147,9 @@ def bench_model(name: str, cfg: BenchConfig, attention: str | None = None, **ext
         overrides["num_frames"] = cfg.num_frames
     if attention is not None:
         overrides["attention_impl"] = attention
-    return get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-                     dtype=jnp.dtype(cfg.dtype), **overrides)
+    model = get_model(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                      dtype=jnp.dtype(cfg.dtype), **overrides)
+    return for_platform(model, jax.devices()[0].platform, layout=overrides.get("layout"))
 
 
 def _conditions(model, n: int, key: jax.Array) -> jax.Array:
@@ -216,7 +217,7 @@ def _round(x, n=2):
 
 
 def _attention_label(model) -> str:
-    resolved = resolve_attention_impl(model.attention_impl, jax.default_backend(), model.dtype,
+    resolved = resolve_attention_impl(model.attention_impl, jax.devices()[0].platform, model.dtype,
                                       model.hidden_size // model.num_heads)
     return model.attention_impl if resolved == model.attention_impl else f"{model.attention_impl}->{resolved}"
 

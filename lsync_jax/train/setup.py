@@ -33,6 +33,7 @@ from lsync_jax.builders import (
     build_source,
     build_transport,
     check_data_matches_model,
+    mesh_platform,
     mesh_rules,
     model_fields,
     validate_config,
@@ -124,13 +125,13 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
         logging.warning("this run is not protocol %r's: %s; its results will not be comparable with the paper's "
                         "value (launch/reproduce.py marks them)", config.protocol, difference)
     initialize_distributed(config.distributed)
-    model = build_model(config)
+    mesh, rules = build_mesh(config), mesh_rules(config)
+    model = build_model(config, mesh_platform(mesh))
     transport = build_transport(config)
     objective = build_objective(config.objective, transport, depth=model.depth)
     tx, schedule = make_optimizer(dict(config.optimizer), lr_multipliers=mup_lr_multipliers(model))
     sampler_cfg, cfg_scale, interval = build_sampler(config)
     validate_guidance(model, cfg_scale, interval)  # now, not at the first sample grid hours later
-    mesh, rules = build_mesh(config), mesh_rules(config)
     batch_size = int(config.data.batch_size)
     if batch_size % jax.device_count():
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
@@ -145,7 +146,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))
     sample_fn = make_sample_fn(model, transport, sampler_cfg,
-                               compiler_options=compiler_options(mesh.devices.flat[0].platform))
+                               compiler_options=compiler_options(mesh_platform(mesh)))
     run = Run(config, workdir, model, objective, mesh, sample_fn, cfg_scale, interval, build_decoder(config, mesh),
               iter(loader), encoder)
     run.end = run.num_steps if until is None else min(int(until), run.num_steps)

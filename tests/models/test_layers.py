@@ -1,5 +1,7 @@
-"""The CPU layouts of `layers.Dense` and `layers.heads_first_attention`: the same numbers as flax's
-nn.Dense and jax.nn.dot_product_attention, forward and backward, without the copies they exist to avoid."""
+"""The layouts of `layers.Dense` and `layers.Attention`: the 'cpu' one (rows, heads-first attention)
+gives the same numbers as flax's nn.Dense and jax.nn.dot_product_attention (the 'accelerator' one),
+forward and backward, without the copies it exists to avoid; which one runs is the model's field,
+not the host's backend."""
 
 from unittest import mock
 
@@ -12,8 +14,8 @@ import pytest
 from lsync_jax.models.layers import Attention, Dense, heads_first_attention
 
 N, T, IN, OUT = 8, 49, 24, 40
-# The layouts are what the CPU backend runs; elsewhere flax's and jax's own computation runs instead.
-cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU layouts apply on the CPU backend only")
+# The HLO checks are of XLA:CPU's compiled programs.
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's compiled program")
 
 
 def _inputs(shape, seed=0):
@@ -28,7 +30,7 @@ def _loss(module):
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_dense_matches_flax_dense_forward_and_gradients(shape, use_bias):
     x = _inputs(shape)
-    ours, flax_dense = Dense(OUT, use_bias=use_bias), nn.Dense(OUT, use_bias=use_bias)
+    ours, flax_dense = Dense(OUT, use_bias=use_bias, layout="cpu"), nn.Dense(OUT, use_bias=use_bias)
     params = ours.init(jax.random.key(1), x)
     # Same parameter tree, shapes and initial values as flax's own Dense.
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, flax_dense.init(jax.random.key(1), x))
@@ -42,7 +44,7 @@ def test_dense_matches_flax_dense_forward_and_gradients(shape, use_bias):
 
 def test_dense_bfloat16_compute_with_float32_params_matches_flax():
     x = _inputs((N, T, IN))
-    ours, flax_dense = Dense(OUT, dtype=jnp.bfloat16), nn.Dense(OUT, dtype=jnp.bfloat16)
+    ours, flax_dense = Dense(OUT, dtype=jnp.bfloat16, layout="cpu"), nn.Dense(OUT, dtype=jnp.bfloat16)
     params = jax.tree.map(lambda a: a + 0.1, ours.init(jax.random.key(1), x))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
     out = ours.apply(params, x)
@@ -63,7 +65,7 @@ def test_dense_refuses_a_custom_dot_general():
 
 def test_dense_forward_mode_gives_the_bias_tangent():
     x = _inputs((N, T, IN))
-    dense = Dense(OUT)
+    dense = Dense(OUT, layout="cpu")
     params = dense.init(jax.random.key(0), x)
     tangent = jax.tree.map(jnp.zeros_like, params)
     tangent["params"]["bias"] = jnp.arange(OUT, dtype=jnp.float32)
@@ -85,18 +87,20 @@ def test_dense_backward_on_cpu_has_no_transposed_activation():
         return [line for line in entry.splitlines() if " = " in line and rows in line.split(" = ")[1][:24]]
 
     assert transposed_activations(nn.Dense(OUT)), "flax's Dense no longer transposes here: the layout may be moot"
-    assert transposed_activations(Dense(OUT)) == []
+    assert transposed_activations(Dense(OUT, layout="cpu")) == []
+    assert transposed_activations(Dense(OUT, layout="accelerator")), "the accelerator layout is flax's computation"
 
 
-@cpu_only
-def test_dense_off_cpu_takes_flax_computation():
+def test_dense_accelerator_layout_is_flax_computation_whatever_the_host():
     x = _inputs((N, T, IN))
-    dense = Dense(OUT)
+    dense = Dense(OUT)  # 'accelerator' by default: what a GPU or TPU program is traced with
     params = dense.init(jax.random.key(0), x)
-    with mock.patch("lsync_jax.models.layers.jax.default_backend", return_value="gpu"):
-        jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
+    jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
     assert "custom_jvp_call" not in jaxpr and "reshape" not in jaxpr
-    assert "custom_jvp_call" in str(jax.make_jaxpr(lambda p: dense.apply(p, x))(params))
+    rows = Dense(OUT, layout="cpu")
+    assert "custom_jvp_call" in str(jax.make_jaxpr(lambda p: rows.apply(p, x))(params))
+    with pytest.raises(ValueError, match="layout"):
+        Dense(OUT, layout="tpu").init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -119,10 +123,9 @@ def test_heads_first_attention_matches_dot_product_attention(dtype):
     np.testing.assert_allclose(g_ours.astype(np.float32), g_ref.astype(np.float32), **tol)
 
 
-@cpu_only
-def test_attention_module_uses_the_heads_first_path_only_on_cpu_without_lengths():
+def test_attention_module_uses_the_heads_first_path_only_in_the_cpu_layout_without_lengths():
     x = _inputs((2, T, 48))
-    attn = Attention(48, 3, implementation="xla")
+    attn = Attention(48, 3, implementation="xla", layout="cpu")
     params = attn.init(jax.random.key(0), x)
     calls = []
 
@@ -134,7 +137,32 @@ def test_attention_module_uses_the_heads_first_path_only_on_cpu_without_lengths(
         full = attn.apply(params, x)
         masked = attn.apply(params, x, jnp.full((2,), T))  # lengths: jax.nn.dot_product_attention's masks
         assert calls == [(2, T, 144)]
-        with mock.patch("lsync_jax.models.layers.jax.default_backend", return_value="gpu"):
-            attn.apply(params, x)
+        plain = Attention(48, 3, implementation="auto", layout="accelerator").apply(params, x)
         assert len(calls) == 1
     np.testing.assert_allclose(full, masked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(full, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SiT-S/4", "UViT-S/4"])
+def test_a_backbone_in_the_accelerator_layout_matches_the_cpu_layout_forward_and_backward(name):
+    """What a GPU or TPU traces (the 'accelerator' layout), checked on the CPU against the CPU layout:
+    the same outputs, sown blocks and gradients to float32 rounding."""
+    from lsync_jax.models import get_model
+
+    kw = dict(depth=3, hidden_size=48, num_heads=3, input_size=16, in_channels=3, num_classes=5)
+    if name.startswith("SiT"):
+        kw["learn_sigma"] = False
+    cpu, accel = get_model(name, layout="cpu", **kw), get_model(name, layout="accelerator", **kw)
+    x, t, y = _inputs((2, 16, 16, 3)), jnp.asarray([0.3, 0.8]), jnp.asarray([1, 4])
+    params = cpu.init(jax.random.key(0), x, t, y)
+    params = jax.tree.map(lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), params)
+
+    def run(model):
+        def loss(p):
+            out, sown = model.apply(p, x, t, y, mutable=["intermediates"])
+            return jnp.sum(out ** 2) + jnp.sum(sown["intermediates"]["block_2"][0] ** 2), (out, sown)
+        (_, (out, sown)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return out, sown, grads
+
+    for a, b in zip(run(cpu), run(accel)):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=5e-5), a, b)

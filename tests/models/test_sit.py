@@ -220,12 +220,29 @@ def test_attention_implementations_agree():
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < (2e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
-@pytest.mark.slow
-def test_remat_gives_the_same_gradients():
-    model, ref = tiny(remat=True), tiny()
+@pytest.mark.parametrize("remat", [True, "blocks", "dots"])
+def test_every_remat_policy_gives_the_same_gradients_and_sown_features(remat):
+    """What LayerSync and REPA read (the sown blocks and projections) and the gradients through them
+    are the same under every policy."""
+    model, ref = tiny(remat=remat, z_dims=(8,), encoder_depth=1), tiny(z_dims=(8,), encoder_depth=1)
+    assert model.remat == ("blocks" if remat is True else remat) and ref.remat == "none"
     x, t, y = jax.random.normal(jax.random.key(1), (2, 28, 28, 1)), jnp.array([0.2, 0.8]), jnp.array([1, 2])
     v = perturbed(init(ref, x, t, y), 4)
-    g = jax.grad(lambda p, m: jnp.sum(apply(m, p, x, t, y) ** 2))
-    for a, b in zip(jax.tree.leaves(g(v, model)), jax.tree.leaves(g(v, ref))):
-        # GPUs run float32 matmuls in TF32 by default: compare at that precision
+
+    def loss(p, m):
+        out, sown = m.apply(p, x, t, y, mutable=["intermediates"])
+        feats = sown["intermediates"]
+        aligned = jnp.sum(feats["block_1"][0] * jax.lax.stop_gradient(feats["block_3"][0]))
+        return jnp.sum(out ** 2) + aligned + jnp.sum(feats["projection_0"][0] ** 2), feats
+
+    (_, fa), ga = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(v, model)
+    (_, fb), gb = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(v, ref)
+    assert sorted(fa) == sorted(fb)
+    # GPUs run float32 matmuls in TF32 by default: compare at that precision
+    for a, b in zip(jax.tree.leaves((fa, ga)), jax.tree.leaves((fb, gb))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_an_unknown_remat_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="model.remat='everything'"):
+        tiny(remat="everything")

@@ -10,12 +10,12 @@ step_S/probe.png, probe_by_step.png (alignment_by_step.png with an encoder) and 
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
+from lsync_jax import cli
 from lsync_jax.eval.analysis import MeasureSettings, analyze_workdir
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax.train import writers
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")
@@ -39,16 +39,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
-    from clu import metric_writers
-
     out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "analysis")
     settings = MeasureSettings(num_samples=FLAGS.num_samples, t_values=tuple(float(t) for t in FLAGS.t),
                                batch_size=FLAGS.batch_size, seed=FLAGS.seed, k=FLAGS.k, split=FLAGS.split,
                                condition=FLAGS.condition)
     import jax
 
-    writer = metric_writers.create_default_writer(out_dir, just_logging=jax.process_index() > 0)
+    writer = writers.create_default_writer(out_dir, just_logging=jax.process_index() > 0)
     results = analyze_workdir(FLAGS.config, FLAGS.workdir, out_dir, settings,
                               steps=[int(s) for s in FLAGS.steps], which=FLAGS.params,
                               encoder_path=FLAGS.encoder_path, writer=writer)
@@ -59,5 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -11,11 +11,11 @@
 """
 
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables, set_cpu_devices
+from lsync_jax import cli
+from lsync_jax.host import set_cpu_devices
 from lsync_jax.tools.benchmark import BenchConfig, bench_config_from, run, write_json
 
 FLAGS = flags.FLAGS
@@ -60,7 +60,6 @@ flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results.")
 
 def main(argv):
     del argv
-    quiet_library_logs()
     common = dict(steps=FLAGS.steps, sample_steps=FLAGS.sample_steps, sample_batch=FLAGS.sample_batch,
                   attention=tuple(FLAGS.attention), variants=tuple(FLAGS.variants),
                   sample_cfg=tuple(float(s) for s in FLAGS.sample_cfg), inception_batch=FLAGS.inception_batch,
@@ -83,5 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

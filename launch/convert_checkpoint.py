@@ -10,8 +10,7 @@ import ast
 
 from absl import app, flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
 from lsync_jax.porting.official import CHECKPOINT_KEYS, CONVENTIONS
 from lsync_jax.tools.convert import convert_to_workdir
 
@@ -41,7 +40,6 @@ def parse_override(text):
 
 def main(argv):
     del argv
-    quiet_library_logs()
     overrides = dict(parse_override(text) for text in FLAGS.override)
     done = convert_to_workdir(FLAGS.checkpoint, FLAGS.model, FLAGS.out, which=FLAGS.which,
                               convention=FLAGS.convention, allow_pickle=FLAGS.allow_pickle, **overrides)
@@ -61,5 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

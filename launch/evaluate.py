@@ -13,13 +13,12 @@ uint8 (N, F, H, W, C) clips or float (N, L, C) sequences; the reference must hol
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from lsync_jax import cli
 from lsync_jax.builders import build_source
-from lsync_jax.configs.cli import parse_flags
 from lsync_jax.eval.sample_batch import evaluate_sample_batch
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sample_batch", None, "Sample batch .npz (arr_0: uint8 NHWC images, uint8 (N, F, H, W, C) clips "
@@ -44,7 +43,6 @@ flags.mark_flags_as_required(["sample_batch"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
     source = None
     if FLAGS.ref_config is not None:
         source = build_source(FLAGS.ref_config.data, split=FLAGS.ref_split)
@@ -55,5 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

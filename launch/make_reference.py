@@ -12,11 +12,10 @@ they are. --order=random (default) takes a seeded random subset, as ADM's VIRTUA
 training images; --order=first the first --num in the source's order.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
 from lsync_jax.tools.reference import ORDERS, make_reference_batch, open_source
 
 FLAGS = flags.FLAGS
@@ -39,7 +38,6 @@ flags.mark_flags_as_required(["out"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
     source, what = open_source(images=FLAGS.images, latents=FLAGS.latents, tfds=FLAGS.tfds, tfds_dir=FLAGS.tfds_dir,
                                split=FLAGS.split, config=FLAGS.config)
     print(f"reference batch from {what}: {len(source):,} images, taking {FLAGS.num:,} ({FLAGS.order})")
@@ -49,5 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

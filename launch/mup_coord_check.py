@@ -9,10 +9,9 @@ later steps grow with the width. See lsync_jax/train/coord_check.py.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
 from lsync_jax.tools.coord_check import (
     CoordCheckSetup,
     coord_check,
@@ -38,7 +37,6 @@ flags.DEFINE_float("output_multiplier", 1.0, "muP readout multiplier.")
 
 def main(argv):
     del argv
-    quiet_library_logs()
     setup = CoordCheckSetup(head_dim=FLAGS.head_dim, depth=FLAGS.depth, image_size=FLAGS.image_size,
                             batch_size=FLAGS.batch_size, lr=FLAGS.lr, output_multiplier=FLAGS.output_multiplier)
     records = coord_check([int(w) for w in FLAGS.widths], FLAGS.parametrizations, num_steps=FLAGS.num_steps,
@@ -51,5 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -10,8 +10,7 @@ run; kills: runs SIGKILLed at random moments, then resumed (local disk and a buc
 
 from absl import app, flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
 from lsync_jax.storage import write_json_atomic
 from lsync_jax.tools.pod_trials import run
 
@@ -23,7 +22,6 @@ flags.DEFINE_string("out", "pod_trials.json", "Where to write the JSON results."
 
 def main(argv):
     del argv
-    quiet_library_logs()
     unknown = sorted(set(FLAGS.parts) - {"storage", "preemption", "elastic", "kills"})
     if unknown:
         raise app.UsageError(f"--parts: unknown {unknown}; choose from storage, preemption, elastic, kills")
@@ -33,5 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -11,10 +11,8 @@ Then train with --config.data.dir=OUT.
 
 from absl import app, flags, logging
 
-from lsync_jax import storage
-from lsync_jax.configs.cli import parse_flags
+from lsync_jax import cli, storage
 from lsync_jax.data.sources import ImageFolderSource, TfdsSource
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 from lsync_jax.tools.preprocess import PreprocessSpec, check_classes, preprocess_latents
 
 FLAGS = flags.FLAGS
@@ -44,7 +42,6 @@ flags.mark_flags_as_required(["vae", "out"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
     if (FLAGS.images is None) == (FLAGS.tfds_name is None):
         raise app.UsageError("give exactly one of --images (class-folder tree) or --tfds_name")
     if not storage.exists(FLAGS.vae):  # before listing a million files (local or gs://)
@@ -70,5 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -8,10 +8,9 @@ padding) unless --nopad, which refuses them. Resumable: run the same command aga
 interruption; finished shards are kept. Then train with --config.data.dir=OUT.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
 from lsync_jax.tools.preprocess_sequences import SequenceSpec, preprocess_sequences
 
 FLAGS = flags.FLAGS
@@ -33,7 +32,6 @@ flags.mark_flags_as_required(["npy_dir", "out", "length"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
     spec = SequenceSpec(length=FLAGS.length, pad=FLAGS.pad, shard_size=FLAGS.shard_size,
                         num_classes=FLAGS.num_classes, num_tags=FLAGS.num_tags, limit=FLAGS.limit,
                         num_workers=FLAGS.num_workers, process_index=FLAGS.process_index,
@@ -45,5 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -16,10 +16,9 @@ run's config defaults to the protocol's (configs/paper.py:NAME); pass
 from absl import app, flags
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
+from lsync_jax import cli
 from lsync_jax.configs.protocols import PROTOCOLS
 from lsync_jax.eval.reproduce import reproduce
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("protocol", None, "The protocol's name (--list prints them).")
@@ -39,7 +38,6 @@ flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"], "sqrtm: ADM's; eigh:
 
 def main(argv):
     del argv
-    quiet_library_logs()
     if FLAGS.list:
         for name in sorted(PROTOCOLS):
             print(f"{name}\n    {PROTOCOLS[name].describe()}")
@@ -58,5 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -6,12 +6,11 @@ sequence runs write arr_0 float32 (N, L, C) and no picture."""
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
+from lsync_jax import cli
 from lsync_jax.eval.sampling import sample_from_workdir
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's get_config() file (with the same overrides).")
@@ -25,12 +24,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    quiet_library_logs()
     out = sample_from_workdir(FLAGS.config, FLAGS.workdir, FLAGS.out_dir or os.path.join(FLAGS.workdir, "samples"),
                               FLAGS.num_samples, FLAGS.batch_size, FLAGS.seed)
     print(f"wrote {out['npz']}" + (f" and {out['png']}" if out["png"] else ""))
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -37,10 +37,10 @@ def run(tmp_path_factory):
 
 
 def test_analyze_workdir_writes_figures_json_and_events(run, tmp_path):
-    from clu import metric_writers
+    from lsync_jax.train import writers
 
     out = str(tmp_path / "analysis")
-    writer = metric_writers.create_default_writer(out)
+    writer = writers.create_default_writer(out)
     results = analyze_workdir(fashion_tiny(), run, out, SETTINGS, encoder_path="random:tiny", writer=writer)
     assert sorted(results["steps"]) == ["2", "4"] and "RANDOMLY" in results["reference"]
     names = set(os.listdir(out))

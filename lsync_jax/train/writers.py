@@ -29,7 +29,7 @@ def tensorflow_installed() -> bool:
     """Whether clu's TensorFlow-based writers can be used (TensorFlow and clu both installed)."""
     try:
         return all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "clu"))
-    except ValueError:  # sys.modules[name] is None: imports of it are blocked
+    except (ImportError, ValueError):  # imports of it are blocked (sys.modules[name] is None, a finder refuses it)
         return False
 
 

@@ -102,7 +102,11 @@ def test_default_writer_without_tensorflow(tmp_path, monkeypatch):
 NO_TENSORFLOW = textwrap.dedent(
     """
     import json, sys
-    sys.modules["tensorflow"] = None  # `import tensorflow` raises ModuleNotFoundError
+    class _Blocked:  # TensorFlow and clu as if not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "clu"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+    sys.meta_path.insert(0, _Blocked())
     import numpy as np
     from lsync_jax.train import writers
     from tensorboard.backend.event_processing import event_accumulator

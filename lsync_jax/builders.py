@@ -49,7 +49,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if config.data.name not in DATA_NAMES:
         raise ValueError(f"config.data.name={config.data.name!r}; expected one of {DATA_NAMES}")
     train = config.train
-    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "microbatches"):
         if int(train[key]) < 1:
             raise ValueError(f"config.train.{key} must be >= 1, got {train[key]}")
     for key in ("num_grid_samples", "sample_every"):

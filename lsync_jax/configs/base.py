@@ -33,8 +33,10 @@ from lsync_jax.transport import SamplerConfig, create_transport
 # AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, constant LR, no clipping (LayerSync/SiT);
 # grad_clip: a global-norm bound, None for none. `lsync_jax.train.state.make_optimizer` fills a
 # partial section (the Python API) from here.
+# mu_dtype: the dtype of Adam's first moment (None: the parameters', float32; 'bfloat16' halves it, for
+# the largest models; optax's `mu_dtype`).
 OPTIMIZER_DEFAULTS: dict[str, Any] = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                                          grad_clip=None)
+                                          grad_clip=None, mu_dtype=None)
 
 # What ERW's stage 2 takes from stage 1: embedders, blocks and REPA projectors (not the final layer).
 ERW_CARRY = r"^(x_embedder|t_embedder|y_embedder|blocks_\d+|projectors_\d+)/"
@@ -108,7 +110,7 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
     objective.update({name: defaults for name, defaults in REGULARIZER_DEFAULTS.items()})
     config.objective = _section(objective)
 
-    config.optimizer = _section(OPTIMIZER_DEFAULTS, dict(grad_clip=float))
+    config.optimizer = _section(OPTIMIZER_DEFAULTS, dict(grad_clip=float, mu_dtype=str))
 
     config.sampler = _sampler_defaults()
 
@@ -131,11 +133,12 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
     # grids off. A resume is refused when the config changes the data order or batch (data.name, dir,
     # split, tfds_name, batch_size, flip, seed, the dataset size) unless allow_data_change; resuming,
     # sampling or init_from with another transport than the checkpoint records is refused unless
-    # allow_transport_change.
+    # allow_transport_change. microbatches: accumulate each step's gradient over that many parts of the
+    # batch (the same update as the whole batch, a k-th of its activation memory; lsync_jax.train.step).
     config.train = _section(dict(num_steps=400_000, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
                                  keep_checkpoints=3, keep_every=None, sample_every=10_000, num_grid_samples=64,
                                  init_from="", init_include="", async_checkpoints=True, allow_data_change=False,
-                                 allow_transport_change=False), dict(keep_every=int))
+                                 allow_transport_change=False, microbatches=1), dict(keep_every=int))
 
     # FID-N of EMA samples every `every` steps (0: off) against the training data's reference split
     # (first reference_size images; 0: all) or an ADM reference batch (`reference`: path to its .npz).

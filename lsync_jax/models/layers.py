@@ -216,7 +216,10 @@ class LabelEmbedder(nn.Module):
     parametrization: str = "sp"
 
     @nn.compact
-    def __call__(self, labels: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, labels: jax.Array, train: bool, draws: jax.Array | None = None) -> jax.Array:
+        """`draws` (N,): one uniform [0, 1) number per example, dropped where below `dropout_prob` (the
+        objective draws them per example, so that microbatches reproduce a whole batch); None: drawn
+        here from the 'dropout' stream."""
         use_cfg_embedding = int(self.dropout_prob > 0)
         table = nn.Embed(
             self.num_classes + use_cfg_embedding,
@@ -227,7 +230,8 @@ class LabelEmbedder(nn.Module):
             name="embedding_table",
         )
         if train and self.dropout_prob > 0:
-            drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, labels.shape)
+            drop = (jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, labels.shape) if draws is None
+                    else draws < self.dropout_prob)
             labels = jnp.where(drop, self.num_classes, labels)
         return table(labels)
 
@@ -245,10 +249,12 @@ class TagEmbedder(nn.Module):
     layout: str = "accelerator"
 
     @nn.compact
-    def __call__(self, tags: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, tags: jax.Array, train: bool, draws: jax.Array | None = None) -> jax.Array:
+        """`draws`: as `LabelEmbedder`'s."""
         tags = tags.astype(jnp.float32)
         if train and self.dropout_prob > 0:
-            keep = ~jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, tags.shape[:1])
+            keep = (~jax.random.bernoulli(self.make_rng("dropout"), self.dropout_prob, tags.shape[:1])
+                    if draws is None else draws >= self.dropout_prob)
             tags = tags * keep[:, None]
         return Dense(self.hidden_size, use_bias=False, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
                      layout=self.layout, name="embedding")(tags)

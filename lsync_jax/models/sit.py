@@ -183,9 +183,11 @@ class SiT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, drop_draws: jax.Array | None = None) -> jax.Array:
         """x: (N, *axes, C) inputs (an image: (N, H, W, C)); t: (N,) times (t = 1 is data); y: (N,)
-        labels or (N, num_tags) tags; `mask`: (N, L) real steps of padded sequences -> like x."""
+        labels or (N, num_tags) tags; `mask`: (N, L) real steps of padded sequences -> like x.
+        `drop_draws` (N,): per-example uniform numbers for the condition dropout in training
+        (`LabelEmbedder`); None draws from the 'dropout' RNG stream."""
         self.check_inputs(x, t, y)
         check_parametrization(self.parametrization, self.hidden_size, self.num_heads, self.mup_base_width,
                               self.output_multiplier)
@@ -211,10 +213,10 @@ class SiT(nn.Module):
         if self.num_classes > 0:
             c = c + LabelEmbedder(
                 self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name="y_embedder",
-                parametrization=self.parametrization)(y, train)
+                parametrization=self.parametrization)(y, train, drop_draws)
         if self.num_tags > 0:
             c = c + TagEmbedder(self.num_tags, self.hidden_size, self.tag_dropout_prob, dtype=self.dtype,
-                                layout=self.layout, name="tag_embedder")(y, train)
+                                layout=self.layout, name="tag_embedder")(y, train, drop_draws)
 
         block_cls = remat_block(AdaLNBlock, self.remat)
         if not 0 <= self.self_condition < self.depth:

@@ -275,8 +275,10 @@ class UViT(nn.Module):
                              f"{self.input_size}x{self.input_size} inputs (input_size), got {h}x{w}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False) -> jax.Array:
-        """x: (N, H, W, C) inputs; t: (N,) times (t = 1 is data); y: (N,) labels -> (N, H, W, C)."""
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
+                 drop_draws: jax.Array | None = None) -> jax.Array:
+        """x: (N, H, W, C) inputs; t: (N,) times (t = 1 is data); y: (N,) labels -> (N, H, W, C).
+        `drop_draws`: as SiT's."""
         self.check_inputs(x, t, y)
         n, height, width, _ = x.shape
         p, d = self.patch_size, self.hidden_size
@@ -295,7 +297,7 @@ class UViT(nn.Module):
         tokens = [time.astype(self.dtype)[:, None]]
         if self.num_classes > 0:
             label = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, dtype=self.dtype,
-                                  name="label_emb")(y, train)
+                                  name="label_emb")(y, train, drop_draws)
             tokens.insert(0, label.astype(self.dtype)[:, None])
         x = jnp.concatenate(tokens + [patches], axis=1)
 

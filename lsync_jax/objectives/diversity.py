@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,7 @@ class Diversity:
     dispersion_weight: float = 1.0
     cap: float = 5.0
     name: str = "diversity"
+    spans_batch: ClassVar[bool] = True  # the dispersion and correlation terms compare the examples of the batch
 
     @property
     def features_needed(self) -> tuple[str, ...]:

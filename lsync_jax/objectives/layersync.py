@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,7 @@ class LayerSync:
     pairs: tuple[tuple[int, int, float], ...]
     stop_gradient: bool = True
     name: str = "layersync"
+    spans_batch: ClassVar[bool] = False  # a mean of per-example (per-token) terms
 
     @property
     def features_needed(self) -> tuple[str, ...]:

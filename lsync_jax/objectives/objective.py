@@ -34,6 +34,11 @@ class Objective:
     def features_needed(self) -> tuple[str, ...]:
         return tuple(sorted({f for r in self.regularizers for f in r.features_needed}))
 
+    @property
+    def spans_batch(self) -> tuple[str, ...]:
+        """The regularisers whose statistics span the batch (microbatches cannot reproduce them)."""
+        return tuple(r.name for r in self.regularizers if r.spans_batch)
+
 
 def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
                     prefix: str = "objective") -> Objective:
@@ -74,6 +79,7 @@ def objective_loss(
     *,
     train: bool = True,
     step: Array | None = None,
+    example_ids: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Total loss and metrics for one batch {'x': (N, H, W, C) data, 'y': (N,) labels}.
 
@@ -83,18 +89,30 @@ def objective_loss(
     `apply_fn(variables, x, t, y, train=..., rngs=..., mutable=...)` is a flax `Module.apply`.
     Regularisers see the batch with the optimizer `step` added (for scheduled weights). With
     `objective.clean_input` the model sees the data itself at t = 1 (our data end).
+
+    Randomness is drawn per example: example i's t, noise and condition dropout come from
+    fold_in(key_examples, example_ids[i]) (default: its index in `batch`), so a step that splits its batch
+    into microbatches, passing each example's index in the whole batch, draws what the whole batch
+    draws (`lsync_jax.train.step`).
     """
-    key_transport, key_dropout = jax.random.split(key)
+    key_examples, key_model = jax.random.split(key)
+    # threefry whatever the default PRNG: its draws under vmap equal each key's own ('rbg' batches its
+    # generator, so an example's draw would depend on how many examples are drawn with it)
+    key_examples = jax.random.wrap_key_data(jax.random.bits(key_examples, (2,), jnp.uint32), impl="threefry2x32")
     x1 = batch["x"].astype(jnp.float32)
+    ids = jnp.arange(x1.shape[0]) if example_ids is None else example_ids
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key_examples, i)))(ids)  # (N, 2)
     transport = objective.transport
-    t, x0, xt, ut = transport.prepare(key_transport, x1)
+    t, x0, xt, ut = transport.prepare_examples(keys[:, 0], x1)
     if objective.clean_input:
         t, xt = jnp.ones_like(t), x1
     variables = {"params": params}
-    rngs = {"dropout": key_dropout}
+    rngs = {"dropout": key_model}  # the model's own stream (ours draw their dropout from `drop_draws`)
     mask = batch.get("mask")  # padded sequences: (N, L), True on real steps
     condition = batch["tags"] if "tags" in batch else batch["y"]  # tag-conditioned data: the multi-hot tags
     extra = {"mask": mask} if mask is not None else {}
+    if train:  # the condition dropout's draws, one per example
+        extra["drop_draws"] = jax.vmap(lambda k: jax.random.uniform(k))(keys[:, 1])
     token_mask = None
     if objective.regularizers:
         out, state = apply_fn(variables, xt, t, condition, train=train, rngs=rngs, mutable=["intermediates"],

@@ -14,7 +14,7 @@ those. A new method is one module in `lsync_jax/objectives/` that registers its 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import jax
 
@@ -23,6 +23,9 @@ Array = jax.Array
 
 class Regularizer(Protocol):
     name: str
+    # True when the term's statistics span the batch (not a mean of per-example terms): microbatches
+    # (config.train.microbatches) cannot reproduce it, so the train step refuses the two together.
+    spans_batch: ClassVar[bool]
 
     @property
     def features_needed(self) -> tuple[str, ...]: ...

@@ -15,7 +15,7 @@ from the start of ERW's second stage).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ class REPA:
     half_life: float = 0.0
     projector: int = 0  # which of the model's projectors (z_dims entries) to align
     name: str = "repa"
+    spans_batch: ClassVar[bool] = False  # a mean of per-example (per-token) terms
 
     @property
     def features_needed(self) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.encoders import EncoderFeatures, build_encoder_features
 from lsync_jax.train.hooks import CheckpointHook, Hook, MetricsHook, SampleGridHook
 from lsync_jax.train.state import abstract_state, create_train_state, make_optimizer, shardings_of
-from lsync_jax.train.step import make_train_step
+from lsync_jax.train.step import make_train_step, microbatch_problem
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.transport.samplers import validate_guidance
 from lsync_jax.workdir import (
@@ -135,6 +135,10 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     batch_size = int(config.data.batch_size)
     if batch_size % jax.device_count():
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
+    microbatches = int(config.train.microbatches)
+    problem = microbatch_problem(batch_size, microbatches, mesh.size, objective)
+    if problem:
+        raise ValueError(problem)
     source = build_source(config.data)
     check_data_matches_model(source, model, config.data)
     # sample grids are pictures: images, or video clips as rows of frames; sequences have none
@@ -169,7 +173,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
                  else _initialise(config, model, tx, mesh, rules, abstract))
     run.start = int(run.state.step)
     run.step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
-                                  rules=rules, shardings=shardings_of(abstract))
+                                  rules=rules, shardings=shardings_of(abstract), microbatches=microbatches,
+                                  batch_size=batch_size)
     run.metrics = MetricsHook(workdir, run.num_steps, run.log_every, batch_size, run.start)
     run.checkpoints = CheckpointHook(checkpointer, meta, run.data_iterator, int(config.train.checkpoint_every),
                                      run.metrics, run.start if latest is not None else None)

@@ -64,10 +64,17 @@ def make_optimizer(cfg: Mapping[str, Any], prefix: str = "optimizer", lr_multipl
         raise ValueError(f"{prefix}.lr must be positive, got {lr}")
     schedule = learning_rate_schedule(lr, int(cfg["warmup_steps"]))
     b1, b2, eps, weight_decay = cfg["b1"], cfg["b2"], cfg["eps"], cfg["weight_decay"]
+    mu_dtype = cfg["mu_dtype"]
+    if mu_dtype is not None:
+        if str(mu_dtype) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{prefix}.mu_dtype={mu_dtype!r}: expected None (the parameters' dtype), 'float32', "
+                             "'bfloat16' or 'float16'")
+        mu_dtype = jnp.dtype(str(mu_dtype))
     if lr_multipliers is None:
-        adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
     else:  # optax.adamw's own chain, with the factors between the Adam step and the weight decay
-        adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), scale_by_multipliers(lr_multipliers),
+        adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+                            scale_by_multipliers(lr_multipliers),
                             optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
     clip = cfg["grad_clip"]
     if clip is not None:

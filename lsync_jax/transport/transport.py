@@ -132,6 +132,17 @@ class Transport:
         xt, ut = self.path.interpolate(t, x0, x1)
         return t, x0, xt, ut
 
+    def prepare_examples(self, keys: jax.Array, x1: Array) -> tuple[Array, Array, Array, Array]:
+        """`prepare` with one key per example (`keys`: (N,)): example i's t and noise depend on its key
+        alone, so a batch split into microbatches draws what the whole batch draws."""
+        def draw(key: jax.Array, x: Array) -> tuple[Array, Array]:
+            key_t, key_noise = jax.random.split(key)
+            return self.sample_time(key_t, 1)[0], jax.random.normal(key_noise, x.shape, x.dtype)
+
+        t, x0 = jax.vmap(draw)(keys, x1)
+        xt, ut = self.path.interpolate(t, x0, x1)
+        return t, x0, xt, ut
+
     def loss(self, model_output: Array, t: Array, x0: Array, xt: Array, ut: Array, mask: Array | None = None
              ) -> Array:
         """Per-example loss (N,) of `model_output` against this transport's target (over the real steps

@@ -51,11 +51,16 @@ def test_total_is_velocity_plus_weighted_terms(setup):
     np.testing.assert_allclose(metrics["loss"], loss)
     np.testing.assert_allclose(metrics["loss/layersync"], loss - metrics["loss/velocity"], rtol=1e-5, atol=1e-7)
 
-    # Recompute by hand with the same draws: the velocity term is the transport MSE at those (t, x0).
-    key_t, key_drop = jax.random.split(key)
-    t, x0, xt, ut = transport.prepare(key_t, batch["x"])
-    out, state = model.apply({"params": params}, xt, t, batch["y"], train=True, rngs={"dropout": key_drop},
-                             mutable=["intermediates"])
+    # Recompute by hand with the same draws (one key per example, folded in from its index): the
+    # velocity term is the transport MSE at those (t, x0), with those examples' labels dropped.
+    key_examples, key_model = jax.random.split(key)
+    key_examples = jax.random.wrap_key_data(jax.random.bits(key_examples, (2,), jnp.uint32), impl="threefry2x32")
+    n = batch["x"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key_examples, i)))(jnp.arange(n))
+    t, x0, xt, ut = transport.prepare_examples(keys[:, 0], batch["x"])  # (transport, dropout) keys
+    drop_draws = jax.vmap(jax.random.uniform)(keys[:, 1])
+    out, state = model.apply({"params": params}, xt, t, batch["y"], train=True, rngs={"dropout": key_model},
+                             drop_draws=drop_draws, mutable=["intermediates"])
     np.testing.assert_allclose(metrics["loss/velocity"], jnp.mean((out - ut) ** 2), rtol=1e-5)
     f = state["intermediates"]
     np.testing.assert_allclose(metrics["layersync/block1_block3"],

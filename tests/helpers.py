@@ -15,9 +15,11 @@ _TORCHVISION_OPS = []  # keeps the placeholder op library of `import_torchvision
 def import_torchvision():
     """Import torchvision where PyPI's wheel (a CUDA build) sits next to CPU torch.
 
-    Its compiled ops (_C.so) do not load there, and importing it fails registering fake kernels
-    for two of them; declaring those two op schemas lets the pure-Python parts (the model
-    definitions pytorch-fid, diffusers and timm import) load. Returns None without torchvision.
+    The test extras no longer bring torchvision (a venv made from an older setup.py still has it, and
+    transformers, diffusers and timm import it when it is installed). Its compiled ops (_C.so) do not
+    load there, and importing it fails registering fake kernels for two of them; declaring those two op
+    schemas lets the pure-Python parts (the model definitions pytorch-fid, diffusers and timm import)
+    load. Returns None without torchvision.
     """
     try:
         import torchvision

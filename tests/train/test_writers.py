@@ -143,3 +143,26 @@ def test_write_images_refuses_other_shapes(tmp_path, value):
     with pytest.raises(ValueError, match="expected \\[N, H, W, C\\]"):
         writer.write_images(0, {"bad": value})
     writer.close()
+
+
+@pytest.mark.gcs
+def test_events_of_a_gs_workdir_without_tensorflow(bucket, tmp_path, monkeypatch):
+    """A gs:// workdir's events: written locally by the TensorFlow-free writer, uploaded through
+    lsync_jax.storage, and read back by TensorBoard's reader."""
+    from lsync_jax import storage
+    from lsync_jax.train.hooks import MetricsHook
+
+    monkeypatch.setattr(writers, "tensorflow_installed", lambda: False)
+    workdir = f"{bucket}/run"
+    hook = MetricsHook(workdir, num_steps=2, log_every=1, batch_size=8, start=0)
+    assert isinstance(hook.writer, writers.MultiWriter) and hook.events is not None
+    hook.log(1, {"loss": 0.75})
+    hook.writer.write_images(1, {"grid": np.zeros((1, 4, 4, 1), np.float32)})
+    hook.close()
+    names = [n for n in storage.listdir(workdir) if n.startswith("events.out.tfevents")]
+    assert len(names) == 1 and not os.path.exists(hook.events.local)
+    local = tmp_path / "events"
+    local.mkdir()
+    (local / names[0]).write_bytes(storage.read_bytes(storage.join(workdir, names[0])))
+    acc = read_events(str(local))
+    assert {"loss", "grid"} <= set(acc.Tags()["tensors"])

@@ -162,11 +162,37 @@ def host_tunables_env(environ: Mapping[str, str] | None = None, *, libc: tuple[s
     return env, f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}"
 
 
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # how a TPU VM's chips appear to its host
+
+
+def cpu_pin(environ: Mapping[str, str] | None = None, *, plugins: list[str] | None = None,
+            tpu_attached: bool | None = None) -> str | None:
+    """'cpu' when JAX should be pinned to the CPU backend: libtpu is installed (the tpu-compile extra, for
+    `--check --target`) but no TPU is attached and JAX_PLATFORMS is unset. Unpinned, JAX would try to
+    start libtpu's TPU backend on every start, which on a host without TPU only logs warnings. None:
+    leave JAX to choose (a TPU VM, a GPU host, or the user's own JAX_PLATFORMS). The fit check compiles
+    for TPU topologies with the CPU pinned (jax.experimental.topologies needs no TPU backend)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAX_PLATFORMS"):
+        return None
+    plugins = _accelerator_plugins() if plugins is None else plugins
+    if "libtpu" not in plugins or any(p != "libtpu" for p in plugins):
+        return None
+    if tpu_attached is None:
+        tpu_attached = any(os.path.exists(path) for path in TPU_DEVICE_FILES)
+    return None if tpu_attached else "cpu"
+
+
 def restart_with_host_tunables() -> None:
     """Re-execute this launch script (same PID, arguments and interpreter options) with glibc tuned for
     XLA on CPU, when `host_tunables_env` says so: glibc reads GLIBC_TUNABLES only when a process starts.
     Called first thing in `launch/*.py`'s `__main__`, never from a library function. Costs the imports
-    once more (about 3 s for launch/train.py); set GLIBC_TUNABLES yourself to skip that."""
+    once more (about 3 s for launch/train.py); set GLIBC_TUNABLES yourself to skip that. First, a host
+    with libtpu but no TPU pins JAX to the CPU (`cpu_pin`)."""
+    pin = cpu_pin()
+    if pin:  # before JAX starts its backends (the restart below re-reads it; so does this process's JAX)
+        os.environ["JAX_PLATFORMS"] = pin
+        jax.config.update("jax_platforms", pin)
     env, why = host_tunables_env()
     if env is None:
         return

@@ -3,9 +3,15 @@
 import os
 import tempfile
 
-import jax  # noqa: E402
+import jax
 
-from lsync_jax.host import host_tunables_env
+from lsync_jax.host import cpu_pin, host_tunables_env
+
+# libtpu (the tpu-compile extra) installed on a host without TPU: the suite and its CLI subprocesses
+# run on the CPU backend, as the launch scripts do (the TPU-compile tests use topologies, not a backend).
+if cpu_pin():
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for the CLI subprocesses
+    jax.config.update("jax_platforms", "cpu")  # this process (JAX read the variable at import)
 
 # Threefry inlines a large graph per random call, and CPU compiles of model inits dominate the
 # suite's time; the 'rbg' generator compiles about twice as fast. Tests assert no random stream.

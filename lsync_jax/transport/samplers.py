@@ -291,4 +291,5 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
         labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else jnp.asarray(labels, jnp.int32)
         return fn(variables, key, labels, cfg_scale, guidance_interval)
 
+    checked.jitted = fn  # the jitted program itself, for lowering from shapes (lsync_jax.tools.fit)
     return checked

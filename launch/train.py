@@ -13,8 +13,8 @@ FLOPs per chip with estimated step time and MFU, and exits 1 when the run does n
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lsync_jax.configs.cli import parse_flags
-from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax import cli
+from lsync_jax.host import quiet_library_logs
 from lsync_jax.recipes import PREEMPTED_EXIT_CODE, Preempted, check_run, train_and_evaluate
 from lsync_jax.tools.fit import check_fit
 
@@ -52,5 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -111,6 +111,21 @@ def test_a_launch_script_shows_a_missing_path_without_traceback(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith(f"FileNotFoundError: --vae='{tmp_path / 'no-vae'}' not found")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("check", [False, True])
+def test_train_without_data_dir_says_so_in_one_line(tmp_path, check):
+    """The issue's example: a missing --config.data.dir was a clear message under 20 lines of traceback."""
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config=configs/imagenet256.py",
+                          f"--workdir={tmp_path / 'run'}", *(["--check"] if check else [])],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == ("FileNotFoundError: no latent directory given: set --config.data.dir to the output of "
+                         "launch/preprocess.py")
+    assert len(lines) <= 4  # at most the phase line, the hint and the error
+
+
 def test_every_launch_script_runs_through_the_wrapper():
     """Every launch/*.py ends with `cli.run(main)`, and every one has a console script."""
     scripts = sorted(p.stem for p in (ROOT / "launch").glob("*.py"))

@@ -35,7 +35,7 @@ def _info_sources(lines):
 @pytest.mark.slow
 def test_library_info_stays_off_the_console(tmp_path):
     lines = _train(tmp_path / "quiet")
-    ours = {"phases.py", "setup.py", "logging_writer.py", "periodic_actions.py", "hooks.py", "loop.py"}
+    ours = {"phases.py", "setup.py", "logging_writer.py", "periodic_actions.py", "writers.py", "hooks.py", "loop.py"}
     assert _info_sources(lines) <= ours, _info_sources(lines) - ours
     assert any("loss/velocity=" in line for line in lines)  # the metric lines are there
     assert not any("read only" in line for line in lines)  # nor orbax's read-only warnings

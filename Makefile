@@ -5,7 +5,6 @@
 # Every install takes the exact versions in constraints.txt (the ones the suite passes with).
 #   make check-core      the core install alone (no extras, no TensorFlow) in a fresh venv: trains, samples, evaluates
 #   make check-macos     resolves the core install for macOS arm64 (Python 3.12) without installing it
-#   make constraints     rewrites constraints.txt from this venv (after a passing make test)
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/lsync_fashion_mnist
@@ -13,7 +12,7 @@ CONSTRAINTS := constraints.txt
 PIP := pip install -c $(CONSTRAINTS)
 APT := $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
-.PHONY: install install-demo data demo test test-fast lint check-core check-macos constraints
+.PHONY: install install-demo data demo test test-fast lint check-core check-macos
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +51,3 @@ check-core:
 
 check-macos:
 	sh tools/check_macos_resolution.sh
-
-constraints: install
-	. $(VENV)/bin/activate && { sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); pip freeze --exclude-editable | \
-		grep -v -i '^lsync-jax' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new && \
-		mv $(CONSTRAINTS).new $(CONSTRAINTS)

@@ -96,8 +96,9 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], An
 
 
 # -- console scripts: pyproject.toml's [project.scripts] ------------------------------------------------
-SCRIPTS = ("analyze", "benchmark", "convert_checkpoint", "convert_inception", "evaluate", "make_reference",
-           "mup_coord_check", "pod_trials", "preprocess", "preprocess_sequences", "reproduce", "sample", "train")
+SCRIPTS = ("analyze", "benchmark", "convert_checkpoint", "convert_inception", "evaluate", "fit_plan",
+           "make_reference", "mup_coord_check", "pod_trials", "preprocess", "preprocess_sequences", "reproduce",
+           "sample", "train")
 
 
 def run_script(name: str) -> None:

@@ -120,7 +120,7 @@ def run_sampler(config: Any, workdir: str, mesh: Any, sampler: SamplerConfig | N
     configured, scale, configured_interval = build_sampler(config)
     sampler = sampler or configured
     sample_fn = make_sample_fn(model, build_transport(config), sampler,
-                               compiler_options=compiler_options(mesh.devices.flat[0].platform))
+                               compiler_options=compiler_options(mesh.devices.flat[0].platform), mesh=mesh)
     return RunSampler(model, ema, step, mesh, sample_fn, scale if cfg_scale is None else float(cfg_scale),
                       configured_interval if interval is None else tuple(interval), build_decoder(config, mesh))
 

@@ -260,7 +260,7 @@ class TagEmbedder(nn.Module):
                      layout=self.layout, name="embedding")(tags)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def resolve_attention_impl(impl: str, backend: str, dtype: Any, head_dim: int) -> str:
@@ -274,6 +274,9 @@ def resolve_attention_impl(impl: str, backend: str, dtype: Any, head_dim: int) -
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "splash" and backend not in ("tpu", "cpu"):
+        raise ValueError(f"attention_impl='splash' is the Pallas kernel for TPUs (on the CPU: its interpreter, for "
+                         f"tests); the devices here are {backend!r}: use 'auto', 'xla' or 'cudnn'")
     if impl != "auto":
         return impl
     fused_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -302,10 +305,42 @@ def heads_first_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     return out.transpose(0, 2, 1, 3).reshape(n, t, -1)
 
 
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+    """Softmax attention of (N, T, heads, head_dim) q, k, v by the Pallas splash-attention kernel for TPU
+    (jax.experimental.pallas.ops.tpu.splash_attention): blockwise, so the (heads, T, T) logits are never
+    stored, which is what lets 512 px SiTs (1,024 tokens) fit a chip's HBM. Inside a `jax.set_mesh`
+    context (the train step sets it for a model with attention_impl='splash') the kernel runs per device
+    on its share of the batch (shard_map over every mesh axis, the batch's sharding); outside one, on the
+    whole batch. `interpret`: Pallas's interpreter, for checking the numbers on a CPU."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # noqa: PLC0415 - TPU kernels, on use
+
+    n, t, heads, head_dim = q.shape
+    if t % 128:
+        raise ValueError(f"attention_impl='splash' works on blocks of 128 tokens; this input has {t} tokens (set "
+                         "model.attention_impl='xla', or an input whose token count is a multiple of 128)")
+    block = 512 if t % 512 == 0 else 256 if t % 256 == 0 else 128
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((t, t))] * heads), head_shards=1,
+                                    q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        scale = jnp.asarray(head_dim**-0.5, q.dtype)  # the kernel takes q pre-scaled
+        heads_first = [z.transpose(0, 2, 1, 3) for z in (q * scale, k, v)]
+        return jax.vmap(kernel)(*heads_first).transpose(0, 2, 1, 3)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q, k, v)
+    batch = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(attend, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False)(q, k, v)
+
+
 class Attention(nn.Module):
     """timm-style multi-head self-attention (fused qkv with bias) on jax.nn.dot_product_attention.
 
-    `implementation`: 'xla' or 'cudnn'; 'auto' is resolved by the builders from the mesh's platform
+    `implementation`: 'xla', 'cudnn' or 'splash' (the TPU kernel, `splash_attention`; Pallas's
+    interpreter in the 'cpu' layout); 'auto' is resolved by the builders from the mesh's platform
     (`resolve_attention_impl`) and means 'xla' here. `layout` 'cpu' splits a fused qkv heads-first
     (`heads_first_attention`) where the XLA path takes no padding lengths.
     """
@@ -332,8 +367,14 @@ class Attention(nn.Module):
             out = heads_first_attention(qkv, self.num_heads)
         else:
             q, k, v = einops.rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.num_heads)
-            seq_lengths = None if lengths is None else lengths.astype(jnp.int32)
-            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=seq_lengths, implementation=impl)
+            if impl == "splash":
+                if lengths is not None:
+                    raise ValueError("attention_impl='splash' takes no padding lengths (padded sequences): use "
+                                     "'xla' or 'cudnn'")
+                out = splash_attention(q, k, v, interpret=self.layout == "cpu")
+            else:
+                seq_lengths = None if lengths is None else lengths.astype(jnp.int32)
+                out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=seq_lengths, implementation=impl)
             out = einops.rearrange(out, "b t h d -> b t (h d)")
         return Dense(self.hidden_size, kernel_init=kernel_init, dtype=self.dtype, layout=self.layout, name="proj")(out)
 

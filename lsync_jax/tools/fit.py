@@ -414,7 +414,7 @@ def _other_programs(config: Any, model: Any, transport: Any, mesh: Any, abstract
     """The sampler of the sample grids and of in-training FID, and FID's Inception pass, where on."""
     out = []
     sampler, cfg_scale, interval = build_sampler(config)
-    sample_fn = make_sample_fn(model, transport, sampler)
+    sample_fn = make_sample_fn(model, transport, sampler, mesh=mesh)
     variables = {"params": abstract.ema_params}
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _abstract(key.shape, key.dtype, replicated(mesh))
@@ -428,7 +428,7 @@ def _other_programs(config: Any, model: Any, transport: Any, mesh: Any, abstract
             labels = _abstract((n, model.num_tags), jnp.float32, replicated(mesh))
         else:
             labels = _abstract((n,), jnp.int32, batch_sharding(mesh) if n % mesh.size == 0 else replicated(mesh))
-        out.append(compile_program(name, sample_fn.jitted.lower(variables, key, labels, cfg_scale, interval)))
+        out.append(compile_program(name, sample_fn.lower(variables, key, labels, cfg_scale, interval)))
     if config.data.name == "imagenet_latents" and batches:
         notes.append("the SD-VAE decoder of latent samples (its own program) is not compiled here")
     if int(config.eval.every) > 0:

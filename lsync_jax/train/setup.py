@@ -150,7 +150,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     loader = make_loader(source, LoaderSpec(global_batch_size=batch_size, seed=int(config.seed),
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))
     sample_fn = make_sample_fn(model, transport, sampler_cfg,
-                               compiler_options=compiler_options(mesh_platform(mesh)))
+                               compiler_options=compiler_options(mesh_platform(mesh)), mesh=mesh)
     run = Run(config, workdir, model, objective, mesh, sample_fn, cfg_scale, interval, build_decoder(config, mesh),
               iter(loader), encoder)
     run.end = run.num_steps if until is None else min(int(until), run.num_steps)

@@ -103,5 +103,23 @@ def make_train_step(model: Any, objective: Objective, tx: optax.GradientTransfor
     step = functools.partial(train_step, apply_fn=model.apply, objective=objective, tx=tx, schedule=schedule,
                              ema_decay=ema_decay, microbatches=microbatches,
                              constrain=lambda tree: jax.lax.with_sharding_constraint(tree, split))
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=0, compiler_options=compiler_options(mesh.devices.flat[0].platform))
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
+                     compiler_options=compiler_options(mesh.devices.flat[0].platform))
+    return MeshStep(jitted, mesh) if getattr(model, "attention_impl", "") == "splash" else jitted
+
+
+class MeshStep:
+    """A jitted step traced and run inside `jax.set_mesh(mesh)`: what a kernel that must be split over
+    the mesh by hand (the splash attention's shard_map) reads the mesh from."""
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)

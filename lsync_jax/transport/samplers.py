@@ -17,6 +17,7 @@ stochastic steps on linspace(t0, 1 - 0.04) and one deterministic step to t = 1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping
@@ -250,15 +251,19 @@ def validate_guidance(model: Any, cfg_scale=1.0, guidance_interval=(0.0, 1.0)) -
 
 def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
                    shape: tuple[int, int, int] | None = None,
-                   compiler_options: Mapping[str, str] | None = None) -> Callable[..., Array]:
+                   compiler_options: Mapping[str, str] | None = None, mesh: Any = None) -> Callable[..., Array]:
     """A jitted `fn(variables, key, labels, cfg_scale=1.0, guidance_interval=(0., 1.)) -> samples`.
 
     `model` is a SiT-like flax module (`null_label`, `init_inputs`); samples have shape
     (len(labels), *shape), by default the model's own input shape (an image (H, W, C), a clip
     (F, H, W, C) or a sequence (L, C)). `labels` are classes (N,), or multi-hot tags (N, num_tags)
     for a tag-conditioned model. cfg_scale and guidance_interval (lsync-jax time) are runtime values.
-    `compiler_options` go to its jax.jit (`lsync_jax.host.compiler_options` on CPU).
+    `compiler_options` go to its jax.jit (`lsync_jax.host.compiler_options` on CPU). `mesh`: the mesh the
+    samples are split over; a model whose attention kernel is split over it by hand (attention_impl=
+    'splash') is traced and run inside `jax.set_mesh(mesh)`. `fn.lower(...)` lowers the jitted program
+    from shapes (`lsync_jax.tools.fit`).
     """
+    in_mesh = mesh if getattr(model, "attention_impl", "") == "splash" and mesh is not None else None
     if shape is None:
         shape = tuple(model.init_inputs(1)[0].shape[1:])
     num_tags = int(getattr(model, "num_tags", 0))
@@ -275,13 +280,24 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
                              guidance_interval=guidance_interval, channels=config.guidance_channels)
         return sample(field, transport, noise, key_sde, config)
 
+    def mesh_context() -> Any:
+        return jax.set_mesh(in_mesh) if in_mesh is not None else contextlib.nullcontext()
+
+    def run(*args: Any) -> Array:
+        with mesh_context():
+            return fn(*args)
+
+    def lower(*args: Any) -> Any:
+        with mesh_context():
+            return fn.lower(*args)
+
     def checked(variables, key, labels, cfg_scale=1.0, guidance_interval=(0.0, 1.0)):
         validate_guidance(model, cfg_scale, guidance_interval)
         if num_tags:
             host = np.asarray(labels)
             if host.ndim != 2 or host.shape[1] != num_tags or (host.size and not np.isin(host, (0, 1)).all()):
                 raise ValueError(f"tags must be a multi-hot (N, {num_tags}) array of 0s and 1s, got shape {host.shape}")
-            return fn(variables, key, jnp.asarray(host, jnp.float32), cfg_scale, guidance_interval)
+            return run(variables, key, jnp.asarray(host, jnp.float32), cfg_scale, guidance_interval)
         if not isinstance(labels, jax.Array) or labels.is_fully_addressable:
             host = np.asarray(labels)
             if host.ndim != 1 or (host.size and (host.min() < 0 or host.max() >= max(model.num_classes, 1))):
@@ -289,7 +305,7 @@ def make_sample_fn(model: Any, transport: Transport, config: SamplerConfig,
                 raise ValueError(f"labels must be a 1-D array of classes in [0, {model.num_classes}), got {host}")
         # a jax.Array keeps its sharding: labels split over devices split the sampling batch
         labels = labels.astype(jnp.int32) if isinstance(labels, jax.Array) else jnp.asarray(labels, jnp.int32)
-        return fn(variables, key, labels, cfg_scale, guidance_interval)
+        return run(variables, key, labels, cfg_scale, guidance_interval)
 
-    checked.jitted = fn  # the jitted program itself, for lowering from shapes (lsync_jax.tools.fit)
+    checked.lower = lower  # the jitted program lowered from shapes (lsync_jax.tools.fit)
     return checked

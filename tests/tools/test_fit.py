@@ -98,3 +98,16 @@ def test_a_batch_that_cannot_fit_is_refused_naming_hbm():
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr[-2000:]
     assert "does NOT fit" in out.stdout and "HBM" in out.stdout and "try --config.train.microbatches=" in out.stdout
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_splash_attention_compiles_for_a_tpu_slice_in_the_step_and_the_sampler():
+    from lsync_jax.tools.fit import check_fit
+
+    config = _tiny_config(32)
+    config.model.overrides.attention_impl = "splash"
+    config.model.overrides.input_size = 64  # 256 tokens: whole blocks of 128
+    config.train.num_grid_samples = 8
+    report = check_fit(config, "v5e-4")
+    assert report.fits and [p.name for p in [report.step, *report.others]] == ["train step", "sampler (sample grid)"]

@@ -219,6 +219,9 @@ class Program:
 
 
 def compile_program(name: str, lowered: Any) -> Program:
+    """Compile `lowered`; an out-of-memory is a result (`fits=False`), any other error is raised. libtpu
+    refuses a program whose temporaries alone exceed the usable HBM; one it accepts can still need more
+    than that with its arguments, which `FitReport.fits` also checks."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -334,7 +337,8 @@ class FitReport:
                    f"{s['opt_state'] / g:.2f} GiB")
         for p in [self.step, *self.others]:
             if p.fits:
-                out.append(f"  {p.name}: {p.total / g:.2f} GiB per chip of {self.usable_hbm / g:.2f} (arguments "
+                over = "" if p.total <= self.usable_hbm else "DOES NOT FIT: compiled, but needs "
+                out.append(f"  {p.name}: {over}{p.total / g:.2f} GiB per chip of {self.usable_hbm / g:.2f} (arguments "
                            f"{p.arguments / g:.2f}, temporaries {p.temporaries / g:.2f}, outputs not in place "
                            f"{(p.outputs - p.aliased) / g:.2f}); {p.flops / 1e12:.2f} TFLOP per chip; compiled in "
                            f"{p.compile_seconds:.0f} s")

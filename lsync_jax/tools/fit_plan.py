@@ -178,20 +178,51 @@ def plan(config: Any, target_name: str, cache_dir: str, *, max_compiles: int = 6
     survivors = [p for p in predictions if p.total <= margin * usable]
     pruned = [p for p in predictions if p.total > margin * usable]
     log(f"{target_name}: {len(levers)} candidates, {len(pruned)} pruned analytically, {len(survivors)} left")
-    cells, compiles, fits = [], 0, 0
+    cells, compiles, fits, skipped = [], 0, 0, 0
+    ratios: dict[str, list[float]] = {}  # measured / predicted memory, per remat policy
     for prediction in survivors:
         if fits >= want or compiles >= max_compiles:
             break
+        calibrated = prediction.total * _ratio(ratios, prediction.levers.remat)
+        if calibrated > CALIBRATED_SLACK * usable:  # what was measured says this one cannot fit either
+            skipped += 1
+            pruned.append(prediction)
+            continue
         cached = storage.exists(storage.join(cache_dir, f"{cell_key(config, target_name, prediction.levers)}.json"))
         cell = compiled_cell(config, target_name, prediction.levers, cache_dir, log)
         compiles += 0 if cached else 1
         cells.append(dict(cell, predicted_gib=prediction.total / GIB, predicted_seconds=prediction.seconds))
         fits += bool(cell["fits"])
+        measured = _measured_bytes(cell)
+        if measured:
+            ratios.setdefault(prediction.levers.remat, []).append(measured / prediction.total)
+    if skipped:
+        log(f"  {skipped} more pruned by the measured / predicted memory of the cells compiled")
     ranked = sorted(cells, key=lambda c: (not c["fits"], c["step_seconds"] or math.inf))
     return dict(target=target_name, usable_hbm_gib=usable / GIB, global_batch=int(config.data.batch_size),
                 cells=ranked, best=next((c for c in ranked if c["fits"]), None),
                 pruned=[dict(levers=dataclasses.asdict(p.levers), predicted_gib=p.total / GIB) for p in pruned],
-                untried=len(survivors) - len(cells))
+                untried=len(survivors) - len(cells) - skipped)
+
+
+# A candidate whose prediction, scaled by what the compiled cells measured against theirs, is over the
+# usable HBM by more than this is not compiled (the scaled model is still only a model).
+CALIBRATED_SLACK = 1.1
+
+
+def _measured_bytes(cell: dict[str, Any]) -> float:
+    """A compiled cell's memory per chip: what it needs (compiled) or the temporaries it asked for plus
+    the state (refused)."""
+    step = cell["programs"][0]
+    if step["fits"]:
+        return float(step["arguments"] + step["outputs"] - step["aliased"] + step["temporaries"])
+    return float(step["needed"] + sum(cell["state_gib"].values()) * GIB) if step["needed"] else 0.0
+
+
+def _ratio(ratios: dict[str, list[float]], remat: str) -> float:
+    """measured / predicted for this remat policy's cells, else all cells' (1 before any)."""
+    same = ratios.get(remat) or [r for values in ratios.values() for r in values]
+    return min(same) if same else 1.0
 
 
 def plan_lines(result: dict[str, Any]) -> list[str]:

@@ -2,9 +2,15 @@
 
 Below both training and evaluation, so that sampling, FID and block analysis load a run without
 the training loop. A checkpoint's 'meta' item records what must match to resume or load it (the
-model, the parameter and state shapes, the objective, the transport, the data order): `describe`
-writes it, `check_compatible` and `check_transport` compare it. Writing checkpoints (with the data
-iterator) is `lsync_jax.train.checkpoint`.
+model, the parameter and state shapes, the objective with each regulariser's settings, the
+transport, the data order, the optimizer) as structured fields with a schema version
+(`RECORD_SCHEMA`): `describe` writes it, `read_meta` reads it (a record of an older schema is
+migrated into today's by `migrate_meta`, the one place that knows old formats), and
+`record_differences`, `check_compatible` and `check_transport` compare it key by key. A key a record
+lacks reads as the value that applied when it was written (`ADDED_FIELDS`), so a field added with a
+default never refuses an old checkpoint. `write_run_record` writes, once per start, what the run ran
+(the resolved config, the versions, the commit, the command line). Writing checkpoints (with the
+data iterator) is `lsync_jax.train.checkpoint`.
 
 A damaged checkpoint (a file of it missing, truncated or unreadable) is found by a cheap structural
 check (`checkpoint_damage`: the expected files present, their metadata readable, no array read) and
@@ -15,8 +21,15 @@ a reader, and nothing is ever deleted.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import datetime
+import importlib.metadata
 import os
 import re
+import socket
+import subprocess
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -27,7 +40,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.builders import build_model, mesh_rules, model_fields
-from lsync_jax.models import COMPUTE_OVERRIDES, get_model
+from lsync_jax.models import COMPUTE_OVERRIDES, get_model, model_class, model_config, override_types
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
 from lsync_jax.storage import read_json
 
@@ -61,61 +74,196 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
 
 
+def _json(value: Any) -> Any:
+    """A value as JSON keeps it: tuples as lists (recursively), numbers, bools, strings, None; else str."""
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json(v) for k, v in value.items()}
+    return _plain(value)
+
+
+# The record's format: 1, before 2026-12-05 (the objective as its repr string, the model as the
+# overrides its config set); 2: every section a structured mapping, the model with every field.
+RECORD_SCHEMA = 2
+
+# A field added to a record section after records were first written: (section, key) -> the value that
+# applied before it existed (what an older record lacking the key means). Add an entry with every new
+# field of the model, a regulariser ('objective.regularizers.<name>'), the objective or the optimizer.
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("optimizer", "mu_dtype"): None,  # 2026-12-05: Adam's first moment in the parameters' dtype before
+}
+
+# Schema 1's model record lists only the overrides a config set; the rest had these values (the model
+# classes' defaults then; the sizes come from the model's name).
+V1_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SiT": dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
+                class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, z_dims=[], encoder_depth=8,
+                projector_dim=2048, parametrization="sp", mup_base_width=288, output_multiplier=1.0,
+                long_skips=False, self_condition=0, self_condition_stop_gradient=False, num_tags=0,
+                tag_dropout_prob=0.1),
+    "UViT": dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=29, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False, z_dims=[],
+                 mlp_time_embed=True, pos_embed="learned", final_conv=True, skip_scaling="none", skip_kappa=0.7,
+                 ls_shared=True),
+}
+V1_MODEL_DEFAULTS["SiTSequence"] = V1_MODEL_DEFAULTS["SiT"]
+V1_MODEL_DEFAULTS["SiTVideo"] = dict(V1_MODEL_DEFAULTS["SiT"], num_frames=8, temporal_patch=2)
+
+
+def model_record(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of the model `fields` names (its name and the overrides a config sets; the rest at the
+    model's own values, the sizes from the name), so that a later change of a model default cannot
+    change what a checkpoint means. A name lsync-jax does not know is recorded as given."""
+    given = {k: _json(v) for k, v in sorted(fields.items())}
+    name = str(fields.get("name"))
+    try:
+        model = get_model(name, **{k: v for k, v in fields.items() if k != "name"})
+    except (ValueError, TypeError):
+        return given
+    keys = [*model_config(name), *(k for k in override_types(name) if k not in COMPUTE_OVERRIDES)]
+    return dict(given, **{k: _json(getattr(model, k)) for k in keys})
+
+
+def objective_record(objective: Any) -> dict[str, Any]:
+    """An `Objective` as data: its own settings and each regulariser's dataclass fields by name (the
+    transport is recorded beside it, `transport_record`)."""
+    regularizers = {}
+    for reg in objective.regularizers:
+        regularizers[reg.name] = {f.name: _json(getattr(reg, f.name)) for f in dataclasses.fields(reg)
+                                  if f.name != "name"}
+    return {"transport_weight": float(objective.transport_weight), "clean_input": bool(objective.clean_input),
+            "regularizers": regularizers}
+
+
+def _literal(node: ast.AST, text: str) -> Any:
+    """A schema-1 repr's expression as data: Name(k=v, ...) -> {'type': Name, k: v}; tuples as lists."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+        return dict({"type": node.func.id}, **{kw.arg: _literal(kw.value, text) for kw in node.keywords})
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return [_literal(v, text) for v in node.elts]
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"a checkpoint's objective record {text!r} holds {ast.dump(node)[:80]}, which no "
+                         "schema-1 record held; it cannot be read") from None
+
+
+def parse_v1_objective(text: str) -> dict[str, Any]:
+    """Schema 1's objective (the string `Objective(transport=..., regularizers=(...), ...)`) as a schema-2
+    `objective_record`."""
+    try:
+        tree = _literal(ast.parse(text, mode="eval").body, text)
+    except SyntaxError:
+        raise ValueError(f"a checkpoint's objective record {text[:120]!r} is not an Objective(...) repr") from None
+    if not isinstance(tree, dict) or tree.get("type") != "Objective":
+        raise ValueError(f"a checkpoint's objective record {text[:120]!r} is not an Objective(...) repr")
+    regularizers = {}
+    for reg in tree.get("regularizers", []):
+        fields = {k: v for k, v in reg.items() if k not in ("type", "name")}
+        regularizers[reg.get("name", str(reg.get("type", "")).lower())] = fields
+    return {"transport_weight": float(tree.get("transport_weight", 1.0)),
+            "clean_input": bool(tree.get("clean_input", False)), "regularizers": regularizers}
+
+
+def migrate_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's meta in today's schema: the one function that reads older formats. Schema 1 (no
+    'schema' key): the objective's repr parsed into `objective_record`'s form; the model record
+    completed with the values its unlisted fields had (`V1_MODEL_DEFAULTS`, the sizes from the name)."""
+    out = dict(meta)
+    schema = int(out.get("schema", 1))
+    if schema > RECORD_SCHEMA:
+        raise ValueError(f"a checkpoint record of schema {schema}, newer than this lsync-jax's {RECORD_SCHEMA}: "
+                         "read it with the version that wrote it")
+    if schema == 1:
+        if isinstance(out.get("objective"), str):
+            out["objective"] = parse_v1_objective(out["objective"])
+        model = dict(out.get("model") or {})
+        name = model.get("name")
+        try:
+            defaults = dict(V1_MODEL_DEFAULTS[model_class(str(name)).__name__], **model_config(str(name)))
+        except (KeyError, ValueError):
+            defaults = {}
+        out["model"] = dict({k: v for k, v in defaults.items() if k not in model}, **model)
+    out["schema"] = RECORD_SCHEMA
+    return out
+
+
+def _absent(section: str, key: str) -> Any:
+    return ADDED_FIELDS.get((section, key), _ABSENT)
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _json(a) == _json(b) if not (isinstance(a, _Absent) or isinstance(b, _Absent)) else a is b
+
+
+def record_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], section: str,
+                       skip: Sequence[str] = ()) -> list[str]:
+    """'section.key: checkpoint X, config Y' for every key whose values differ, recursing into mappings;
+    a key one side lacks reads as `ADDED_FIELDS`' value for it (else 'absent')."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        if key in skip:
+            continue
+        a = saved[key] if key in saved else _absent(section, key)
+        b = wanted[key] if key in wanted else _absent(section, key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(record_differences(a, b, f"{section}.{key}"))
+        elif not _same(a, b):
+            out.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
 def transport_record(transport: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records of config.transport: every key, and the time convention."""
     return dict({k: _plain(v) for k, v in sorted(dict(transport).items())}, time=TIME_CONVENTION)
 
 
-def describe(model_config: Mapping[str, Any], params: Any, state: Any = None,
-             objective: Mapping[str, Any] | None = None, *, transport: Mapping[str, Any] | None = None,
-             data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The 'meta' item: what must match for a checkpoint to be resumed into this run: the model, the
-    parameter shapes, the shapes of the whole train state (optimizer structure, PRNG key), the
-    objective (resuming a LayerSync run as a baseline, say, is refused), the transport the weights
-    were trained with (`transport_record`) and what fixes the data order (`data`, training only)."""
-    meta = {"model": {k: _plain(v) for k, v in sorted(model_config.items())}, "param_shapes": param_shapes(params)}
+def describe(model_config: Mapping[str, Any], params: Any, state: Any = None, objective: Any = None, *,
+             transport: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+             optimizer: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The 'meta' item: what must match for a checkpoint to be resumed into this run: the model (every
+    field, `model_record`), the parameter shapes, the shapes of the whole train state (optimizer
+    structure, PRNG key), the objective (`objective_record`: resuming a LayerSync run as a baseline, say,
+    is refused), the transport the weights were trained with (`transport_record`), what fixes the data
+    order (`data`, training only) and the optimizer's settings (recorded; a resume may change them)."""
+    meta = {"schema": RECORD_SCHEMA, "model": model_record(model_config), "param_shapes": param_shapes(params)}
     if state is not None:
         meta["state_shapes"] = param_shapes(state)
     if objective is not None:
-        meta["objective"] = _plain(repr(objective))
+        meta["objective"] = objective_record(objective)
     if transport is not None:
         meta["transport"] = {k: _plain(v) for k, v in sorted(dict(transport).items())}
     if data is not None:
         meta["data"] = {k: _plain(v) for k, v in sorted(dict(data).items())}
+    if optimizer is not None:
+        meta["optimizer"] = {k: _json(v) for k, v in sorted(dict(optimizer).items())}
     return meta
 
 
-def _model_default(name: Any, key: str) -> Any:
-    """The value model `name` has for field `key` when no override sets it (None if unknown)."""
-    try:
-        return _plain(getattr(get_model(str(name)), key))
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
 def check_compatible(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
-    """Raise ValueError naming what differs between a checkpoint's meta and this run's."""
-    problems = []
-    saved_model, wanted_model = saved.get("model", {}), wanted["model"]
-    for key in sorted(set(saved_model) | set(wanted_model)):
-        a, b = saved_model.get(key), wanted_model.get(key)
-        if a != b and (key not in saved_model or key not in wanted_model):
-            # a field one side's config does not list has the model's default (configs gain switches)
-            default = _model_default(saved_model.get("name") or wanted_model.get("name"), key)
-            a, b = (default if key not in saved_model else a), (default if key not in wanted_model else b)
-        if a != b and key not in COMPUTE_OVERRIDES:  # compute options may change
-            problems.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
+    """Raise ValueError naming, key by key, what differs between a checkpoint's meta and this run's: the
+    model (compute options may change), the parameter and state shapes, the objective."""
+    saved, wanted = migrate_meta(saved), migrate_meta(wanted)
+    problems = record_differences(saved.get("model", {}), wanted["model"], "model", skip=COMPUTE_OVERRIDES)
     shapes_a, shapes_b = saved.get("param_shapes", {}), wanted["param_shapes"]
     for key in sorted(set(shapes_a) | set(shapes_b)):
         if shapes_a.get(key) != shapes_b.get(key):
             problems.append(f"param {key}: checkpoint {shapes_a.get(key)}, config {shapes_b.get(key)}")
-    for key in ("state_shapes", "objective"):
-        if key in saved and key in wanted and saved[key] != wanted[key]:
-            if key == "objective":
-                problems.append(f"objective: checkpoint {saved[key]}, config {wanted[key]}")
-            else:
-                diff = sorted(k for k in set(saved[key]) | set(wanted[key]) if saved[key].get(k) != wanted[key].get(k))
-                problems.append(f"train state (optimizer settings or PRNG implementation) differs at {diff[:3]}")
+    if "state_shapes" in saved and "state_shapes" in wanted and saved["state_shapes"] != wanted["state_shapes"]:
+        a, b = saved["state_shapes"], wanted["state_shapes"]
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        problems.append(f"train state (optimizer settings or PRNG implementation) differs at {diff[:3]}")
+    if "objective" in saved and "objective" in wanted:
+        problems.extend(record_differences(saved["objective"], wanted["objective"], "objective"))
     if problems:
         shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
         raise ValueError(f"the checkpoint in {where} is from an incompatible model ({shown}). Use another "
@@ -302,7 +450,52 @@ def read_meta(checkpoint_dir: str, step: int | str) -> dict[str, Any]:
         raise DamagedCheckpointError(path, f"meta/metadata is unreadable ({first_line(e)})") from None
     if not isinstance(meta, dict):
         raise DamagedCheckpointError(path, "meta/metadata is not a JSON object")
-    return meta
+    return migrate_meta(meta)
+
+
+def run_record(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a start ran, for a person or a script: the resolved config, the versions of lsync-jax and
+    its numerical stack (libtpu or the CUDA plugin when present), the git commit of the package's
+    checkout when it is one, the command line, the host and the time."""
+    packages = ("lsync-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "libtpu", "jax-cuda12-plugin",
+                "jax-cuda13-plugin")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"schema": RECORD_SCHEMA, "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+            "versions": versions, "git": _git_commit(), "argv": list(sys.argv if argv is None else argv),
+            "host": socket.gethostname(), "pid": os.getpid(), "processes": jax.process_count(),
+            "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _git_commit() -> dict[str, Any] | None:
+    """The commit of the checkout lsync_jax is imported from, and whether it has uncommitted changes
+    (None: not a git checkout, or no git)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def write_run_record(workdir: str, config: Any) -> str:
+    """Write `run_record` as workdir/runs/<time>_<host>_<pid>.json (one file per start, nothing
+    overwritten); returns its path."""
+    record = run_record(config)
+    stamp = record["started"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = storage.join(workdir, "runs", f"{stamp}_{record['host']}_{record['pid']}.json")
+    storage.makedirs(storage.join(workdir, "runs"))
+    storage.write_json_atomic(path, _json(record))
+    return path
 
 
 def all_steps(checkpoint_dir: str) -> list[int]:

@@ -77,6 +77,16 @@ def test_no_model_code_reads_the_host_backend():
     assert not readers, "model code reads jax.default_backend():\n" + "\n".join(readers)
 
 
+def test_run_records_are_data_not_reprs():
+    """What a resume compares is recorded as structured fields (lsync_jax.workdir), never as repr()
+    strings, which a renamed field or a changed default would break."""
+    writers = ["workdir.py", "train/checkpoint.py", "train/setup.py", *(f"recipes/{p.name}" for p in
+                                                                      (PACKAGE / "recipes").glob("*.py"))]
+    found = [f"{name}:{n}" for name in writers
+             for n, line in enumerate((PACKAGE / name).read_text().splitlines(), 1) if "repr(" in line]
+    assert not found, "repr() in the code that writes or compares run records:\n" + "\n".join(found)
+
+
 def test_loading_a_config_pulls_in_no_training_machinery():
     code = ("import sys; from lsync_jax.configs import imagenet256, fashion_mnist_repa; imagenet256.get_config(); "
             "print(sorted(m for m in ('orbax', 'grain', 'optax', 'tensorflow', 'clu') if m in sys.modules))")

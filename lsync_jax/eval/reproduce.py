@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -147,7 +146,7 @@ def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], 
                      f"checked (the protocol's: {p.method}, {p.train_steps:,} steps)")
         regularizers = None
     else:
-        regularizers = tuple(re.findall(r"name='([a-z_]+)'", str(meta.get("objective", ""))))
+        regularizers = tuple(meta["objective"]["regularizers"])  # read_meta gives today's record schema
     differences = config_differences(p, model, None if converted else step, regularizers)
     for difference in config_differences(p, model_fields(config), None):
         if difference not in differences:

@@ -41,9 +41,9 @@ from lsync_jax.storage import read_json, write_json_atomic
 from lsync_jax.workdir import (
     abstract_params,
     checkpoint_dir,
-    describe,
     latest_step,
     load_params,
+    objective_record,
     read_meta,
     restore_params,
 )
@@ -173,8 +173,7 @@ def auto_pairs_phases(config: Any, workdir: str) -> list[Phase]:
         raise ValueError(f"{PREFIX}.condition='null' measures the model on its null class, which this model lacks "
                          "(class_dropout_prob=0): set the condition to 'label' (probe accuracies then include the "
                          "label) or train with label dropout")
-    warm_objective = describe({}, {}, None, build_objective(warm.objective, build_transport(warm),
-                                                             depth=model.depth))["objective"]
+    warm_objective = objective_record(build_objective(warm.objective, build_transport(warm), depth=model.depth))
 
     def resolve(phase: Phase) -> Phase:
         record = stored_choice(workdir)

@@ -36,7 +36,7 @@ class Phase:
     config: Any
     until: int  # the last step of this phase
     record: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # added to each checkpoint's meta
-    accepts: tuple[str, ...] = ()  # objectives (as recorded) of earlier phases in this workdir
+    accepts: tuple[dict[str, Any], ...] = ()  # objectives (`workdir.objective_record`) of earlier phases here
     resolve: Callable[["Phase"], "Phase"] | None = None  # fills in what an earlier phase decided
 
 

@@ -35,7 +35,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.storage import read_json
-from lsync_jax.workdir import ITEMS, DamagedCheckpointError, first_line
+from lsync_jax.workdir import ITEMS, DamagedCheckpointError, first_line, migrate_meta
 
 # What the 'data' item holds: {"format": DATA_FORMAT, "next_batch": global batches consumed}.
 DATA_FORMAT = "lsync_jax global batch position v1"
@@ -208,7 +208,8 @@ class Checkpointer:
             self.wait()
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        """Step `step`'s meta in today's record schema (`workdir.migrate_meta`)."""
+        return migrate_meta(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
         """Restore 'state' into the layout of `abstract_state` (ShapeDtypeStructs with shardings) and,

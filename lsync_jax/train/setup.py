@@ -4,7 +4,7 @@
 resumed or initialised, the jitted step) and its hooks. The abstract state is traced once and
 serves the restore, the fresh initialisation and the step's shardings. A phase of a longer run
 (`lsync_jax.recipes`) passes `until` (its last step), `record` (what its checkpoints' meta adds)
-and `accepts` (objectives of earlier phases in this workdir a resume may start from).
+and `accepts` (objective records of earlier phases in this workdir a resume may start from).
 
 Before anything long (encoder weights, reference statistics, compiles) every directory the run
 writes is probed (write, read back, delete). A resume takes the newest intact checkpoint: newer
@@ -63,12 +63,14 @@ from lsync_jax.workdir import (
     checkpoint_dir,
     describe,
     read_meta,
+    record_differences,
     restore_matching,
     restore_or_damaged,
     restore_params,
     set_aside,
     step_dirs,
     transport_record,
+    write_run_record,
 )
 
 
@@ -112,7 +114,8 @@ HookFactory = Callable[[Run], Hook]
 
 
 def setup(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
-          accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = (), check: bool = False
+          accepts: Sequence[Mapping[str, Any]] = (), extra_hooks: Sequence[HookFactory] = (),
+          check: bool = False
           ) -> tuple[Run, list[Hook]]:
     """Build the run described by `config` in `workdir` and its hooks (metrics, checkpoints, sample
     grids, then `extra_hooks`, each built from the Run before the state exists, so that their inputs
@@ -158,7 +161,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
 
     abstract = abstract_state(model, tx, mesh, rules)
     meta = dict(describe(model_fields(config), abstract.params, abstract, objective,
-                         transport=transport_record(config.transport), data=data_record(config, source)),
+                         transport=transport_record(config.transport), data=data_record(config, source),
+                         optimizer=dict(config.optimizer)),
                 **(record or {}))
     ckpt_dir = checkpoint_dir(workdir)
     saved_steps = all_steps(ckpt_dir)  # read only: a run refused below leaves the workdir as it found it
@@ -166,6 +170,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
     if check:
         return run, []
+    if jax.process_index() == 0:  # what this start runs, beside the checkpoints (one file per start)
+        logging.info("this start's config, versions and command line: %s", write_run_record(workdir, config))
     checkpointer = Checkpointer(ckpt_dir, max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
@@ -237,34 +243,24 @@ def check_data_order(saved: Mapping[str, Any], wanted: Mapping[str, Any], where:
                      "the change is intended.")
 
 
-def _check_resumable(saved: dict[str, Any], config: Any, meta: Mapping[str, Any], accepts: Sequence[str],
-                     directory: str, warn: bool = True) -> None:
-    """Whether a checkpoint's meta lets this config resume it: the model and state, the transport, the
-    data order (ValueError naming the key). `warn=False`: repeated, the allowed changes said already."""
+def _check_resumable(saved: dict[str, Any], config: Any, meta: Mapping[str, Any],
+                     accepts: Sequence[Mapping[str, Any]], directory: str, warn: bool = True) -> None:
+    """Whether a checkpoint's meta (migrated to today's schema by `read_meta`) lets this config resume
+    it: the model and state, the transport, the objective, the data order (ValueError naming the key;
+    the transport is recorded on its own, so allow_transport_change needs nothing from the objective).
+    Changed optimizer settings are allowed, one line each. `warn=False`: repeated, said already."""
     if saved.get("objective") in accepts:  # an earlier phase of this run (a warm-up)
         saved["objective"] = meta["objective"]
     check_transport(saved, config, directory, doing="resuming", warn=warn)  # first: it names the key
-    if bool(config.train.allow_transport_change) and "objective" in saved:  # the objective's record holds it too
-        saved["objective"] = _without_transport(saved["objective"])
-        meta = dict(meta, objective=_without_transport(meta["objective"]))
     check_compatible(saved, meta, directory)
     check_data_order(saved, meta["data"], directory, bool(config.train.allow_data_change), warn=warn)
-
-
-def _without_transport(objective: str) -> str:
-    """An objective's recorded repr with its `transport=Transport(...)` part elided."""
-    start = objective.find("transport=Transport(")
-    if start < 0:
-        return objective
-    end, depth = start + len("transport=Transport("), 1
-    while end < len(objective) and depth:
-        depth += {"(": 1, ")": -1}.get(objective[end], 0)
-        end += 1
-    return objective[:start] + "transport=..." + objective[end:]
+    if warn and "optimizer" in saved:
+        for change in record_differences(saved["optimizer"], meta["optimizer"], "config.optimizer"):
+            logging.warning("resuming %s with another optimizer setting (%s)", directory, change)
 
 
 def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: Mapping[str, Any],
-                 accepts: Sequence[str]) -> int | None:
+                 accepts: Sequence[Mapping[str, Any]]) -> int | None:
     """What the run starts from, checked on its meta before anything long (reference statistics, the
     restore, compiles): the newest structurally intact checkpoint a resume would take, or
     train.init_from's transport. The restore checks again, candidate by candidate. Returns the step
@@ -284,7 +280,8 @@ def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: M
     return None
 
 
-def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any], accepts: Sequence[str],
+def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any],
+            accepts: Sequence[Mapping[str, Any]],
             run: Run, checked: int | None) -> Any:
     """The state (and data position) of the newest intact checkpoint. Damaged newer ones are set aside
     (renamed, one line each) once an older one has restored; if none restores nothing is moved and

@@ -57,10 +57,10 @@ def test_warm_up_then_measured_pairs_then_layersync(auto_run):
     assert os.path.exists(os.path.join(workdir, CHOICE_FILE.replace(".json", ".png")))
     # step 2 is the warm-up (no LayerSync, no choice); step 4 trained with the pairs and records them
     warm, after = meta(workdir, 2), meta(workdir, 4)
-    assert "LayerSync" not in warm["objective"] and META_KEY not in warm
+    assert warm["objective"]["regularizers"] == {} and META_KEY not in warm
     assert after[META_KEY]["pairs"] == choice["pairs"]
     weak, strong, _ = pairs[0]
-    assert f"LayerSync(pairs=(({weak}, {strong}, 0.2),)" in after["objective"]
+    assert after["objective"]["regularizers"]["layersync"]["pairs"] == [[weak, strong, 0.2]]
     assert f"layersync/block{weak}_block{strong}" in metrics and np.isfinite(metrics["loss/layersync"])
 
 

@@ -1,6 +1,6 @@
 """Checkpoints written before the layered redesign (a7b283a and earlier) still resume.
 
-The train state, the data-iterator state and the objective's recorded repr are unchanged; what
+The train state and the data-iterator state are unchanged, and the objective record is migrated; what
 changed is the model record in the meta: configs then listed SiT's switches by value (the
 hand-copied SIT_SWITCHES), now they leave them None (the model's own value) and record only what
 they set. A record with the switches at their defaults must resume; one with another value must not.

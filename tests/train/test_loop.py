@@ -100,7 +100,7 @@ def test_bad_input_fails_before_compiling_and_keeps_the_workdir(tmp_path):
 
     baseline = tiny.get_config()  # the same model, but LayerSync off: not a resume of this run
     baseline.objective.regularizers = ()
-    with pytest.raises(ValueError, match="incompatible model.*objective: checkpoint"):
+    with pytest.raises(ValueError, match=r"incompatible model.*objective\.regularizers\.layersync: checkpoint \{"):
         train_and_evaluate(baseline, str(tmp_path))
     clipped = tiny.get_config()  # another optimizer state structure
     clipped.optimizer.grad_clip = 1.0

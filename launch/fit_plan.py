@@ -33,7 +33,8 @@ flags.DEFINE_list("table", None, "Shipped config names (lsync_jax/configs/NAME.p
 flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "lsync_jax", "fit"),
                     "Where compiled cells are cached (local or gs://).")
 flags.DEFINE_string("out", None, "Write the plan(s) as JSON here.")
-flags.DEFINE_integer("max_compiles", 6, "Compile at most this many new cells per config and target.")
+flags.DEFINE_integer("max_compiles", 6, "Compile at most this many new cells per config and target (0: only read "
+                     "the cache).")
 flags.DEFINE_integer("want", 2, "Stop once this many candidates fit (per config and target).")
 flags.DEFINE_integer("num_steps", 400_000, "The table's days are to this many steps (the protocols' 400K).")
 flags.mark_flags_as_required(["target"])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lsync_jax import storage
 from lsync_jax.configs.base import check_config
@@ -240,19 +240,10 @@ def build_decoder(config: Mapping[str, Any], mesh: Mesh) -> Callable[[jax.Array]
     path = vae_path(config)
     if path is None:
         return None
-    from jax.sharding import PartitionSpec as P
-
-
     module, params = load_vae(path)
     params = jax.device_put(params, replicated(mesh))
-    chunk = int(config.vae.decode_chunk)
     logging.info("latent samples are decoded by the SD-VAE in %s", path)
-
-    @jax.jit
-    def decode(params: Any, latents: jax.Array) -> jax.Array:
-        local = jax.shard_map(lambda p, z: decode_latents(module, p, z, chunk=chunk), mesh=mesh,
-                              in_specs=(P(), P(BATCH_AXES)), out_specs=P(BATCH_AXES))
-        return local(params, latents)
+    decode = decode_program(module, mesh, int(config.vae.decode_chunk))
 
     def run(latents: jax.Array) -> jax.Array:
         n, pad = latents.shape[0], -latents.shape[0] % mesh.size  # shard_map needs whole shards
@@ -262,6 +253,18 @@ def build_decoder(config: Mapping[str, Any], mesh: Mesh) -> Callable[[jax.Array]
         return images[:n] if pad else images
 
     return run
+
+
+def decode_program(module: Any, mesh: Mesh, chunk: int) -> Callable[[Any, jax.Array], jax.Array]:
+    """The jitted SD-VAE decode: (params, scaled latents split over the batch) -> images, each device
+    decoding its share `chunk` latents at a time (`lsync_jax.tools.fit` lowers it from shapes)."""
+    @jax.jit
+    def decode(params: Any, latents: jax.Array) -> jax.Array:
+        local = jax.shard_map(lambda p, z: decode_latents(module, p, z, chunk=chunk), mesh=mesh,
+                              in_specs=(P(), P(BATCH_AXES)), out_specs=P(BATCH_AXES))
+        return local(params, latents)
+
+    return decode
 
 
 def derived_config(config: Any, changes: Mapping[str, Any]) -> Any:

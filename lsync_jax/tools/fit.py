@@ -33,12 +33,14 @@ from lsync_jax.builders import (
     build_model,
     build_sampler,
     build_transport,
+    decode_program,
     mesh_rules,
     validate_config,
 )
 from lsync_jax.extras import require
 from lsync_jax.models.inception import features as inception_features
 from lsync_jax.models.mup import mup_lr_multipliers
+from lsync_jax.models.vae import AutoencoderKL, VAEConfig
 from lsync_jax.objectives import build_objective
 from lsync_jax.porting.inception import expected_shapes as inception_shapes
 from lsync_jax.sharding import batch_sharding, replicated
@@ -433,8 +435,17 @@ def _other_programs(config: Any, model: Any, transport: Any, mesh: Any, abstract
         else:
             labels = _abstract((n,), jnp.int32, batch_sharding(mesh) if n % mesh.size == 0 else replicated(mesh))
         out.append(compile_program(name, sample_fn.lower(variables, key, labels, cfg_scale, interval)))
-    if config.data.name == "imagenet_latents" and batches:
-        notes.append("the SD-VAE decoder of latent samples (its own program) is not compiled here")
+    if config.data.name == "imagenet_latents" and batches:  # latent samples are decoded to images
+        vae = AutoencoderKL(VAEConfig())
+        vae_params = jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, 16, 16, vae.config.in_channels)))
+        vae_params = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, replicated(mesh)), vae_params["params"])
+        decode = decode_program(vae, mesh, int(config.vae.decode_chunk))
+        for name, n in batches:
+            n = -(-n // mesh.size) * mesh.size  # padded to whole shards, as builders.build_decoder does
+            latents = _abstract((n, *model.init_inputs(1)[0].shape[1:]), jnp.float32, batch_sharding(mesh))
+            out.append(compile_program(name.replace("sampler", "SD-VAE decode"), decode.lower(vae_params, latents)))
+        notes.append("the SD-VAE decode is compiled for SD's VAE configuration (sd-vae-ft-ema's; "
+                     "config.vae.path's own config.json is not read here)")
     if int(config.eval.every) > 0:
         shapes = inception_shapes()
         params = traverse_util.unflatten_dict({tuple(k.split("/")): _abstract(tuple(s), jnp.float32, replicated(mesh))

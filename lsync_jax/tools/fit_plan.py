@@ -181,7 +181,7 @@ def plan(config: Any, target_name: str, cache_dir: str, *, max_compiles: int = 6
     cells, compiles, fits, skipped = [], 0, 0, 0
     ratios: dict[str, list[float]] = {}  # measured / predicted memory, per remat policy
     for prediction in survivors:
-        if fits >= want or compiles >= max_compiles:
+        if fits >= want:
             break
         calibrated = prediction.total * _ratio(ratios, prediction.levers.remat)
         if calibrated > CALIBRATED_SLACK * usable:  # what was measured says this one cannot fit either
@@ -189,6 +189,8 @@ def plan(config: Any, target_name: str, cache_dir: str, *, max_compiles: int = 6
             pruned.append(prediction)
             continue
         cached = storage.exists(storage.join(cache_dir, f"{cell_key(config, target_name, prediction.levers)}.json"))
+        if not cached and compiles >= max_compiles:  # cached cells cost nothing: read on
+            continue
         cell = compiled_cell(config, target_name, prediction.levers, cache_dir, log)
         compiles += 0 if cached else 1
         cells.append(dict(cell, predicted_gib=prediction.total / GIB, predicted_seconds=prediction.seconds))

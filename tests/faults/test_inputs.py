@@ -180,9 +180,10 @@ def test_the_cli_names_an_unknown_config_key(tmp_path):
 
 
 def test_every_launch_script_parses_flags_through_the_shared_parser():
+    """Every launch script runs through lsync_jax.cli.run, which parses flags with configs.cli.parse_flags."""
     for path in sorted(glob.glob(os.path.join(LAUNCH, "*.py"))):
         lines = open(path).read().rstrip().splitlines()
-        assert lines[-1].strip() == "app.run(main, flags_parser=parse_flags)", path
+        assert lines[-1].strip() == "cli.run(main)", path
 
 
 def test_a_damaged_gzip_file_is_named(tmp_path):

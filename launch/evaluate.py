@@ -37,6 +37,9 @@ flags.DEFINE_string("inception_weights", None, "Converted .npz or a PyTorch FID 
 flags.DEFINE_integer("batch_size", 256, "Images (or frames, or sequences) per batch (split over all devices).")
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
                   "sqrtm: ADM's matrix square root; eigh: the same trace by symmetric eigendecomposition (faster).")
+flags.DEFINE_bool("skip_small_metrics", False, "Images: skip a metric the sample or reference count is too small "
+                  "for (FID and sFID need 2 images, precision and recall 4 on each side), with one line saying so, "
+                  "instead of refusing before any Inception work.")
 flags.DEFINE_string("output", None, "JSON output (default: next to the sample batch, *_metrics.json).")
 flags.mark_flags_as_required(["sample_batch"])
 
@@ -49,7 +52,8 @@ def main(argv):
     output = FLAGS.output or os.path.splitext(FLAGS.sample_batch)[0] + "_metrics.json"
     evaluate_sample_batch(FLAGS.sample_batch, ref_batch=FLAGS.ref_batch, ref_source=source, ref_num=FLAGS.ref_num,
                           weights_path=FLAGS.inception_weights, batch_size=FLAGS.batch_size, output=output,
-                          fid_method=FLAGS.fid_method, embedder=FLAGS.embedder)
+                          fid_method=FLAGS.fid_method, embedder=FLAGS.embedder,
+                          skip_small_metrics=FLAGS.skip_small_metrics)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import time
 import zipfile
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +33,51 @@ from lsync_jax.porting import inception as weights
 from lsync_jax.storage import save_npz_atomic, write_bytes_atomic, write_json_atomic
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+FEATURE_DIM = 2048  # Inception's pool features: FID's covariance is 2048 x 2048
+PR_K = 3  # ADM's k of precision/recall's k-NN radii
+STATISTICS_MIN = 2  # every metric comes from one pass that also forms FID's covariance of each side
+
+
+def metric_minimums(k: int = PR_K) -> dict[str, tuple[int, int]]:
+    """The fewest images each metric needs: (of the samples, of the reference; 0: reads no reference
+    images). FID and sFID: a covariance (2 rows); IS: one image (its own marginal); precision and recall:
+    more than k images on each side (a k-NN radius excludes the point itself)."""
+    return {"fid": (2, 2), "sfid": (2, 2), "inception_score": (1, 0), "precision": (k + 1, k + 1),
+            "recall": (k + 1, k + 1)}
+
+
+def check_metric_counts(num_samples: int, num_reference: int | None, *, skip_small: bool = False, k: int = PR_K,
+                        samples: str = "the sample batch", reference: str = "the reference",
+                        skip_hint: str | None = "--skip_small_metrics") -> tuple[dict[str, str], list[str]]:
+    """Before any Inception work: (the metrics to skip -> why, notes to print once) for `num_samples`
+    samples and `num_reference` reference images (None: saved statistics only, no images to count).
+    A metric whose minimum (`metric_minimums`) is not met is an error naming it and its minimum, or,
+    with `skip_small`, skipped (`skip_hint` names how a user asks for that; None: they cannot). Fewer
+    than STATISTICS_MIN images on either side is always an error: the one pass every metric shares
+    forms a covariance. FID-N with N below FEATURE_DIM is noted: its covariance is rank-deficient."""
+    sides = [(samples, "sample", int(num_samples), 0)]
+    if num_reference is not None:
+        sides.append((reference, "reference", int(num_reference), 1))
+    for label, what, count, _ in sides:
+        if count < STATISTICS_MIN:
+            raise ValueError(f"FID and sFID need at least {STATISTICS_MIN} {what} images (a covariance), and every "
+                             f"metric comes from the same statistics ({label}: {count})")
+    short = {}
+    for metric, needs in metric_minimums(k).items():
+        lacking = [f"{needs[i]} {what} images ({label}: {count})" for label, what, count, i in sides
+                   if count < needs[i]]
+        if lacking:
+            short[metric] = f"{metric} needs at least " + " and ".join(lacking)
+    if short and not skip_small:
+        how = f", or pass {skip_hint} to skip {'it' if len(short) == 1 else 'them'}" if skip_hint else ""
+        raise ValueError("; ".join(short.values()) + f": give more images{how}")
+    notes = []
+    small = [f"{count:,} {what} images" for label, what, count, _ in sides if count < FEATURE_DIM]
+    if small:
+        notes.append(f"FID-{int(num_samples)}: " + " and ".join(small) + f" are fewer than the {FEATURE_DIM:,} "
+                     "Inception features, so the covariance is rank-deficient (rank at most N - 1): the FID is biased "
+                     "upward and compares only with FIDs of the same N, not with FID-50K")
+    return short, notes
 
 
 @dataclasses.dataclass
@@ -156,23 +201,26 @@ class InceptionEvaluator:
                             probs=np.concatenate(kept_probs) if kept_probs else None)
 
 
-def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = 3, split_size: int = 5000,
-                    fid_method: str = "sqrtm") -> dict[str, float | None]:
+def compute_metrics(ref: FeatureStats, sample: FeatureStats, k: int = PR_K, split_size: int = 5000,
+                    fid_method: str = "sqrtm", skip: Collection[str] = ()) -> dict[str, float | None]:
     """FID, sFID, IS, precision and recall as ADM's evaluator reports them.
 
     `fid_method` 'sqrtm' is ADM's own square root, 'eigh' the equivalent symmetric route
     (much faster on CPU at 2048 dimensions). IS is None when the weights have no
     classifier; precision/recall are None when either side
-    kept no pool features (an ADM reference with statistics but no images).
+    kept no pool features (an ADM reference with statistics but no images). A metric in `skip` (from
+    `check_metric_counts`) is None.
     """
-    result: dict[str, float | None] = {
-        "fid": metrics.frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma, method=fid_method),
-        "sfid": metrics.frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s, method=fid_method),
-        "inception_score": None, "precision": None, "recall": None,
-    }
-    if sample.probs is not None:
+    result: dict[str, float | None] = {"fid": None, "sfid": None, "inception_score": None, "precision": None,
+                                       "recall": None}
+    if "fid" not in skip:
+        result["fid"] = metrics.frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma, method=fid_method)
+    if "sfid" not in skip:
+        result["sfid"] = metrics.frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s,
+                                                  method=fid_method)
+    if sample.probs is not None and "inception_score" not in skip:
         result["inception_score"] = metrics.inception_score(sample.probs, split_size=split_size)
-    if ref.pool is not None and sample.pool is not None:
+    if ref.pool is not None and sample.pool is not None and not {"precision", "recall"} & set(skip):
         result["precision"], result["recall"] = metrics.precision_recall(ref.pool, sample.pool, k=k)
     return result
 
@@ -398,23 +446,40 @@ def check_output(path: str) -> bool:
     return target.exists()
 
 
+def reference_count(ref_batch: str | None = None, ref_source: Any = None, ref_num: int = 0) -> int | None:
+    """How many reference images the metrics will see, cheaply (an .npz header, a source's length);
+    None for an ADM batch of saved statistics only."""
+    if ref_batch is not None:
+        if not storage.path(ref_batch).exists():
+            raise FileNotFoundError(f"reference batch {ref_batch} not found")
+        if "arr_0" not in npz_keys(ref_batch):
+            return None
+        return check_image_batch(ref_batch)[0]  # a damaged reference fails now, not after the sample pass
+    total = len(ref_source)
+    return min(int(ref_num), total) if ref_num else total
+
+
 def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = None, ref_num: int = 0,
              weights_path: str | None = None, batch_size: int = 256, output: str | None = None,
-             fid_method: str = "sqrtm", log: Callable[[str], None] = print) -> dict[str, Any]:
+             fid_method: str = "sqrtm", skip_small_metrics: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """The paper protocol: metrics of an ADM sample batch against an ADM reference batch (or a
-    data source), printed and written as JSON. Inputs are checked before anything compiles."""
+    data source), printed and written as JSON. Inputs are checked before anything compiles, the image
+    counts too (`check_metric_counts`): a metric they are too few for is an error, or with
+    `skip_small_metrics` skipped with one line."""
     if (ref_batch is None) == (ref_source is None):
         raise ValueError("give exactly one reference: an ADM reference batch or a dataset")
     if fid_method not in metrics.FID_METHODS:
         raise ValueError(f"fid_method={fid_method!r}; expected one of {metrics.FID_METHODS}")
     shape = check_image_batch(sample_batch)
-    if ref_batch is not None:
-        if not storage.path(ref_batch).exists():
-            raise FileNotFoundError(f"reference batch {ref_batch} not found")
-        if "arr_0" in npz_keys(ref_batch):  # a damaged reference fails now, not after the sample pass
-            check_image_batch(ref_batch)
+    num_reference = reference_count(ref_batch, ref_source, ref_num)
+    skipped, notes = check_metric_counts(shape[0], num_reference, skip_small=skip_small_metrics,
+                                         samples=f"the sample batch {sample_batch}",
+                                         reference=f"the reference {ref_batch or _source_label(ref_source)}")
     if output and jax.process_index() == 0 and check_output(output):
         log(f"{output} exists: this run's result will replace it")
+    for note in notes:
+        log(f"note: {note}")
     evaluator = InceptionEvaluator(weights_path, batch_size=batch_size)
     start = time.time()
     if ref_batch is not None:
@@ -422,16 +487,24 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
     else:
         ref = source_statistics(evaluator, ref_source, ref_num, batch_size=batch_size, log=log)
     sample = batch_statistics(evaluator, sample_batch, batch_size=batch_size, log=log)
-    result = compute_metrics(ref, sample, fid_method=fid_method)
+    result = compute_metrics(ref, sample, fid_method=fid_method, skip=skipped)
     payload = {"fid_method": fid_method, "metrics": result, "num_samples": int(shape[0]), "num_reference": ref.count,
                "sample_batch": sample_batch, "reference": ref_batch or getattr(ref_source, "name", repr(ref_source)),
-               "inception_weights": evaluator.weights_path, "seconds": round(time.time() - start, 1)}
+               "inception_weights": evaluator.weights_path, "seconds": round(time.time() - start, 1),
+               "skipped": dict(skipped), "notes": notes}
     for name, value in result.items():
-        log(f"{name}: {'n/a' if value is None else f'{value:.4f}'}")
-    if result["inception_score"] is None:
+        if name in skipped:
+            log(f"{name}: skipped ({skipped[name]})")
+        else:
+            log(f"{name}: {'n/a' if value is None else f'{value:.4f}'}")
+    if result["inception_score"] is None and "inception_score" not in skipped:
         log("inception_score: the Inception weights have no classifier (fid-helper's file); convert "
             "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for IS")
     if output and jax.process_index() == 0:
         write_json_atomic(output, payload)
         log(f"wrote {output}")
     return payload
+
+
+def _source_label(source: Any) -> str:
+    return str(getattr(source, "name", None) or type(source).__name__)

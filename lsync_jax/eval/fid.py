@@ -17,13 +17,17 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.builders import build_source
-from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics, reference_statistics, source_statistics
+from lsync_jax.eval.evaluator import (
+    InceptionEvaluator,
+    check_metric_counts,
+    compute_metrics,
+    reference_count,
+    reference_statistics,
+    source_statistics,
+)
 from lsync_jax.eval.sampling import sample_batches
 from lsync_jax.host import PHASES, Progress, all_processes
 from lsync_jax.storage import write_json_atomic
-
-# precision/recall's k-NN radii need k + 1 = 4 images on each side
-MIN_IMAGES = 4
 
 
 class TrainingFID:
@@ -40,8 +44,6 @@ class TrainingFID:
         self.batch_size = int(ev.batch_size)
         if self.every < 0:
             raise ValueError(f"config.eval.every must be >= 0 (0: no FID), got {self.every}")
-        if self.num_samples < MIN_IMAGES:
-            raise ValueError(f"config.eval.num_samples must be >= {MIN_IMAGES}, got {self.num_samples}")
         if decode is None and model.in_channels not in (1, 3):
             raise ValueError(f"config.eval: the model makes {model.in_channels}-channel samples; FID needs images "
                              "(1 or 3 channels) or, for latents, the VAE decoder (config.data.name='imagenet_latents' "
@@ -62,11 +64,16 @@ class TrainingFID:
             storage.check_remote(reference)
             if not storage.exists(reference):
                 raise FileNotFoundError(f"config.eval.reference={reference!r} not found (an ADM reference batch .npz)")
+            ref_count, ref_label = reference_count(reference), f"config.eval.reference={reference}"
         else:
             source = build_source(config.data, split=ev.reference_split)
-            if 0 < size < MIN_IMAGES or len(source) < MIN_IMAGES:
-                raise ValueError(f"config.eval.reference_size={size} (of {len(source)} images): the reference "
-                                 f"needs >= {MIN_IMAGES} images (0: the whole split)")
+            ref_count = reference_count(ref_source=source, ref_num=size)
+            ref_label = f"config.eval.reference_size={size} of split {ev.reference_split!r} (0: all)"
+        # every metric's minimum, from the header or the source's length: before the weights load or any sample
+        _, notes = check_metric_counts(self.num_samples, ref_count, samples="config.eval.num_samples",
+                                       reference=ref_label, skip_hint=None)
+        for note in notes:
+            logging.warning("in-training %s", note)
         with PHASES.phase("FID: Inception weights (load, or convert once)"):
             self.evaluator = InceptionEvaluator(ev.inception_weights or None, batch_size=self.batch_size)
         if check_only:
@@ -75,8 +82,6 @@ class TrainingFID:
             self.reference = (reference_statistics(self.evaluator, reference, self.batch_size, log=logging.info)
                               if reference else
                               source_statistics(self.evaluator, source, size, self.batch_size, log=logging.info))
-        if self.reference.pool is not None and len(self.reference.pool) < MIN_IMAGES:
-            raise ValueError(f"config.eval.reference has {len(self.reference.pool)} images; needs >= {MIN_IMAGES}")
 
     def due(self, step: int, num_steps: int) -> bool:
         """A periodic evaluation inside the run; the loop adds the final one (`done` tells)."""

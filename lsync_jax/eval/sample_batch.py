@@ -114,11 +114,12 @@ def check_reference(sample_batch: str, kind: str, ref_batch: str | None, ref_sou
 
 def evaluate_sample_batch(sample_batch: str, ref_batch: str | None = None, ref_source: Any = None, ref_num: int = 0,
                           weights_path: str | None = None, batch_size: int = 256, output: str | None = None,
-                          fid_method: str = "sqrtm", embedder: str | None = None,
+                          fid_method: str = "sqrtm", embedder: str | None = None, skip_small_metrics: bool = False,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate an .npz sample batch by its kind (images, clips, sequences) against `ref_batch` or
     `ref_source` (`ref_num` examples of it, 0: all); print the result and write it as JSON to `output`.
-    `embedder` (a `sequences.load_embedder` spec) is required for sequences and refused otherwise."""
+    `embedder` (a `sequences.load_embedder` spec) is required for sequences and refused otherwise.
+    `skip_small_metrics` (images): skip a metric the image counts are too few for, instead of refusing."""
     if (ref_batch is None) == (ref_source is None):
         raise ValueError("give exactly one reference: a reference batch (.npz) or a dataset (a config's data)")
     if fid_method not in metrics.FID_METHODS:
@@ -136,7 +137,7 @@ def evaluate_sample_batch(sample_batch: str, ref_batch: str | None = None, ref_s
     if kind == "image":  # the ADM protocol, as before
         return evaluate(sample_batch, ref_batch=ref_batch, ref_source=ref_source, ref_num=ref_num,
                         weights_path=weights_path, batch_size=batch_size, output=output, fid_method=fid_method,
-                        log=log)
+                        skip_small_metrics=skip_small_metrics, log=log)
     if kind == "video":
         return evaluate_video(sample_batch, ref_batch=ref_batch, ref_source=ref_source, ref_num=ref_num,
                               weights_path=weights_path, batch_size=batch_size, output=output, fid_method=fid_method,

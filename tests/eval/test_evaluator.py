@@ -180,3 +180,79 @@ def test_cli_fails_fast_on_bad_input(tmp_path, cache):
                           f"--ref_batch={tmp_path / 'nope.npz'}", f"--sample_batch={tmp_path / 'nope.npz'}"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode != 0 and "nope.npz not found" in out.stderr
+
+
+def _no_inception(monkeypatch, module=ev):
+    """Any Inception work (the weights loaded, image rows read for features) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("Inception work started before the image counts were checked")
+
+    monkeypatch.setattr(module, "InceptionEvaluator", refuse)
+    monkeypatch.setattr(ev, "iter_npz_batches", refuse)  # the I/O layer: no image row is read
+
+
+def test_every_metric_states_its_minimum():
+    minimums = ev.metric_minimums()
+    assert set(minimums) == {"fid", "sfid", "inception_score", "precision", "recall"}
+    assert minimums["fid"] == (2, 2) and minimums["precision"] == (ev.PR_K + 1, ev.PR_K + 1)
+    assert ev.metric_minimums(k=5)["recall"] == (6, 6)
+    skipped, notes = ev.check_metric_counts(50_000, 50_000)
+    assert skipped == {} and notes == []  # FID-50K: full rank, nothing to say
+
+
+@pytest.mark.parametrize("samples, reference, match", [
+    (3, 10, r"precision needs at least 4 sample images \(the sample batch .*samples.npz: 3\).*recall"),
+    (10, 3, r"precision needs at least 4 reference images \(the reference .*ref.npz: 3\)"),
+    (1, 10, "FID and sFID need at least 2 sample images"),
+])
+def test_too_few_images_are_refused_before_any_inception_work(tmp_path, monkeypatch, alarm, samples, reference,
+                                                               match):
+    np.savez(tmp_path / "samples.npz", arr_0=images(samples, size=8))
+    np.savez(tmp_path / "ref.npz", arr_0=images(reference, size=8, seed=1))
+    _no_inception(monkeypatch)
+    lines = []
+    with alarm(60), pytest.raises(ValueError, match=match):
+        ev.evaluate(str(tmp_path / "samples.npz"), ref_batch=str(tmp_path / "ref.npz"),
+                    output=str(tmp_path / "m.json"), log=lines.append)
+    assert not (tmp_path / "m.json").exists()
+    if samples > 1 and reference > 1:  # skippable: the error says how
+        with alarm(60), pytest.raises(ValueError, match="pass --skip_small_metrics to skip them"):
+            ev.evaluate(str(tmp_path / "samples.npz"), ref_batch=str(tmp_path / "ref.npz"), log=lines.append)
+
+
+def test_a_small_data_reference_is_refused_before_any_inception_work(tmp_path, monkeypatch, alarm):
+    np.savez(tmp_path / "five.npz", arr_0=images(5, size=8))
+    _no_inception(monkeypatch)
+    for source, num in ((SyntheticSource(3, (8, 8, 3), num_classes=2, seed=0), 0),
+                        (SyntheticSource(9, (8, 8, 3), num_classes=2, seed=0), 3)):
+        with alarm(60), pytest.raises(ValueError, match=r"precision needs at least 4 reference images \(the "
+                                                        r"reference SyntheticSource: 3\)"):
+            ev.evaluate(str(tmp_path / "five.npz"), ref_source=source, ref_num=num, log=lambda _: None)
+
+
+def test_the_rank_deficient_covariance_is_noted_once():
+    skipped, notes = ev.check_metric_counts(1000, 50_000)
+    assert skipped == {} and len(notes) == 1
+    assert "FID-1000" in notes[0] and "rank-deficient" in notes[0] and "2,048" in notes[0]
+    _, notes = ev.check_metric_counts(50_000, 1000)
+    assert len(notes) == 1 and "1,000 reference images" in notes[0]
+    _, notes = ev.check_metric_counts(1000, None)  # saved statistics: nothing to count on that side
+    assert len(notes) == 1 and "reference" not in notes[0]
+
+
+@pytest.mark.slow
+def test_small_metrics_are_skipped_with_one_line_when_asked(evaluator, tmp_path, alarm):
+    sample, ref = str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz")
+    np.savez(sample, arr_0=images(3, seed=2))
+    np.savez(ref, arr_0=images(8, seed=3))
+    lines = []
+    with alarm(300):
+        payload = ev.evaluate(sample, ref_batch=ref, batch_size=8, fid_method="eigh", skip_small_metrics=True,
+                              output=str(tmp_path / "m.json"), log=lines.append)
+    assert payload["metrics"]["fid"] > 0 and payload["metrics"]["precision"] is None
+    assert set(payload["skipped"]) == {"precision", "recall"}
+    assert [line for line in lines if line.startswith("precision:")] == [
+        "precision: skipped (precision needs at least 4 sample images (the sample batch "
+        f"{sample}: 3))"]
+    assert sum("rank-deficient" in line for line in lines) == 1
+    assert json.load(open(tmp_path / "m.json"))["skipped"] == payload["skipped"]

@@ -74,3 +74,46 @@ def test_unknown_eval_key_is_named(tmp_path):
     config.eval.fid_evry = 3
     with pytest.raises(ValueError, match="fid_evry"):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_small_reference_batch_is_refused_before_any_inception_work(tmp_path, monkeypatch, alarm):
+    """The count comes from the .npz header: the weights never load, no reference image is read."""
+    import types
+
+    import numpy as np
+
+    from lsync_jax.eval import evaluator, fid
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Inception work started before the image counts were checked")
+
+    monkeypatch.setattr(fid, "InceptionEvaluator", refuse)
+    monkeypatch.setattr(evaluator, "iter_npz_batches", refuse)
+    path = str(tmp_path / "ref.npz")
+    np.savez(path, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    model = types.SimpleNamespace(in_channels=3, num_classes=10)
+    for overrides, match in ((dict(reference=path), r"precision needs at least 4 reference images \(config.eval."
+                                                     r"reference=.*ref.npz: 3\)"),
+                             (dict(num_samples=3), r"precision needs at least 4 sample images \(config.eval."
+                                                   r"num_samples: 3\)")):
+        with alarm(60), pytest.raises(ValueError, match=match):
+            fid.TrainingFID(fid_config(**overrides), model, None, None, 1.0, (0.0, 1.0), str(tmp_path / "run"))
+
+
+def test_the_rank_deficient_covariance_is_logged_once(tmp_path, monkeypatch, caplog):
+    import types
+
+    from lsync_jax.eval import fid
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(fid, "InceptionEvaluator", stop)
+    model = types.SimpleNamespace(in_channels=3, num_classes=10)
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        fid.TrainingFID(fid_config(), model, None, None, 1.0, (0.0, 1.0), str(tmp_path / "run"))
+    lines = [r.getMessage() for r in caplog.records if "rank-deficient" in r.getMessage()]
+    assert len(lines) == 1 and "FID-6" in lines[0]

@@ -33,6 +33,8 @@ flags.DEFINE_multi_string("set", [], "KEY=VALUE: change a protocol setting (num_
 flags.DEFINE_integer("batch_size", 250, "Samples per batch, over all devices (keep it for a resume).")
 flags.DEFINE_integer("eval_batch_size", 256, "Images per Inception batch.")
 flags.DEFINE_string("inception_weights", None, "Converted .npz or a PyTorch FID Inception file (default: cache).")
+flags.DEFINE_bool("skip_small_metrics", False, "Skip a metric (never the protocol's) that the sample or reference "
+                  "count is too small for, with one line, instead of refusing before sampling.")
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"], "sqrtm: ADM's; eigh: the same trace, faster.")
 
 
@@ -52,7 +54,8 @@ def main(argv):
         overrides[key.strip()] = value
     reproduce(FLAGS.protocol, FLAGS.workdir, config=FLAGS.config, ref_batch=FLAGS.ref_batch, out_dir=FLAGS.out_dir,
               overrides=overrides, batch_size=FLAGS.batch_size, weights_path=FLAGS.inception_weights,
-              eval_batch_size=FLAGS.eval_batch_size, fid_method=FLAGS.fid_method)
+              eval_batch_size=FLAGS.eval_batch_size, fid_method=FLAGS.fid_method,
+              skip_small_metrics=FLAGS.skip_small_metrics)
 
 
 if __name__ == "__main__":

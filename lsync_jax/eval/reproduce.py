@@ -32,7 +32,7 @@ from lsync_jax.configs.protocols import (
     protocol_config,
     reference_kind,
 )
-from lsync_jax.eval.evaluator import check_image_batch, check_output, evaluate, npz_keys
+from lsync_jax.eval.evaluator import check_image_batch, check_metric_counts, check_output, evaluate, npz_keys
 from lsync_jax.eval.sampling import (
     assemble_parts,
     check_counts,
@@ -164,13 +164,15 @@ def _agree(value: int) -> int:
 def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | None = None,
               out_dir: str | None = None, overrides: Mapping[str, str] | None = None, batch_size: int = 250,
               weights_path: str | None = None, eval_batch_size: int = 256, fid_method: str = "sqrtm",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              skip_small_metrics: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Sample `workdir`'s newest checkpoint as protocol `name` says, evaluate it, print ours next to the
     paper's value and write OUT_DIR/result.json (default OUT_DIR: WORKDIR/protocols/NAME, or
     NAME-custom-<hash> with overrides, so a changed run never replaces the protocol's samples). `config`
     is the run's config (default: the protocol's, `configs/paper.py:NAME`). Every input is checked before
     the first sample: the protocol and overrides, the reference, the Inception weights, the checkpoint,
-    the output directory and any samples already there."""
+    the output directory and any samples already there, and the sample and reference counts against each
+    metric's minimum (a metric they are too few for is an error, or with `skip_small_metrics` skipped; the
+    protocol's own metric never is)."""
     overrides = dict(overrides or {})
     protocol, reasons = apply_overrides(get_protocol(name), overrides)
     if protocol.differs:
@@ -183,13 +185,13 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
     initialize_distributed(config.distributed)  # before anything asks for devices or the process index
     check_counts(protocol.num_samples, batch_size)
     kind, target = reference_kind(protocol.reference)
-    ref_source, ref_num = None, 0
+    ref_source, ref_num, ref_count = None, 0, None
     if kind == "adm":
         if not ref_batch:
             raise ValueError(f"protocol {name!r} is evaluated against ADM's {target}: pass --ref_batch=PATH/{target}"
                              + (" (download it once from the ADM evaluator's page, openai/guided-diffusion "
                                 "evaluations/README.md)" if target.startswith("VIRTUAL_") else ""))
-        _check_reference(ref_batch)
+        ref_count = _check_reference(ref_batch)
         if os.path.basename(ref_batch) != target:
             reasons.append(f"reference {os.path.basename(ref_batch)} instead of the protocol's {target}")
     else:
@@ -201,6 +203,12 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
         if len(ref_source) < ref_num:
             raise ValueError(f"protocol {name!r} needs {ref_num} reference images of split {split!r}; "
                              f"{ref_source!r} has {len(ref_source)}")
+        ref_count = ref_num
+    skipped, _ = check_metric_counts(protocol.num_samples, ref_count, skip_small=skip_small_metrics,
+                                     samples="the protocol's num_samples",
+                                     reference=f"the reference {ref_batch or target}")
+    if protocol.metric in skipped:
+        raise ValueError(f"{skipped[protocol.metric]}: it is the protocol's metric, which cannot be skipped")
     weights = inception_weights.resolve_weights(weights_path)  # missing weights fail now, not after sampling
     differences, notes, step = run_differences(protocol, config, workdir)
     reasons += differences
@@ -256,7 +264,7 @@ def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | N
         multihost_utils.sync_global_devices("protocol samples written")
     payload = evaluate(npz, ref_batch=ref_batch, ref_source=ref_source, ref_num=ref_num, weights_path=weights,
                        batch_size=eval_batch_size, output=storage.join(out_dir, "metrics.json"),
-                       fid_method=fid_method, log=log)
+                       fid_method=fid_method, skip_small_metrics=skip_small_metrics, log=log)
     ours = payload["metrics"].get(protocol.metric)
     result = compare(protocol, ours, reasons)
     result.update(notes=notes, workdir=storage.absolute(workdir), step=step, samples=npz,
@@ -287,15 +295,17 @@ def _existing_samples(npz: str, record_path: str, record: dict[str, Any], parts_
     return 0
 
 
-def _check_reference(path: str) -> None:
+def _check_reference(path: str) -> int | None:
+    """The reference's image count from its header (None: saved statistics only), after checking it."""
     if not storage.exists(path):
         raise FileNotFoundError(f"reference batch {path} not found")
     keys = npz_keys(path)
     if "arr_0" in keys:
-        check_image_batch(path)
-    elif not all(k in keys for k in ("mu", "sigma", "mu_s", "sigma_s")):
+        return check_image_batch(path)[0]
+    if not all(k in keys for k in ("mu", "sigma", "mu_s", "sigma_s")):
         raise ValueError(f"{path} is not an ADM reference batch: it needs arr_0 images or mu, sigma, mu_s, sigma_s "
                          f"(has {keys})")
+    return None
 
 
 def compare(protocol: Protocol, ours: float | None, reasons: list[str]) -> dict[str, Any]:

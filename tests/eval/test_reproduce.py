@@ -209,6 +209,33 @@ def test_missing_inputs_fail_before_sampling(converted, reference, cache, tmp_pa
     assert not os.path.exists(tmp_path / "out" / "parts")
 
 
+def test_too_few_samples_or_reference_images_fail_before_sampling(converted, reference, cache, tmp_path,
+                                                                  monkeypatch, alarm):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(reproduce_module, "run_sampler", no_sampling)
+    kwargs = dict(out_dir=str(tmp_path / "out"), batch_size=1, log=lambda _: None)
+    with alarm(120), pytest.raises(ValueError, match=r"precision needs at least 4 sample images \(the protocol's "
+                                                     r"num_samples: 3\).*--skip_small_metrics"):
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "3"}, **kwargs)
+    small_ref = str(tmp_path / "small" / "tiny_ref.npz")
+    os.makedirs(os.path.dirname(small_ref))
+    arrays = storage.load_npz(reference)
+    np.savez(small_ref, arr_0=arrays["arr_0"][:3], arr_1=arrays["arr_1"][:3])
+    with alarm(120), pytest.raises(ValueError, match=r"recall needs at least 4 reference images \(the reference "
+                                                     r".*tiny_ref.npz: 3\)"):
+        reproduce(NAME, converted, ref_batch=small_ref, **kwargs)
+    # asked to skip: the count check passes (sampling starts); the protocol's own metric is never skipped
+    with alarm(120), pytest.raises(AssertionError, match="sampling started"):
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "3"}, skip_small_metrics=True,
+                  **kwargs)
+    with alarm(120), pytest.raises(ValueError, match="FID and sFID need at least 2 sample images"):
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "1"}, skip_small_metrics=True,
+                  **kwargs)
+    assert not os.path.exists(tmp_path / "out" / "parts")
+
+
 def test_cli_lists_every_protocol():
     out = subprocess.run([sys.executable, "launch/reproduce.py", "--list"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

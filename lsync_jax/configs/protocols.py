@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -233,41 +233,100 @@ def protocol_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
+# -- what moves the number: one set of rules for training's warning and reproduce's verdict -------------
+
+# The sections of a run that move a protocol's number, as (the keys compared, None: all; the keys skipped).
+# model: every field but how it computes (COMPUTE_OPTIONS, as resuming treats them); objective: its
+# weights and each regulariser's settings; data: the batch only (where the data lives does not move it);
+# train: the steps and the EMA decay. Sampling, guidance, the sample count and the reference are the
+# protocol's own settings (`SAMPLING_SETTINGS`): `launch/reproduce.py --set` changes them, marked.
+PROTOCOL_SECTIONS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
+    "model": (None, COMPUTE_OPTIONS), "objective": (None, ()), "transport": (None, ()), "optimizer": (None, ()),
+    "data": (("batch_size",), ()), "train": (("num_steps", "ema_decay"), ())}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def setting_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], section: str,
+                        skip: Sequence[str] = ()) -> list[str]:
+    """'section.key: run X, protocol Y' for every key of two config sections whose values differ
+    (mappings compared key by key, tuples as lists); the form of `lsync_jax.workdir.record_differences`."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        if key in skip:
+            continue
+        a = saved[key] if key in saved else "absent"
+        b = wanted[key] if key in wanted else "absent"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(setting_differences(a, b, f"{section}.{key}"))
+        elif _plain(a) != _plain(b):
+            out.append(f"{section}.{key}: run {_plain(a)!r}, protocol {_plain(b)!r}")
+    return out
+
+
+def config_settings(config: Any) -> dict[str, dict[str, Any]]:
+    """What of a training config moves a protocol's number, by `PROTOCOL_SECTIONS` section, in the
+    config's own form: the model's name and every override (None read as the model's own value), the
+    objective's weights and the sections of the regularisers it trains with, the transport, the
+    optimizer, the batch, the steps and the EMA decay."""
+    name = str(config.model.name)
+    overrides = dict(config.model.overrides)
+    try:
+        model = get_model(name)
+    except ValueError:
+        model = None
+    fields = {k: (v if v is not None else getattr(model, k, None)) for k, v in overrides.items()}
+    objective = dict(config.objective)
+    regularizers = tuple(objective.get("regularizers", ()))
+    return {"model": dict(fields, name=name),
+            "objective": {"transport_weight": objective.get("transport_weight"),
+                          "clean_input": objective.get("clean_input"), "regularizers": sorted(regularizers),
+                          **{reg: _plain(dict(objective.get(reg) or {})) for reg in regularizers}},
+            "transport": _plain(dict(config.transport)), "optimizer": _plain(dict(config.optimizer)),
+            "data": {"batch_size": int(config.data.batch_size)},
+            "train": {"num_steps": int(config.train.num_steps), "ema_decay": float(config.train.ema_decay)}}
+
+
+def protocol_differences(run: Mapping[str, Mapping[str, Any]], wanted: Mapping[str, Mapping[str, Any]],
+                         compare: Any = setting_differences) -> list[str]:
+    """Every difference, by key, between a run's settings and a protocol's in what moves the number
+    (`PROTOCOL_SECTIONS`): 'section.key: run X, protocol Y'. `run` and `wanted` hold sections by name;
+    a section `run` lacks (a checkpoint that records none) is not compared: the caller says so.
+    `compare(saved, wanted, section, skip)` is `setting_differences` for configs, or
+    `lsync_jax.workdir.record_differences` for checkpoint records (its 'checkpoint'/'config' become
+    'run'/'protocol')."""
+    out = []
+    for section, (only, skip) in PROTOCOL_SECTIONS.items():
+        if section not in run or section not in wanted:
+            continue
+        saved, want = dict(run[section]), dict(wanted[section])
+        if only is not None:
+            saved = {k: v for k, v in saved.items() if k in only}
+            want = {k: v for k, v in want.items() if k in only}
+        for line in compare(saved, want, section, skip):
+            key, _, rest = line.partition(": checkpoint ")
+            if rest:  # a record comparison's labels, as a protocol's verdict names the sides
+                have, _, value = rest.rpartition(", config ")
+                line = f"{key}: run {have}, protocol {value}"
+            out.append(line)
+    return out
+
+
 def config_protocol_differences(config: Any) -> list[str]:
-    """What of a training config (config.protocol names its protocol) differs from that protocol in what
-    changes the number; [] without a protocol. An unknown protocol name is an error."""
+    """What of a training config (config.protocol names its protocol) differs from that protocol's
+    training config in what moves the number (`protocol_differences`), key by key; [] without a
+    protocol. An unknown protocol name is an error. Reproduce's verdict uses the same rules."""
     name = str(config.get("protocol", "") or "")
     if not name:
         return []
-    p = get_protocol(name)
-    model = {"name": config.model.name, **{k: v for k, v in config.model.overrides.items() if v is not None}}
-    return config_differences(p, model, int(config.train.num_steps), tuple(config.objective.regularizers))
-
-
-def config_differences(p: Protocol, model: Mapping[str, Any], step: int | None,
-                       regularizers: tuple[str, ...] | None = None) -> list[str]:
-    """What of a run (its recorded model fields, checkpoint step and regularisers) differs from protocol
-    `p` in a way that changes the number: the model, learn_sigma, the training steps, the method. A step
-    of None (a converted checkpoint records none) is not a difference."""
-    out = []
-    name = model.get("name")
-    if name != p.model:
-        out.append(f"model {name!r}, the protocol's is {p.model!r}")
-    wanted = dict(p.model_overrides, learn_sigma=p.learn_sigma)
-    for key, value in wanted.items():
-        if key in COMPUTE_OPTIONS:  # how it computes, not what it computes (as resuming treats them)
-            continue
-        have = model.get(key)
-        if have is None:
-            have = getattr(get_model(str(name)), key, None) if name else None
-        if have != value:
-            out.append(f"model.{key}={have!r}, the protocol's is {value!r}")
-    if step is not None and int(step) != int(p.train_steps):
-        out.append(f"checkpoint step {step:,}, the protocol's training is {p.train_steps:,} steps")
-    if regularizers is not None and tuple(sorted(regularizers)) != METHOD_REGULARIZERS[p.method]:
-        out.append(f"regularizers {tuple(sorted(regularizers))}, the protocol's method {p.method!r} trains with "
-                   f"{METHOD_REGULARIZERS[p.method] or 'none'}")
-    return out
+    get_protocol(name)
+    return protocol_differences(config_settings(config), config_settings(protocol_config(name)))
 
 
 # -- the entries -------------------------------------------------------------------------------------------

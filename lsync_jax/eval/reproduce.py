@@ -5,7 +5,9 @@ beside the paper's value.
 Sampling streams batch by batch into parts on disk and resumes after a kill (`sample_resumable`); the
 parts become one ADM sample batch, which `launch/evaluate.py` can also read. What would make the number
 another protocol's is marked: an override of a sampling setting (`--num_samples`, another sampler, ...),
-or a run whose model, learn_sigma, training steps or method differ from the entry's. Such a result is
+or a run whose training differs from the entry's in anything that moves the number (the model, the
+objective with each term's settings, the transport, the optimizer, the batch, the steps, the EMA), named
+key by key with the rules training warns with (`protocols.protocol_differences`). Such a result is
 printed and saved as "not comparable", with the reasons.
 """
 
@@ -23,13 +25,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lsync_jax import storage
-from lsync_jax.builders import build_mesh, build_source, model_fields, validate_config
+from lsync_jax.builders import build_mesh, build_source, build_transport, model_fields, validate_config
 from lsync_jax.configs.protocols import (
     Protocol,
     check_protocol,
-    config_differences,
+    config_settings,
     get_protocol,
     protocol_config,
+    protocol_differences,
     reference_kind,
 )
 from lsync_jax.eval.evaluator import check_image_batch, check_metric_counts, check_output, evaluate, npz_keys
@@ -43,9 +46,18 @@ from lsync_jax.eval.sampling import (
     sample_resumable,
 )
 from lsync_jax.host import initialize_distributed
+from lsync_jax.objectives import build_objective
 from lsync_jax.porting import inception as inception_weights
 from lsync_jax.storage import check_writable, write_json_atomic
-from lsync_jax.workdir import checkpoint_dir, intact_steps, read_meta
+from lsync_jax.workdir import (
+    checkpoint_dir,
+    intact_steps,
+    model_record,
+    objective_record,
+    read_meta,
+    record_differences as checkpoint_differences,
+    transport_record,
+)
 
 
 def _parse(value: str) -> Any:
@@ -128,9 +140,25 @@ def override_tag(overrides: Mapping[str, str]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def config_records(config: Any) -> dict[str, dict[str, Any]]:
+    """A training config's settings as its checkpoint records them (`lsync_jax.workdir`'s record
+    functions: every model field, the objective with each regulariser's settings, the transport, the
+    optimizer, the batch): what a checkpoint's meta is compared with."""
+    model = model_record(model_fields(config))
+    objective = build_objective(config.objective, build_transport(config), depth=int(model.get("depth", 0)))
+    return {"model": model, "objective": objective_record(objective), "transport": transport_record(config.transport),
+            "optimizer": dict(config.optimizer), "data": {"batch_size": int(config.data.batch_size)}}
+
+
+RECORDED = ("model", "objective", "transport", "optimizer", "data")  # what a training checkpoint's meta holds
+
+
 def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], list[str], int]:
-    """(differences that change the number, notes, the step) between protocol `p` and the run in `workdir`
-    (its newest intact checkpoint's recorded model and objective, and its step) and `config`."""
+    """(differences that change the number, notes, the step) between protocol `p` and the run in `workdir`,
+    key by key (`protocol_differences`): its newest intact checkpoint's records (model, objective with each
+    regulariser's settings, transport, optimizer, batch) and step against the protocol's training config,
+    then `config` (the run's config: what sampling builds, and the EMA decay, which no checkpoint records)
+    against it, with the same rules as training's warning (`config_protocol_differences`)."""
     ckpt_dir = checkpoint_dir(workdir)
     steps = intact_steps(ckpt_dir, warn=True)
     if not steps:
@@ -138,19 +166,33 @@ def run_differences(p: Protocol, config: Any, workdir: str) -> tuple[list[str], 
                                 "convert an official checkpoint (launch/convert_checkpoint.py --out=WORKDIR)")
     step = steps[-1]
     meta = read_meta(ckpt_dir, step)
-    model = dict(meta.get("model", {}))
+    wanted_config = protocol_config(p.name)
+    wanted = dict(config_records(wanted_config), train={"num_steps": int(p.train_steps)})
+    run = {section: meta[section] for section in RECORDED if section in meta}
     notes = []
-    converted = "objective" not in meta  # launch/convert_checkpoint.py records no objective and no steps
+    converted = "objective" not in meta  # launch/convert_checkpoint.py records the model (and transport) only
     if converted:
-        notes.append("a converted checkpoint: its training steps and method are not recorded, so they are not "
-                     f"checked (the protocol's: {p.method}, {p.train_steps:,} steps)")
-        regularizers = None
+        missing = [s for s in RECORDED if s not in run] + ["training steps"]
+        notes.append(f"a converted checkpoint: it records no {', '.join(missing)}, so they are not checked "
+                     f"(the protocol's: {p.method}, batch {p.train_batch}, {p.train_steps:,} steps)")
+        if "transport" in run:  # the keys its source names, and the time convention (tools/convert.py)
+            wanted["transport"] = {k: v for k, v in wanted["transport"].items() if k in run["transport"]}
     else:
-        regularizers = tuple(meta["objective"]["regularizers"])  # read_meta gives today's record schema
-    differences = config_differences(p, model, None if converted else step, regularizers)
-    for difference in config_differences(p, model_fields(config), None):
-        if difference not in differences:
-            differences.append(f"the config's {difference}")
+        run["train"] = {"num_steps": int(step)}
+        missing = [s for s in RECORDED if s not in run]
+        if "data" in run and "batch_size" not in run["data"]:
+            missing.append("batch")
+            del run["data"]
+        if missing:
+            notes.append(f"the checkpoint records no {', '.join(missing)} (written before lsync-jax recorded it): "
+                         "not checked")
+    notes.append("no checkpoint records the EMA decay: the config's is compared (--config, default the "
+                 "protocol's)")
+    differences = protocol_differences(run, wanted, compare=checkpoint_differences)
+    named = {line.split(":", 1)[0] for line in differences}
+    for line in protocol_differences(config_settings(config), config_settings(wanted_config)):
+        if line.split(":", 1)[0] not in named:
+            differences.append(f"the config's {line}")
     return differences, notes, step
 
 
@@ -331,7 +373,8 @@ def format_comparison(result: Mapping[str, Any]) -> list[str]:
         lines.append(f"{metric}: ours {ours:.2f} | paper {result['paper']:g} ({result['source']}: {result['table']}) "
                      f"| difference {result['difference']:+.2f} ({100 * result['relative']:+.1f}%)")
     if result["comparable"]:
-        lines.append("comparable: the protocol's settings, model and training")
+        lines.append("comparable: the protocol's sampling and evaluation, and its model, objective, transport, "
+                     "optimizer, batch, steps and EMA")
     else:
         lines.append("NOT COMPARABLE: " + "; ".join(result["not_comparable_because"]))
     if result["source"] == "summary":

@@ -5,11 +5,13 @@ import dataclasses
 
 import pytest
 
-from lsync_jax.builders import validate_config
+from lsync_jax.builders import model_fields, validate_config
 from lsync_jax.configs import protocols
-from lsync_jax.configs.protocols import PROTOCOLS, Protocol, check_protocol, config_differences, get_protocol
-from lsync_jax.eval.reproduce import apply_overrides, compare, format_comparison
+from lsync_jax.configs.protocols import PROTOCOLS, Protocol, check_protocol, config_protocol_differences, get_protocol
+from lsync_jax.eval import reproduce
+from lsync_jax.eval.reproduce import apply_overrides, compare, config_records, format_comparison
 from lsync_jax.transport import SamplerConfig
+from lsync_jax.workdir import describe
 
 NAMES = sorted(PROTOCOLS)
 
@@ -36,9 +38,7 @@ def test_every_entry_is_complete_and_its_config_is_valid(name):
     validate_config(config)
     assert config.model.name == p.model and config.train.num_steps == p.train_steps
     assert config.sampler.method == p.sampler_config.method and config.sampler.cfg_scale == p.cfg_scale
-    model = {"name": config.model.name, **{k: v for k, v in config.model.overrides.items() if v is not None}}
-    regularizers = tuple(config.objective.regularizers)
-    assert config_differences(p, model, p.train_steps, regularizers) == []  # by construction
+    assert config_protocol_differences(config) == []  # by construction
     # a summary's value says so, and a sampler setting the source leaves open is listed with what we use
     if p.source == "summary":
         assert "summary" in p.where.lower() or "REFERENCE" in p.where
@@ -76,14 +76,111 @@ def test_training_configs_are_named_after_the_protocols():
 
 
 def test_a_run_that_differs_is_named():
-    p = PROTOCOLS["layersync-sit-xl2-400k-heun"]
-    found = config_differences(p, {"name": "SiT-L/2", "learn_sigma": False}, 200_000, ())
-    assert any("model 'SiT-L/2'" in f for f in found) and any("learn_sigma=False" in f for f in found)
-    assert any("step 200,000" in f for f in found) and any("method 'layersync' trains with" in f for f in found)
-    repa = PROTOCOLS["repa-sit-xl2-4m-cfg1.8"]  # a baseline run is not REPA's, whatever its model and steps
-    assert config_differences(repa, {"name": "SiT-XL/2", "learn_sigma": False}, 4_000_000, ()) != []
-    assert config_differences(repa, {"name": "SiT-XL/2", "learn_sigma": False}, 4_000_000, ("repa",)) == []
-    assert config_differences(p, {"name": "SiT-XL/2", "learn_sigma": True}, None) == []  # converted: no step
+    config = protocols.protocol_config("layersync-sit-xl2-400k-heun")
+    config.model.name = "SiT-L/2"
+    config.model.overrides.learn_sigma = False
+    config.train.num_steps = 200_000
+    config.objective.regularizers = ()
+    found = config_protocol_differences(config)
+    assert "model.name: run 'SiT-L/2', protocol 'SiT-XL/2'" in found
+    assert "model.learn_sigma: run False, protocol True" in found
+    assert "train.num_steps: run 200000, protocol 400000" in found
+    assert "objective.regularizers: run [], protocol ['layersync']" in found
+    repa = protocols.protocol_config("repa-sit-xl2-4m-cfg1.8")  # a baseline run is not REPA's
+    repa.objective.regularizers = ()
+    assert any(f.startswith("objective.regularizers:") for f in config_protocol_differences(repa))
+
+
+def _changed(name):
+    """Protocol `name`'s training config with a batch of 8, LayerSync pair 1 -> 2, another learning rate,
+    EMA and transport, and a compute option (which moves nothing)."""
+    config = protocols.protocol_config(name)
+    config.data.batch_size = 8
+    config.objective.layersync.pairs = ((1, 2, 0.2),)
+    config.optimizer.lr = 2e-4
+    config.train.ema_decay = 0.999
+    config.transport.path_type = "gvp"
+    config.model.overrides.attention_impl = "xla"
+    return config
+
+
+CHANGED = ["data.batch_size: run 8, protocol 256",
+           "objective.layersync.pairs: run [[1, 2, 0.2]], protocol [[8, 16, 0.2]]",
+           "optimizer.lr: run 0.0002, protocol 0.0001", "train.ema_decay: run 0.999, protocol 0.9999",
+           "transport.path_type: run 'gvp', protocol 'linear'"]
+
+
+def test_training_warns_about_every_setting_that_moves_the_number():
+    assert sorted(config_protocol_differences(_changed("layersync-sit-xl2-400k-heun"))) == sorted(CHANGED)
+    repa = protocols.protocol_config("repa-sit-xl2-4m-cfg1.8")
+    repa.objective.repa.weight = 1.0
+    repa.model.overrides.encoder_depth = 4
+    assert config_protocol_differences(repa) == ["model.encoder_depth: run 4, protocol 8",
+                                                 "objective.repa.weight: run 1.0, protocol 0.5"]
+
+
+def _checkpoint(monkeypatch, config, **drop):
+    """A workdir whose newest checkpoint (at the config's train.num_steps) records `config` as training writes it
+    (`workdir.describe`), minus the sections in `drop`: injected where reproduce reads checkpoints."""
+    records = config_records(config)
+    meta = describe(model_fields(config), {}, objective=None, transport=records["transport"],
+                    data=dict(records["data"], name="imagenet", seed=0), optimizer=records["optimizer"])
+    meta["objective"] = records["objective"]
+    for section in drop:
+        meta.pop(section, None)
+    monkeypatch.setattr(reproduce, "intact_steps", lambda *a, **k: [int(config.train.num_steps)])
+    monkeypatch.setattr(reproduce, "read_meta", lambda directory, step: dict(meta))
+
+
+def test_the_verdict_compares_every_recorded_setting_by_key(monkeypatch):
+    name = "layersync-sit-xl2-400k-heun"
+    p = PROTOCOLS[name]
+    _checkpoint(monkeypatch, protocols.protocol_config(name))
+    assert reproduce.run_differences(p, protocols.protocol_config(name), "/run")[0] == []
+    # a run with batch 8 and pair 1 -> 2 (and more) is not comparable, each difference named by key
+    _checkpoint(monkeypatch, _changed(name))
+    differences, notes, step = reproduce.run_differences(p, protocols.protocol_config(name), "/run")
+    assert step == 400_000 and any("EMA decay" in n for n in notes)
+    assert "data.batch_size: run 8, protocol 256" in differences
+    assert any(d.startswith("objective.regularizers.layersync.pairs: run [[1, 2, 0.2]]") for d in differences)
+    assert "optimizer.lr: run 0.0002, protocol 0.0001" in differences
+    assert "transport.path_type: run 'gvp', protocol 'linear'" in differences
+    assert not any("attention_impl" in d for d in differences)  # how it computes moves nothing
+    lines = format_comparison(compare(p, 12.0, differences))
+    assert lines[2].startswith("NOT COMPARABLE: ") and "data.batch_size" in lines[2]
+    # the EMA decay is no checkpoint's: the config passed is compared, by the rules training warns with
+    _checkpoint(monkeypatch, protocols.protocol_config(name))
+    found = reproduce.run_differences(p, _changed(name), "/run")[0]
+    assert sorted(found) == sorted(f"the config's {c}" for c in CHANGED)
+    # a checkpoint step that is not the protocol's
+    monkeypatch.setattr(reproduce, "intact_steps", lambda *a, **k: [100])
+    assert "train.num_steps: run 100, protocol 400000" in reproduce.run_differences(
+        p, protocols.protocol_config(name), "/run")[0]
+
+
+def test_what_a_checkpoint_does_not_record_is_noted(monkeypatch):
+    name = "sit-xl2-7m-sde"
+    p = PROTOCOLS[name]
+    _checkpoint(monkeypatch, protocols.protocol_config(name), optimizer=True)  # written before it was recorded
+    differences, notes, _ = reproduce.run_differences(p, protocols.protocol_config(name), "/run")
+    assert differences == [] and any("records no optimizer" in n for n in notes)
+    # converted: the model and transport only; the objective, optimizer, batch and steps are not checked
+    _checkpoint(monkeypatch, protocols.protocol_config(name), objective=True, optimizer=True, data=True)
+    meta = reproduce.read_meta("", 0)
+    meta["transport"] = {"path_type": "linear", "prediction": "velocity", "time": meta["transport"]["time"]}
+    monkeypatch.setattr(reproduce, "read_meta", lambda directory, step: meta)  # as tools/convert.py records it
+    differences, notes, _ = reproduce.run_differences(p, protocols.protocol_config(name), "/run")
+    assert differences == [] and any("converted checkpoint" in n and "objective" in n for n in notes)
+    meta["model"]["learn_sigma"] = False  # what it records is still compared
+    assert reproduce.run_differences(p, protocols.protocol_config(name), "/run")[0] == [
+        "model.learn_sigma: run False, protocol True"]
+    # a record older than a field (ADDED_FIELDS: optimizer.mu_dtype) reads as the value that applied then
+    config = protocols.protocol_config(name)
+    _checkpoint(monkeypatch, config)
+    meta = reproduce.read_meta("", 0)
+    del meta["optimizer"]["mu_dtype"]
+    monkeypatch.setattr(reproduce, "read_meta", lambda directory, step: meta)
+    assert reproduce.run_differences(p, config, "/run")[0] == []
 
 
 def test_overrides_mark_the_result_not_comparable():
@@ -139,7 +236,7 @@ def test_a_protocol_config_changed_in_what_matters_warns(caplog):
     config.train.num_steps = 100_000
     config.model.overrides.learn_sigma = False
     found = protocols.config_protocol_differences(config)
-    assert len(found) == 2 and any("100,000" in f for f in found)
+    assert len(found) == 2 and any("100000" in f for f in found)
     config.protocol = "no-such-protocol"
     with pytest.raises(ValueError, match="unknown protocol"):
         protocols.config_protocol_differences(config)

@@ -236,6 +236,31 @@ def test_too_few_samples_or_reference_images_fail_before_sampling(converted, ref
     assert not os.path.exists(tmp_path / "out" / "parts")
 
 
+def test_a_trained_run_is_compared_setting_by_setting(tiny_protocol, tmp_path, alarm):
+    """Real checkpoints, as training writes them: the protocol's own run is comparable; a run with another
+    batch and LayerSync pair is not, each named by key (the verdict said "comparable" before)."""
+    from lsync_jax.recipes import train_and_evaluate
+
+    def train(workdir, **data):
+        config = protocols.protocol_config(NAME)
+        config.train.update(dict(num_steps=2, checkpoint_every=2, log_every=1, num_grid_samples=0))
+        config.eval.every = 0
+        config.data.update(data)
+        if data:
+            config.objective.layersync.pairs = ((1, 2, 0.5),)
+        with alarm(600):
+            train_and_evaluate(config, workdir)
+        return workdir
+
+    entry = dataclasses.replace(tiny_protocol, train_steps=2)
+    same = reproduce_module.run_differences(entry, protocols.protocol_config(NAME), train(str(tmp_path / "a")))
+    assert same[0] == [] and same[2] == 2
+    differences = reproduce_module.run_differences(entry, protocols.protocol_config(NAME),
+                                                   train(str(tmp_path / "b"), batch_size=4))[0]
+    assert sorted(differences) == ["data.batch_size: run 4, protocol 8",
+                                   "objective.regularizers.layersync.pairs: run [[1, 2, 0.5]], protocol [[1, 2, 0.2]]"]
+
+
 def test_cli_lists_every_protocol():
     out = subprocess.run([sys.executable, "launch/reproduce.py", "--list"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

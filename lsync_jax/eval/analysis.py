@@ -251,6 +251,9 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
         logging.warning("block measurements: %d examples requested but the source (%s) has %d: measuring %d",
                         settings.num_samples, getattr(source, "name", type(source).__name__), len(source),
                         len(indices))
+    if reference is not None and not 2 <= int(settings.k) <= len(indices) - 1:  # measure_blocks' rule, checked
+        raise ValueError(f"settings.k={settings.k} nearest neighbours need 2 <= k <= N - 1 = {len(indices) - 1} "
+                         f"(N = {len(indices)} examples measured): raise num_samples or lower k")  # before the passes
     progress = Progress(f"block measurements at t = {', '.join(f'{float(t):g}' for t in settings.t_values)}",
                         len(indices) * len(settings.t_values), "example passes")
     parts, reference_features, path = [], None, build_transport(config).path

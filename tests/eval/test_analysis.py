@@ -81,3 +81,22 @@ def test_measuring_one_t_at_a_time_and_merging_equals_measuring_all_at_once():
     assert merge_measurements(parts) == whole
     with pytest.raises(ValueError, match="differ in num_samples"):
         merge_measurements([parts[0], measure_blocks(planted(num=60), 3, k=5)])
+
+
+def test_too_few_examples_for_k_neighbours_fail_before_the_passes(monkeypatch, alarm):
+    """num_samples=10 passes the settings' own check, but k = 10 neighbours need 11 examples: said before
+    any block pass (it failed after collecting every block's features)."""
+    from lsync_jax.builders import build_model
+    from lsync_jax.configs import tiny
+    from lsync_jax.data import SyntheticSource
+    from lsync_jax.eval import analysis
+
+    def no_passes(*args, **kwargs):
+        raise AssertionError("block passes started")
+
+    monkeypatch.setattr(analysis, "collect_block_features", no_passes)
+    config = tiny.get_config()
+    source = SyntheticSource(10, tuple(config.data.synthetic_shape), num_classes=3, seed=0)
+    settings = analysis.MeasureSettings(num_samples=10, k=10, t_values=(0.5,))
+    with alarm(60), pytest.raises(ValueError, match=r"settings.k=10 nearest neighbours need 2 <= k <= N - 1 = 9"):
+        analysis.measure_model(config, build_model(config), None, settings, reference=lambda x: x, source=source)

@@ -29,6 +29,7 @@ from lsync_jax.data.pipeline import to_example
 from lsync_jax.eval import metrics
 from lsync_jax.eval.evaluator import (
     STAT_KEYS,
+    STATISTICS_MIN,
     FeatureStats,
     InceptionEvaluator,
     _file_key,
@@ -271,6 +272,14 @@ def evaluate_sequences(sample_batch: str, embedder: str, ref_batch: str | None =
     if ref_shape is not None and ref_shape[-1] != shape[-1]:
         raise ValueError(f"the sample sequences have {shape[-1]} channels (shape {shape}), the reference "
                          f"{reference_name} {ref_shape[-1]} (shape {tuple(ref_shape)}): not the same data")
+    ref_count = None if ref_shape is None else int(ref_shape[0])
+    if ref_count is not None and ref_batch is None and ref_num:
+        ref_count = min(int(ref_num), ref_count)
+    for what, count in ((f"the sample batch {sample_batch}", int(shape[0])), (f"the reference {reference_name}",
+                                                                             ref_count)):
+        if count is not None and count < STATISTICS_MIN:  # before the embedder loads or any sequence is embedded
+            raise ValueError(f"a Frechet distance needs at least {STATISTICS_MIN} sequences (a covariance); {what} "
+                             f"holds {count}")
     if output and jax.process_index() == 0 and check_output(output):
         log(f"{output} exists: this run's result will replace it")
     embed = load_embedder(embedder)

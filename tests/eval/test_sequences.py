@@ -134,3 +134,20 @@ def test_loader_errors_name_the_spec(tmp_path):
         sq.load_embedder("mean_std", scale=2)
     with pytest.raises(ValueError, match="expected 'mean_std'"):
         sq.load_embedder("")
+
+
+def test_too_few_sequences_fail_before_the_embedder_loads(tmp_path, monkeypatch, alarm):
+    from lsync_jax.eval import sample_batch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the embedder loaded before the counts were checked")
+
+    monkeypatch.setattr(sample_batch, "load_embedder", refuse)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "one.npz", arr_0=rng.normal(size=(1, 6, 3)).astype(np.float32))
+    np.savez(tmp_path / "five.npz", arr_0=rng.normal(size=(5, 6, 3)).astype(np.float32))
+    for sample, ref, match in (("one", "five", "the sample batch .*one.npz holds 1"),
+                               ("five", "one", "the reference .*one.npz holds 1")):
+        with alarm(60), pytest.raises(ValueError, match="a Frechet distance needs at least 2 sequences.*" + match):
+            sample_batch.evaluate_sequences(str(tmp_path / f"{sample}.npz"), "mean_std",
+                                            ref_batch=str(tmp_path / f"{ref}.npz"), log=lambda _: None)

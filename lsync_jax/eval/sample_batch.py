@@ -34,6 +34,7 @@ from lsync_jax.eval.evaluator import (
     InceptionEvaluator,
     _file_key,
     cached,
+    check_metric_counts,
     check_output,
     evaluate,
     iter_npz_batches,
@@ -179,6 +180,17 @@ def evaluate_video(sample_batch: str, ref_batch: str | None = None, ref_source: 
     ref_kind, ref_shape, reference_name = check_reference(sample_batch, kind, ref_batch, ref_source)
     if ref_batch is not None and ref_kind is not None:
         _check_pixels(ref_batch, ref_kind, *npz_header(ref_batch))
+    ref_frames = None  # saved statistics: nothing to count
+    if ref_shape is not None:
+        ref_clips = min(int(ref_num), ref_shape[0]) if ref_batch is None and ref_num else ref_shape[0]
+        ref_frames = int(ref_clips) * int(ref_shape[1])
+    # the per-frame metrics' minimums, before any Inception work; precision/recall below theirs are
+    # None (as `video_metrics` leaves them), said in one line
+    skipped, notes = check_metric_counts(int(shape[0]) * int(shape[1]), ref_frames, skip_small=True,
+                                         samples=f"the frames of {sample_batch}",
+                                         reference=f"the frames of {reference_name}")
+    for note in notes:
+        log(f"note: per-frame {note}")
     if output and jax.process_index() == 0 and check_output(output):
         log(f"{output} exists: this run's result will replace it")
     evaluator = InceptionEvaluator(weights_path, batch_size=batch_size)
@@ -216,8 +228,8 @@ def evaluate_video(sample_batch: str, ref_batch: str | None = None, ref_source: 
                "inception_weights": evaluator.weights_path, "seconds": round(time.time() - start, 1)}
     log(line)
     for key in ("frame_fid", "frame_sfid", "frame_inception_score", "frame_precision", "frame_recall"):
-        value = result[key]
-        log(f"{key}: {'n/a' if value is None else f'{value:.4f}'}")
+        value, why = result[key], skipped.get(key[len("frame_"):])
+        log(f"{key}: skipped ({why})" if why else f"{key}: {'n/a' if value is None else f'{value:.4f}'}")
     if output and jax.process_index() == 0:
         write_json_atomic(output, payload)
         log(f"wrote {output}")

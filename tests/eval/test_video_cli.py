@@ -153,3 +153,13 @@ def test_a_video_run_samples_clip_strips_and_gets_a_per_frame_fid(tmp_path, cach
     assert (payload["num_samples"], payload["num_frames"], payload["num_reference"],
             payload["num_reference_frames"]) == (4, 16, 3, 12)
     assert payload["metrics"]["temporal_consistency"] is not None and payload["metrics"]["motion_ratio"] is not None
+
+
+def test_too_few_frames_fail_before_any_weights_load(tmp_path, alarm):
+    no_weights = str(tmp_path / "no_inception_weights.npz")  # reaching the Inception would fail otherwise
+    np.savez(tmp_path / "one_frame.npz", arr_0=clips(1)[:, :1])
+    np.savez(tmp_path / "ref_clips.npz", arr_0=clips(4, seed=1))
+    with alarm(60), pytest.raises(ValueError, match=r"FID and sFID need at least 2 sample images .*the frames of "
+                                                    r".*one_frame.npz: 1\)"):
+        evaluate_sample_batch(str(tmp_path / "one_frame.npz"), ref_batch=str(tmp_path / "ref_clips.npz"),
+                              weights_path=no_weights, log=lambda s: None)

@@ -247,6 +247,11 @@ class UViT(nn.Module):
         return self.in_channels
 
     @property
+    def patch_shape(self) -> tuple[int, int]:
+        """The patch along each input axis, as SiT's."""
+        return (self.patch_size, self.patch_size)
+
+    @property
     def null_label(self) -> int:
         """The label index of the unconditional ("null") class used for guidance."""
         return self.num_classes

@@ -184,7 +184,7 @@ def plan(config: Any, target_name: str, cache_dir: str, *, max_compiles: int = 6
         if fits >= want:
             break
         calibrated = prediction.total * _ratio(ratios, prediction.levers.remat)
-        if calibrated > CALIBRATED_SLACK * usable:  # what was measured says this one cannot fit either
+        if ratios and calibrated > CALIBRATED_SLACK * usable:  # what was measured says this cannot fit either
             skipped += 1
             pruned.append(prediction)
             continue
@@ -247,8 +247,12 @@ def plan_lines(result: dict[str, Any]) -> list[str]:
 def table_cell(result: dict[str, Any], num_steps: int) -> str:
     """One cell of docs/pods.md's table: the best plan, or that nothing tried fits."""
     best = result["best"]
+    if best is None and not result["cells"]:
+        return "not compiled yet"
     if best is None:
-        return f"does not fit ({len(result['cells'])} compiled)"
+        tried = len(result["cells"])
+        left = f"; {result['untried']} candidates not compiled" if result["untried"] else ""
+        return f"none of the {tried} compiled fits{left}"
     lv, seconds = best["levers"], best["step_seconds"]
     days = seconds * num_steps / 86400
     return (f"fits: data {best['mesh']['data']} x fsdp {best['mesh']['fsdp']}, remat {lv['remat']}, "

@@ -493,12 +493,12 @@ for _rows in (("cond-100ep", 100, 1000, 1.0, 15.51, 14.52), ("cond-100ep-cfg", 1
               model_overrides=_overrides)
 
 # Our own demo (make demo): Fashion-MNIST, 800 steps, Euler 32 with CFG 2.0, 1,000 EMA samples vs the first
-# 1,000 test images. The value is the demo's in-training FID-1K: the median of three first runs on two CPU
-# devices since the CPU layouts of layers.Dense and heads_first_attention (146.9671, 146.9644, 146.9660; before
-# them 147.3899, 147.3890, 147.3878; the single-device demo gave 146.5334 twice).
-_pair("lsync-demo-fmnist-fid1k", "layersync", "SiT-S/4", 146.9660, paper="lsync-jax demo (make demo)",
+# 1,000 test images. The value is the demo's in-training FID-1K: one first run since the step draws its
+# randomness per example (144.5083, 2026-12-05, docs/benchmarks.md); before that change the median of three
+# first runs on two CPU devices was 146.9660 (146.9671, 146.9644; earlier 147.39, and 146.53 on one device).
+_pair("lsync-demo-fmnist-fid1k", "layersync", "SiT-S/4", 144.5083, paper="lsync-jax demo (make demo)",
       table="the demo's final FID-1K", source="measured",
-      where="issue 19 (three first runs, 2-core CPU, two CPU devices)",
+      where="issue 31's first run of make demo (2-core CPU, two CPU devices, per-example randomness)",
       learn_sigma=False, train_steps=800, train_batch=64, num_samples=1000,
       sampler=dict(method="euler", num_steps=32), cfg_scale=2.0, reference="data:test:1000",
       base_config="fashion_mnist", notes="The in-training FID draws its own labels and noise (seed + 2); this "

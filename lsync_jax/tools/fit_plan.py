@@ -154,8 +154,11 @@ def compiled_cell(config: Any, target_name: str, levers: Levers, cache_dir: str,
                 config_name=str(config.get("protocol") or ""), key=path)
     storage.makedirs(cache_dir)
     storage.write_json_atomic(path, cell)
-    log(f"  compiled {levers.label()}: {'fits' if cell['fits'] else 'does not fit'} "
-        f"({cell['programs'][0]['total_gib']:.2f} GiB) in {cell['wall_seconds']:.0f} s")
+    step = cell["programs"][0]
+    size = (f"{step['total_gib']:.2f} GiB" if step["fits"] else
+            f"refused: temporaries alone need {step['needed'] / GIB:.2f} GiB")
+    log(f"  compiled {levers.label()}: {'fits' if cell['fits'] else 'does not fit'} ({size}) in "
+        f"{cell['wall_seconds']:.0f} s")
     return cell
 
 

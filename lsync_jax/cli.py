@@ -3,10 +3,13 @@
     if __name__ == "__main__":
         run(main)
 
-`run` does what every launch script needs once per process and the library never does: the restart
-with glibc tuned for XLA on CPU (`host.restart_with_host_tunables`, before JAX starts), the console's
-logging filter (`host.quiet_library_logs`), absl's flag parsing (`configs.cli.parse_flags`). It also
-shapes what a user sees on a mistake:
+`run` does what every launch script needs once per process and the library never does (importing and
+calling lsync_jax changes no process-wide setting; docs/training.md, "Storage"): the storage
+variables (`storage.configure_process`: epath through gcsfs, the emulator for every client), the
+restart with glibc tuned for XLA on CPU (`host.restart_with_host_tunables`, before JAX starts), the
+console's logging filter (`host.quiet_library_logs`), the filters that keep a failed save's error the
+last line printed (`train.checkpoint.quiet_failed_saves`), absl's flag parsing
+(`configs.cli.parse_flags`). It also shapes what a user sees on a mistake:
 
 - a user error prints its message alone (`Type: message` as the last line, no traceback) and exits 1.
   A user error is an exception the library raises on purpose about a config, data, path, weights or
@@ -34,6 +37,8 @@ from absl import app, flags
 
 from lsync_jax.configs.cli import parse_flags
 from lsync_jax.host import quiet_library_logs, restart_with_host_tunables
+from lsync_jax.storage import configure_process
+from lsync_jax.train.checkpoint import quiet_failed_saves
 
 TRACEBACK_ENV = "LSYNC_JAX_TRACEBACK"
 flags.DEFINE_bool("traceback", False, f"Show the traceback of every error, user errors too (or set {TRACEBACK_ENV}=1).")
@@ -77,12 +82,14 @@ def _program() -> str:
 
 def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], Any] = parse_flags) -> None:
     """Run a launch script's absl `main` (module docstring); never returns."""
+    configure_process()  # before gcsfs is imported, and inherited by the restart below
     restart_with_host_tunables()  # before JAX starts: glibc tuned for XLA on CPU (lsync_jax.host)
     script = getattr(sys.modules.get(main.__module__), "__file__", None)
     own_dirs = (PACKAGE_DIR,) + ((os.path.dirname(os.path.abspath(script)),) if script else ())
 
     def main_with_settings(argv: list[str]) -> Any:
         quiet_library_logs()
+        quiet_failed_saves()
         return main(argv)
 
     try:

@@ -8,9 +8,11 @@ URLs itself: Orbax/tensorstore for checkpoints, array-record for shards). The ru
 - Files are whole or absent. Locally: a temporary file, fsync, then a replacing rename. On gs://
   an object appears only when its upload finishes, so it is written in place (GCS has no rename;
   a temporary object plus copy would double the traffic for nothing).
-- gs:// goes through fsspec/gcsfs (`EPATH_USE_TF=0`, set here unless the user set it), which honours
-  `STORAGE_EMULATOR_HOST`; that one variable also points tensorstore (Orbax) and array-record at
-  the same endpoint (`configure_remote`). TensorFlow's gfile is not used for gs:// at all.
+- gs:// goes through fsspec/gcsfs, which honours `STORAGE_EMULATOR_HOST`. The launch scripts make that
+  one variable point tensorstore (Orbax) and array-record at the same endpoint too, and keep etils.epath
+  off TensorFlow's gfile (`configure_process`, from `lsync_jax.cli.run`).
+- Importing or calling this module changes no process-wide setting (environment, fsspec's config):
+  gcsfs's options are passed per file system instance (`gcs_options`). docs/training.md, "Storage".
 - Every network wait is bounded: `check_remote` finds missing credentials, an unreachable endpoint
   or a missing bucket in seconds, naming the path, before anything long starts.
 """
@@ -32,17 +34,10 @@ import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-
-# Before etils or gcsfs is imported anywhere: gs:// through fsspec (which honours the emulator
-# variable), and gcsfs without its bucket-type probe (a gRPC call to the real control plane on every
-# new bucket, which fails and logs a warning per call where there are no credentials or no network).
-os.environ.setdefault("EPATH_USE_TF", "0")
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-from etils import epath  # noqa: E402
+from etils import epath
 
 # The variable a user sets to use a GCS emulator (gcsfs and google-cloud-storage read it), and the
-# ones tensorstore and array-record read instead: `configure_remote` copies the first to the others.
+# ones tensorstore and array-record read instead: `configure_process` copies the first to the others.
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _EMULATOR_FOLLOWERS = ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 GCS_ENDPOINT = "https://storage.googleapis.com"
@@ -93,8 +88,9 @@ _REACHED: set[tuple[str, str]] = set()  # (scheme, endpoint) pairs checked in th
 
 
 def _first_use(p: str) -> None:
-    configure_remote()
     check_remote(p)
+    if scheme(p) == "gs":
+        _configure_epath_gcs()
 
 
 def exists(p: Any) -> bool:
@@ -270,11 +266,16 @@ def _tmp_name(target: str) -> str:
 
 
 def _fsspec(p: str) -> Any:
-    """The fsspec file system of a URL, configured by `configure_remote`."""
+    """The fsspec file system of a URL; gs:// with `gcs_options` (gcsfs's plain class: no bucket-type
+    probe, a gRPC call to the real control plane per new bucket that fails and warns without credentials)."""
     _first_use(p)
+    if scheme(p) == "gs":
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(**gcs_options())
     import fsspec
 
-    return fsspec.filesystem("gcs" if scheme(p) == "gs" else scheme(p))
+    return fsspec.filesystem(scheme(p))
 
 
 def _fs_path(p: str) -> str:
@@ -390,32 +391,76 @@ def emulator() -> str:
     return os.environ.get(EMULATOR_ENV, "")
 
 
-def configure_remote() -> None:
-    """Point every storage client at the emulator when STORAGE_EMULATOR_HOST is set (tensorstore and
-    array-record read their own variables), and bound gcsfs's requests in time. Idempotent; the
-    user's own settings of those variables win."""
+# What the launch scripts set for their process (`configure_process`); the library itself sets none.
+LAUNCH_ENV = {
+    "EPATH_USE_TF": "0",  # etils.epath reaches gs:// through gcsfs (which honours the emulator), not TF's gfile
+    # gcsfs without its bucket-type probe (see `_fsspec`), for the file systems others make (epath's, Orbax's)
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+}
+
+
+def configure_process() -> None:
+    """The launch scripts' storage settings for their whole process (`lsync_jax.cli.run`, before anything
+    imports gcsfs): `LAUNCH_ENV`, and with STORAGE_EMULATOR_HOST set, tensorstore's and array-record's own
+    emulator variables pointed at it. The user's own settings of any of them win. A program of your own
+    that uses gs:// through Orbax or array-record may call it, or set the variables itself."""
+    for name, value in LAUNCH_ENV.items():
+        os.environ.setdefault(name, value)
     url = emulator()
     if url:
         url = url if "://" in url else "http://" + url
         for name in _EMULATOR_FOLLOWERS:
             os.environ.setdefault(name, url)
-    _configure_gcsfs(anonymous=bool(url))
 
 
-def _configure_gcsfs(anonymous: bool = False) -> None:
-    """gcsfs's defaults for every instance (epath's included): bounded requests, and no cached
-    directory listings: a run lists checkpoints/ again after saving into it, and a cached listing would
-    miss the new step (a resume would then start from an older one). An emulator takes no
-    credentials: looking for them would only log warnings."""
+def gcs_options() -> dict[str, Any]:
+    """gcsfs's options for lsync-jax's file systems, passed per instance: fsspec's config for 'gcs' (the
+    user's settings) over bounded requests and no cached directory listings (a run lists checkpoints/
+    again after saving into it; a cached listing would miss the new step and a resume would start from
+    an older one). An emulator takes no credentials: looking for them would only log warnings."""
     import fsspec
 
-    conf = fsspec.config.conf.setdefault("gcs", {})
-    conf.setdefault("requests_timeout", 60)
-    conf.setdefault("use_listings_cache", False)
-    if anonymous:
-        conf["token"] = "anon"
-    elif conf.get("token") == "anon":
-        del conf["token"]
+    options = {"requests_timeout": 60, "use_listings_cache": False, **fsspec.config.conf.get("gcs", {})}
+    if emulator():
+        options["token"] = "anon"
+    return options
+
+
+@contextlib.contextmanager
+def _fsspec_config(protocol: str, options: Mapping[str, Any]) -> Iterator[None]:
+    """fsspec's config for `protocol` set to `options` inside the block, restored after it."""
+    import fsspec
+
+    conf = fsspec.config.conf
+    had, before = protocol in conf, conf.get(protocol)
+    conf[protocol] = dict(options)
+    try:
+        yield
+    finally:
+        if had:
+            conf[protocol] = before
+        else:
+            conf.pop(protocol, None)
+
+
+_EPATH_GCS_MADE: list[bool] = []
+
+
+def _configure_epath_gcs() -> None:
+    """etils.epath makes one gcsfs file system per process for gs:// (Orbax lists and renames checkpoints
+    through it) from fsspec's config of the moment it is made. Made here, once, with `gcs_options` in that
+    config only while it is made: fsspec's config is left as found. If epath made it earlier (a program's
+    own gs:// use), it keeps the options it was made with."""
+    if _EPATH_GCS_MADE:
+        return
+    _EPATH_GCS_MADE.append(True)
+    from etils.epath import backend
+
+    make = getattr(getattr(backend, "fsspec_backend", None), "_get_filesystem", None)
+    if make is None:  # another etils: its own defaults
+        return
+    with _fsspec_config("gcs", gcs_options()):
+        make("gcs")
 
 
 def _endpoint_address() -> tuple[str, int, str]:
@@ -462,7 +507,6 @@ def check_remote(p: Any) -> None:
     text = os.fspath(p)
     if not is_remote(text):
         return
-    configure_remote()
     key = (scheme(text), emulator())
     if scheme(text) != "gs" or key in _REACHED:
         return  # other fsspec schemes: their own clients' checks; an endpoint reached once is not asked again
@@ -543,5 +587,3 @@ def check_readable(p: Any, what: str) -> None:
     if not found:
         raise FileNotFoundError(f"{what} {text} does not exist")
 
-
-_configure_gcsfs()  # before any gs:// file system is made (epath makes its own)

@@ -6,6 +6,11 @@ import tempfile
 import jax
 
 from lsync_jax.host import cpu_pin, host_tunables_env
+from lsync_jax.storage import configure_process
+
+# The launch scripts' storage settings (`lsync_jax.cli.run`), for this process and the CLI subprocesses,
+# before anything touches etils.epath (it reads EPATH_USE_TF once): the library itself sets none.
+configure_process()
 
 # libtpu (the tpu-compile extra) installed on a host without TPU: the suite and its CLI subprocesses
 # run on the CPU backend, as the launch scripts do (the TPU-compile tests use topologies, not a backend).
@@ -38,6 +43,23 @@ if _TUNED is not None:
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_failed_saves_as_launch_scripts_do():
+    """Orbax's reports of a failed save (unraisables collected later, in whichever test runs then) kept off
+    the suite's summary, as `lsync_jax.cli.run` keeps them off a launch script's console. Installed after
+    pytest's own unraisable hook (it wraps it) and taken back at the end; the library installs none
+    (tests/test_process_hygiene.py)."""
+    import sys
+
+    from lsync_jax.train.checkpoint import quiet_failed_saves
+
+    hook = sys.unraisablehook
+    quiet_failed_saves()
+    yield
+    sys.unraisablehook = hook
+
 
 # A small SD-VAE-shaped AutoencoderKL (3 blocks: 4x downsampling), random weights, saved as diffusers saves.
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,

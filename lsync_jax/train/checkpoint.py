@@ -17,8 +17,9 @@ A save that fails ends the run at once with one `CheckpointSaveError` naming the
 root cause: the step directory is created before `save` returns (not in the background, where a
 failure left the writers waiting 300 s for it), and a background write's error is raised at the
 next step (`poll`, one process), the next save or `close`. After a failure `close` does not wait on
-the broken save again, and Orbax's own reports of it (thousands of lines after a disk-full save)
-are filtered, so the error is the last thing printed.
+the broken save again. In the launch scripts Orbax's own reports of it (thousands of lines after a
+disk-full save) are filtered, so the error is the last thing printed (`quiet_failed_saves`); the
+library itself installs no hook or filter in its host process.
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ class CheckpointSaveError(OSError):
 # A failed save is raised once, as CheckpointSaveError naming the directory and the root cause. Orbax
 # and tensorstore also report it, from every thread and task the save ran in, and again when the
 # process exits and collects them: a disk-full save printed thousands of lines after the real error.
-# These narrow filters drop exactly those reports; every other message passes.
+# These narrow filters drop exactly those reports; every other message passes. They act on the whole
+# process (other libraries' loggers, the unraisable hook, warnings), so only the launch scripts install
+# them (`quiet_failed_saves`, from `lsync_jax.cli.run`); a program of its own may call it too.
 
 # What Orbax logs, with a traceback, from each thread a failed save runs in, before it raises the error.
 _ORBAX_SAVE_ERRORS = ("background save thread", "Save Finalize thread", "Checkpointer failed",
                       "Failed to write metadata", "_SignalingThread.run() raised")
 _SAVE_FAILED: list[str] = []  # the directories whose save failed in this process
+_QUIET: list[bool] = []  # set by `quiet_failed_saves`: this process asked for the filters
 
 
 class _OrbaxSaveErrors:
@@ -123,8 +127,12 @@ def _orbax_noise(unraisable: Any) -> bool:
     return bool(_SAVE_FAILED) and any(os.sep + "orbax" + os.sep in frame.filename for frame in frames)
 
 
-def _quiet_orbax() -> None:
-    """Installed with the first Checkpointer: the absl filter and the unraisable hook."""
+def quiet_failed_saves() -> None:
+    """For a launch script's process (`lsync_jax.cli.run`): a failed save's error is the last thing
+    printed. Installs the absl logger's filter and the unraisable hook now, and after a failed save the
+    warnings and asyncio filters for its leftovers. Process-wide, so never called by the library."""
+    if not _QUIET:
+        _QUIET.append(True)
     _quiet_logger("absl", _OrbaxSaveErrors())
     previous = sys.unraisablehook
     if getattr(previous, "drops_orbax_noise", False):
@@ -139,8 +147,11 @@ def _quiet_orbax() -> None:
 
 
 def _after_failed_save(directory: str) -> None:
-    """From now on the failed save's leftovers, collected when the process exits, are noise as well."""
+    """From now on the failed save's leftovers, collected when the process exits, are noise as well (in a
+    process that asked for `quiet_failed_saves`)."""
     _SAVE_FAILED.append(directory)
+    if not _QUIET:
+        return
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     _quiet_logger("asyncio", _OrbaxTasks())
 
@@ -163,7 +174,6 @@ class Checkpointer:
             max_to_keep=max_to_keep, keep_period=keep_every, enable_async_checkpointing=async_save,
             create=not read_only, read_only=read_only,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-        _quiet_orbax()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:

@@ -45,7 +45,9 @@ def all_processes(flag: bool) -> bool:
 def initialize_distributed(dist: Mapping[str, Any]) -> None:
     """jax.distributed.initialize() when config.distributed.enabled (before any other JAX call); once
     per process (a recipe's phases share it). Empty / -1 values are auto-detected (TPU pods, SLURM).
-    `cpu_devices` > 0 splits the CPU backend into that many devices first."""
+    `cpu_devices` > 0 splits the CPU backend into that many devices first. These are the only JAX
+    settings the library updates, each because the config asks for it; the defaults change nothing
+    (tests/test_process_hygiene.py)."""
     set_cpu_devices(int(dist.get("cpu_devices", -1)))
     if not dist["enabled"] or jax.distributed.is_initialized():
         return

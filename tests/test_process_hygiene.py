@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs in a fresh interpreter: import-time changes are invisible in a pytest process that imported
 # lsync_jax long ago. SIGALRM's default action ends the driver if anything hangs.
 _DRIVER = r"""
-import builtins, copy, errno, logging, os, signal, sys, warnings
+import builtins, copy, errno, logging, os, signal, sys, threading, warnings
 signal.alarm(240)
 
 # The third-party libraries lsync_jax uses, first: the baseline includes what their imports change.
@@ -34,10 +34,13 @@ def snapshot():
         "os.environ": dict(os.environ),
         "sys.unraisablehook": repr(sys.unraisablehook),
         "sys.excepthook": repr(sys.excepthook),
+        "threading.excepthook": repr(threading.excepthook),
+        "signal handlers": {s.name: repr(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)},
         "warnings.filters": [repr(f) for f in warnings.filters],
         "fsspec.config.conf": repr(copy.deepcopy(fsspec.config.conf)),
         "jax.config": {k: repr(v) for k, v in jax.config.values.items()},
         "loggers": {name: [repr(f) for f in logging.getLogger(name).filters] for name in ("", "absl", "asyncio")},
+        "absl handler": [repr(f) for f in absl.logging.get_absl_handler().filters],
     }
 
 before = snapshot()

@@ -34,6 +34,7 @@ import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 # The variable a user sets to use a GCS emulator (gcsfs and google-cloud-storage read it), and the
@@ -513,6 +514,21 @@ def check_remote(p: Any) -> None:
     check_credentials(text)
     check_reachable(text)
     _REACHED.add(key)
+    unset = emulator_settings_unset()
+    if unset:
+        logging.warning("%s is set but %s not: Orbax, array-record or etils.epath may reach the real GCS instead "
+                        "of the emulator. The launch scripts set them; in a program of your own call "
+                        "lsync_jax.storage.configure_process() first", EMULATOR_ENV, ", ".join(unset))
+
+
+def emulator_settings_unset() -> list[str]:
+    """With an emulator configured, the variables `configure_process` would set that are not set."""
+    if not emulator():
+        return []
+    unset = [name for name in _EMULATOR_FOLLOWERS if not os.environ.get(name)]
+    if os.environ.get("EPATH_USE_TF", "").lower() not in ("0", "false", "no", "f"):
+        unset.append("EPATH_USE_TF=0")
+    return unset
 
 
 def bounded(what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:

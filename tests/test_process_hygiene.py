@@ -156,3 +156,16 @@ def test_the_launch_scripts_storage_settings_keep_the_users_own(monkeypatch):
     storage.configure_process()
     assert os.environ["EPATH_USE_TF"] == "1" and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] == "http://127.0.0.1:9"
+
+
+def test_a_program_of_its_own_is_told_what_its_emulator_lacks(monkeypatch):
+    """Without the launch scripts' settings an emulator reaches gcsfs only: one warning names the rest."""
+    from lsync_jax import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", "")
+    monkeypatch.delenv("EPATH_USE_TF", raising=False)
+    assert storage.emulator_settings_unset() == ["CLOUD_STORAGE_EMULATOR_ENDPOINT", "EPATH_USE_TF=0"]
+    storage.configure_process()
+    assert storage.emulator_settings_unset() == ["CLOUD_STORAGE_EMULATOR_ENDPOINT"]  # set empty: the user's own

@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine (root or sudo for apt-get):
 #   make demo   installs what is needed, trains the Fashion-MNIST demo and reports its FID
 #   make test   installs what is needed, runs ruff and the whole test suite (what CI runs)
-#   make test-fast   the fast tier (no training, sampling, CLI or emulator runs: pytest -m "not slow and not gcs")
+#   make test-fast   the fast tier (no training, sampling, CLI, emulator or TPU-compile runs: pytest -m "not slow and not gcs and not tpu_compile")
 # Every install takes the exact versions in constraints.txt (the ones the suite passes with).
 #   make check-core      the core install alone (no extras, no TensorFlow) in a fresh venv: trains, samples, evaluates
 #   make check-macos     resolves the core install for macOS arm64 (Python 3.12) without installing it
@@ -44,7 +44,7 @@ test: install data lint
 	. $(VENV)/bin/activate && pytest -q -n 2 tests
 
 test-fast: install data
-	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow and not gcs" tests
+	. $(VENV)/bin/activate && pytest -q -n 2 -m "not slow and not gcs and not tpu_compile" tests
 
 check-core:
 	$(PYTHON) tools/check_core_install.py

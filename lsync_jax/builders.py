@@ -157,7 +157,7 @@ def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -
     as it is read); label num_classes is the model's null class, never a data label."""
     example = to_example(source, source[0], np.random.default_rng(0), False)
     x, label = example["x"], example["y"]
-    kind_of_model = getattr(model, "kind", "image")
+    kind_of_model = model.kind
     rank = {"image": 3, "video": 4, "sequence": 2}[kind_of_model]
     if x.ndim != rank:
         shape = {"image": "(H, W, C) images", "video": "(F, H, W, C) clips", "sequence": "(L, C) sequences"}

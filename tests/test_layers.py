@@ -87,6 +87,19 @@ def test_run_records_are_data_not_reprs():
     assert not found, "repr() in the code that writes or compares run records:\n" + "\n".join(found)
 
 
+def test_backbones_are_told_apart_by_their_declared_kind():
+    """`models.Backbone` declares `kind`; nothing guesses it with getattr and a default."""
+    from lsync_jax.models import Backbone, get_model
+
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if 'getattr(model, "kind"' in line
+             or '"kind", "image")' in line]
+    assert not found, "a backbone's kind guessed:\n" + "\n".join(found)
+    for name in ("SiT-S/2", "SiT-Seq-S/2", "SiT-Video-S/2x4", "UViT-S/2"):
+        model = get_model(name)
+        assert isinstance(model, Backbone) and model.kind in ("image", "video", "sequence"), name
+
+
 def test_loading_a_config_pulls_in_no_training_machinery():
     code = ("import sys; from lsync_jax.configs import imagenet256, fashion_mnist_repa; imagenet256.get_config(); "
             "print(sorted(m for m in ('orbax', 'grain', 'optax', 'tensorflow', 'clu') if m in sys.modules))")

@@ -105,7 +105,7 @@ class RunSampler:
 
     @property
     def kind(self) -> str:
-        return getattr(self.model, "kind", "image")
+        return self.model.kind
 
     @property
     def num_tags(self) -> int:

@@ -14,11 +14,40 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import typing
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from lsync_jax.models.layers import ATTENTION_IMPLS, check_layout, remat_policy
 from lsync_jax.models.sit import SiT, SiTSequence, SiTVideo, block_name, projection_name
 from lsync_jax.models.uvit import UViT
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the engine, the evaluation and the builders read of a network: SiT, SiT-Seq, SiT-Video and
+    U-ViT declare it. `kind` is the input it takes ('image' (N, H, W, C), 'video' (N, F, H, W, C) or
+    'sequence' (N, L, C)); `init_inputs` the zero (x, t, y) of its configured shape; `patch_shape` the
+    patch along each input axis; `null_label` the unconditional input of guidance. Its blocks sow their
+    outputs as `block_name(i)` for i in 1..depth (and REPA's projections as `projection_name(k)`)."""
+
+    kind: ClassVar[str]
+    depth: int
+    hidden_size: int
+    num_heads: int
+    input_size: int
+    in_channels: int
+    num_classes: int
+    dtype: Any
+    attention_impl: str
+    layout: str
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def null_label(self) -> int: ...
+
+    def init_inputs(self, batch_size: int = 1) -> tuple[Any, Any, Any]: ...
+
 
 # depth / hidden_size / num_heads of the official sizes.
 SIZES: dict[str, dict[str, int]] = {
@@ -228,6 +257,6 @@ def get_uvit(name: str, **overrides: Any) -> UViT:
     return UViT(**fields)
 
 
-__all__ = ["SiT", "SiTSequence", "SiTVideo", "UViT", "get_model", "model_class", "SEQUENCE_MODEL_NAMES",
+__all__ = ["Backbone", "SiT", "SiTSequence", "SiTVideo", "UViT", "get_model", "model_class", "SEQUENCE_MODEL_NAMES",
            "VIDEO_MODEL_NAMES", "get_uvit", "model_config", "block_name", "projection_name", "MODEL_NAMES",
            "SIZES", "UVIT_MODEL_NAMES", "UVIT_SIZES", "override_types"]

@@ -177,6 +177,8 @@ class UViT(nn.Module):
     `use_checkpoint`).
     """
 
+    kind = "image"  # what the model takes (models.Backbone; not a field)
+
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4

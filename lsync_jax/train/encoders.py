@@ -39,7 +39,7 @@ def build_encoder_features(config: Any, model: Any, mesh: Any) -> EncoderFeature
     """None unless REPA is on; checks the model's projector against the encoder before any compile."""
     if "repa" not in tuple(config.objective.regularizers):
         return None
-    kind = getattr(model, "kind", "image")
+    kind = model.kind
     if kind != "image":  # an image encoder's tokens exist only for images
         raise ValueError(f"objective.regularizers includes 'repa', which aligns the model with an image encoder "
                          f"(DINOv2); the model {config.model.name} takes {kind} data, for which lsync-jax has no "

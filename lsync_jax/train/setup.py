@@ -146,7 +146,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     check_data_matches_model(source, model, config.data)
     # sample grids are pictures: images, or video clips as rows of frames; sequences have none
     grids = (objective.transport_weight > 0 and int(config.train.num_grid_samples) > 0
-             and getattr(model, "kind", "image") != "sequence")
+             and model.kind != "sequence")
     for directory in writes(config, workdir, grids):  # now, not at the first save hours later
         check_writable(directory, cleanup=jax.process_count() == 1)  # several on a shared disk: not each other's
     encoder = build_encoder_features(config, model, mesh)  # REPA's encoder: checked and loaded before compiling
@@ -187,7 +187,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     hooks: list[Hook] = [run.metrics, run.checkpoints]
     # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
     if grids:
-        columns = model.num_frames if getattr(model, "kind", "image") == "video" else min(max(model.num_classes, 8), 16)
+        columns = model.num_frames if model.kind == "video" else min(max(model.num_classes, 8), 16)
         hooks.append(SampleGridHook(_grid_sampler(run), int(config.train.sample_every), workdir, columns, run.metrics))
     return run, hooks + built
 

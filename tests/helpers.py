@@ -1,7 +1,9 @@
 """Helpers shared by the tests."""
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 
 import jax
@@ -86,3 +88,18 @@ def seed_inception_cache(cache_dir, inception_npz) -> None:
     """Put the converted default weights where `resolve_weights(None)` looks in `cache_dir`."""
     os.makedirs(cache_dir, exist_ok=True)
     shutil.copyfile(inception_npz, os.path.join(cache_dir, weights.CACHED_NAME))
+
+
+@contextlib.contextmanager
+def alarm(seconds):
+    """`with alarm(seconds):` fails a block that would hang (TimeoutError) instead of waiting for it."""
+    def fire(signum, frame):
+        raise TimeoutError(f"no result after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

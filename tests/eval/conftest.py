@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from tests import helpers
 from tests.helpers import seed_inception_cache
 
 
@@ -24,20 +25,4 @@ def cache(tmp_path_factory, inception_npz):
 @pytest.fixture()
 def alarm():
     """`with alarm(seconds):` fails a block that would hang (TimeoutError) instead of waiting for it."""
-    import contextlib
-    import signal
-
-    @contextlib.contextmanager
-    def limit(seconds):
-        def fire(signum, frame):
-            raise TimeoutError(f"no result after {seconds} s")
-
-        previous = signal.signal(signal.SIGALRM, fire)
-        signal.alarm(seconds)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-
-    return limit
+    return helpers.alarm

@@ -9,14 +9,12 @@ Rows: 1 keep_checkpoints < 1; 2 unwritable directories and failing saves; 3 dama
 """
 
 import builtins
-import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +37,7 @@ from lsync_jax.workdir import (
     read_meta,
     restore_params,
 )
-from tests.helpers import quick
+from tests.helpers import alarm, quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI_ENV = dict(os.environ, JAX_DEFAULT_PRNG_IMPL="threefry2x32", JAX_PLATFORMS="cpu")
@@ -79,21 +77,6 @@ def warnings_in(caplog, text):
 def close_all(hooks):
     for hook in hooks:
         hook.close()
-
-
-@contextlib.contextmanager
-def alarm(seconds):
-    """Fail a test that would hang (the unfixed save hung 300 s) instead of waiting for it."""
-    def fire(signum, frame):
-        raise TimeoutError(f"no result after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def inject(monkeypatch, under, error, active=lambda: True):

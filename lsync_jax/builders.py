@@ -20,19 +20,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from lsync_jax import storage
 from lsync_jax.configs.base import check_config
-from lsync_jax.data import (
-    ArraySource,
-    HumanML3DSource,
-    LatentSource,
-    MovingFashionMNISTSource,
-    SequenceSource,
-    SyntheticSource,
-    TfdsSource,
-    load_fashion_mnist,
-)
-from lsync_jax.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from lsync_jax.data.latents import read_metadata
-from lsync_jax.data.pipeline import to_example
+from lsync_jax.data.registry import KINDS, DataSource, check_source, source_builder
 from lsync_jax.models import get_model
 from lsync_jax.models.layers import resolve_attention_impl, resolve_layout
 from lsync_jax.models.vae import decode_latents
@@ -40,14 +29,11 @@ from lsync_jax.porting.vae import load_vae
 from lsync_jax.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, replicated
 from lsync_jax.transport import SamplerConfig, Transport, create_transport
 
-DATA_NAMES = ("fashion_mnist", "tfds", "synthetic", "imagenet_latents", "moving_fmnist", "sequences", "humanml3d")
-
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """The config's keys against the schema (`check_config`) and the values no builder checks."""
     check_config(config)
-    if config.data.name not in DATA_NAMES:
-        raise ValueError(f"config.data.name={config.data.name!r}; expected one of {DATA_NAMES}")
+    source_builder(config.data.name)  # a registered data source (the error names them)
     train = config.train
     for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "microbatches"):
         if int(train[key]) < 1:
@@ -116,59 +102,30 @@ def build_sampler(config: Mapping[str, Any]) -> tuple[SamplerConfig, float, tupl
     return SamplerConfig(**cfg), scale, interval
 
 
-def build_source(data: Mapping[str, Any], split: str | None = None):
-    """The grain source named by config.data (never downloads; missing data says what to do)."""
-    name = data["name"]
-    split = split or data["split"]
-    if name == "fashion_mnist":
-        images, labels = load_fashion_mnist(split, data["dir"] or FASHION_MNIST_DIR)
-        return ArraySource(images, labels, name=f"fashion_mnist/{split}")
-    if name == "tfds":
-        return TfdsSource(data["tfds_name"], split=split, data_dir=data["dir"] or None)
-    if name == "synthetic":
-        return SyntheticSource(int(data["synthetic_size"]), tuple(data["synthetic_shape"]), int(data["num_classes"]),
-                               seed=0)
-    if name == "moving_fmnist":
-        return MovingFashionMNISTSource(int(data["num_clips"]), split, data["dir"] or FASHION_MNIST_DIR,
-                                        canvas=int(data["canvas"]), items=int(data["items"]),
-                                        frames=int(data["frames"]), speed=float(data["speed"]),
-                                        item_size=int(data["item_size"]), seed=0)
-    if name == "sequences":
-        return SequenceSource(data["dir"])
-    if name == "humanml3d":
-        if not data["dir"]:
-            raise FileNotFoundError("config.data.dir: the HumanML3D root (new_joint_vecs/, Mean.npy, Std.npy, "
-                                    "train.txt, ...) is needed for data.name='humanml3d'")
-        return HumanML3DSource(data["dir"], split, length=int(data["length"]), crop=data["crop"])
-    if name == "imagenet_latents":
-        source = LatentSource(data["dir"])
-        wanted = int(data["image_size"] or source.image_size)
-        if wanted != source.image_size:
-            raise ValueError(f"config.data.image_size={wanted} but the latents in {source.directory} were made from "
-                             f"{source.image_size} px crops (latents {source.latent_shape})")
-        return source
-    raise ValueError(f"config.data.name={name!r}; expected one of {DATA_NAMES}")
+def build_source(data: Mapping[str, Any], split: str | None = None) -> DataSource:
+    """The grain source config.data.name names, built by its registered builder (`lsync_jax.data.registry`)
+    from config.data and `split` (default config.data.split). Never downloads; missing data says what to do."""
+    return source_builder(data["name"])(data, split or data["split"])
 
 
-def check_data_matches_model(source: Any, model: Any, data: Mapping[str, Any]) -> None:
-    """The examples' shape and every label must fit the model (before any compile). Labels are checked
-    over the whole source (its `check_labels`: all of them at open for arrays, the class count for
-    folders, synthetic data and tfds, the recorded range for latents, which otherwise check each record
+def check_data_matches_model(source: DataSource, model: Any, data: Mapping[str, Any]) -> None:
+    """The examples' kind and shape and every label must fit the model (before any compile). Labels are
+    checked over the whole source by its `check_labels` (all of them at open for arrays, the class count
+    for folders, synthetic data and tfds, the recorded range for latents, which otherwise check each record
     as it is read); label num_classes is the model's null class, never a data label."""
-    example = to_example(source, source[0], np.random.default_rng(0), False)
-    x, label = example["x"], example["y"]
-    kind_of_model = model.kind
-    rank = {"image": 3, "video": 4, "sequence": 2}[kind_of_model]
-    if x.ndim != rank:
+    check_source(source)
+    example = source.example(source[0], np.random.default_rng(0), False)
+    x = example["x"]
+    if source.kind != model.kind or x.ndim != KINDS[model.kind]:
         shape = {"image": "(H, W, C) images", "video": "(F, H, W, C) clips", "sequence": "(L, C) sequences"}
         raise ValueError(f"config.data ({data['name']}) gives examples of shape {x.shape}, but the model "
-                         f"{type(model).__name__} takes {shape[kind_of_model]}: choose a model for this data "
+                         f"{type(model).__name__} takes {shape[model.kind]}: choose a model for this data "
                          "(SiT-<size>/<p> for images, SiT-Video-... for video, SiT-Seq-... for sequences)")
-    if kind_of_model != "image":
-        _check_sequence_or_video(example, model, data)
+    if model.kind != "image":
+        _check_sequence_or_video(source, example, model, data)
     else:
-        _check_image(x, model, data, "latents" if hasattr(source, "latent_shape") else "images")
-    _check_labels(source, model, data, label)
+        _check_image(x, model, data, source.what)
+    _check_labels(source, model, data)
 
 
 def _check_image(x: np.ndarray, model: Any, data: Mapping[str, Any], kind: str) -> None:
@@ -181,7 +138,8 @@ def _check_image(x: np.ndarray, model: Any, data: Mapping[str, Any], kind: str) 
                          f"config.model.overrides.input_size={model.input_size}")
 
 
-def _check_sequence_or_video(example: Mapping[str, np.ndarray], model: Any, data: Mapping[str, Any]) -> None:
+def _check_sequence_or_video(source: DataSource, example: Mapping[str, np.ndarray], model: Any,
+                             data: Mapping[str, Any]) -> None:
     """Channels, the patch dividing every axis, the tags' width, a mask only for sequence models."""
     x, name = example["x"], data["name"]
     if x.shape[-1] != model.in_channels:
@@ -191,25 +149,19 @@ def _check_sequence_or_video(example: Mapping[str, np.ndarray], model: Any, data
     if any(n % p for n, p in zip(x.shape[:-1], patch)):
         raise ValueError(f"config.data ({name}) gives examples of shape {x.shape}; the model's patch {patch} does "
                          "not divide " + ("the length" if model.kind == "sequence" else "frames, height and width"))
-    tags = example.get("tags")
-    if model.num_tags and (tags is None or tags.shape != (model.num_tags,)):
+    if model.num_tags and source.num_tags != model.num_tags:
         raise ValueError(f"the model takes tags of width num_tags={model.num_tags}, but config.data ({name}) gives "
-                         + ("none" if tags is None else f"tags of width {tags.shape[-1]}"))
-    if "mask" in example and model.kind != "sequence":
+                         + (f"tags of width {source.num_tags}" if source.num_tags else "none"))
+    if "mask" in source.example_keys and model.kind != "sequence":
         raise ValueError(f"config.data ({name}) pads its examples (a mask) but only sequence models take masks")
 
 
-def _check_labels(source: Any, model: Any, data: Mapping[str, Any], label: Any) -> None:
+def _check_labels(source: DataSource, model: Any, data: Mapping[str, Any]) -> None:
     if not model.num_classes:  # an unconditional (or tag-conditioned) model reads no labels
         return
-    if hasattr(source, "check_labels"):
-        source.check_labels(model.num_classes)
-    elif not 0 <= int(label) < model.num_classes:  # a source of the Python API's own: record 0 only
-        raise ValueError(f"config.data ({data['name']}): label {label} of record 0 is outside the model's classes "
-                         f"0..{model.num_classes - 1} (config.model.overrides.num_classes={model.num_classes})")
-    classes = getattr(source, "num_classes", 0)
-    if classes and classes > model.num_classes:
-        raise ValueError(f"config.data ({data['name']}) has {classes} classes but the model "
+    source.check_labels(model.num_classes)
+    if source.num_classes > model.num_classes:
+        raise ValueError(f"config.data ({data['name']}) has {source.num_classes} classes but the model "
                          f"num_classes={model.num_classes} (config.model.overrides.num_classes)")
 
 

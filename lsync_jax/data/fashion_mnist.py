@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from typing import Any, Mapping
 
 import numpy as np
 
 from lsync_jax import storage
-from lsync_jax.data.sources import check_label_array
+from lsync_jax.data.registry import register_source
+from lsync_jax.data.sources import ArraySource, check_label_array
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -77,3 +79,10 @@ def load_fashion_mnist(split: str = "train", data_dir: str = DEFAULT_DIR) -> tup
         raise ValueError(f"Fashion-MNIST in {data_dir!r}: images {images.shape} and labels {labels.shape} disagree")
     check_label_array(labels, len(CLASSES), label_path, f"Fashion-MNIST has {len(CLASSES)} classes")
     return images[..., None].astype(np.uint8), labels.astype(np.int32)
+
+
+@register_source("fashion_mnist")
+def fashion_mnist_source(data: Mapping[str, Any], split: str) -> ArraySource:
+    """The 'train' or 'test' split from config.data.dir ('': Debian's dataset-fashion-mnist)."""
+    images, labels = load_fashion_mnist(split, data["dir"] or DEFAULT_DIR)
+    return ArraySource(images, labels, name=f"fashion_mnist/{split}")

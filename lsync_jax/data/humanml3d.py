@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lsync_jax import storage
+from lsync_jax.data.registry import register_source
 from lsync_jax.data.sequences import npy_header, read_npy
 from lsync_jax.data.sources import model_classes
 
@@ -41,7 +42,9 @@ class HumanML3DSource:
     ids): `flip` is refused.
     """
 
-    has_mask = True
+    kind = "sequence"
+    what = "motions"
+    example_keys = ("x", "y", "mask")
     num_tags = 0
     num_classes = 0
     label_range = None
@@ -158,3 +161,12 @@ class HumanML3DSource:
         x = np.zeros((self.length, self.channels), np.float32)
         x[:steps] = motion[start: start + steps]
         return {"x": x, "y": np.int32(0), "mask": np.arange(self.length) < steps}
+
+
+@register_source("humanml3d")
+def humanml3d_source(data: Mapping[str, Any], split: str) -> HumanML3DSource:
+    """The split's motions under config.data.dir, cropped or padded to config.data.length frames."""
+    if not data["dir"]:
+        raise FileNotFoundError("config.data.dir: the HumanML3D root (new_joint_vecs/, Mean.npy, Std.npy, "
+                                "train.txt, ...) is needed for data.name='humanml3d'")
+    return HumanML3DSource(data["dir"], split, length=int(data["length"]), crop=data["crop"])

@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from lsync_jax import storage
+from lsync_jax.data.registry import register_source
 from lsync_jax.data.sources import NULL_CLASS_NOTE
 
 FORMAT = "lsync_jax.latents"
@@ -169,6 +170,11 @@ class LatentSource:
     stored); `example` turns one into a training example.
     """
 
+    kind = "image"
+    what = "latents"
+    example_keys = ("x", "y")
+    num_tags = 0
+
     def __init__(self, directory: str):
         from grain.python import ArrayRecordDataSource  # grain reads the shards with array_record
 
@@ -272,3 +278,15 @@ class LatentSource:
             out["encoder_features"] = np.asarray(
                 record["encoder_features_flip" if flipped else "encoder_features"], np.float32)
         return out
+
+
+@register_source("imagenet_latents")
+def latent_source(data: Mapping[str, Any], split: str) -> LatentSource:
+    """The latents launch/preprocess.py wrote to config.data.dir, made from config.data.image_size px crops
+    (None: whatever they were made from); one set: `split` is not read."""
+    source = LatentSource(data["dir"])
+    wanted = int(data["image_size"] or source.image_size)
+    if wanted != source.image_size:
+        raise ValueError(f"config.data.image_size={wanted} but the latents in {source.directory} were made from "
+                         f"{source.image_size} px crops (latents {source.latent_shape})")
+    return source

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lsync_jax.data.fashion_mnist import CLASSES, DEFAULT_DIR, load_fashion_mnist
+from lsync_jax.data.registry import register_source
 from lsync_jax.data.sources import NULL_CLASS_NOTE, model_classes
 
 ITEM_SIZE = 28  # Fashion-MNIST's images are 28 x 28
@@ -42,7 +43,9 @@ class MovingFashionMNISTSource:
     room to move on a small canvas: 28 px items on the default 32 px canvas move within 4 px.
     """
 
-    has_mask = False
+    kind = "video"
+    what = "clips"
+    example_keys = ("x", "y")
     num_tags = 0
 
     def __init__(self, num_clips: int = 10_000, split: str = "train", data_dir: str = DEFAULT_DIR, *,
@@ -141,3 +144,11 @@ class MovingFashionMNISTSource:
         if flip and rng.random() < 0.5:
             video = video[:, :, ::-1]
         return {"x": video.astype(np.float32) / np.float32(127.5) - np.float32(1.0), "y": np.int32(record["label"])}
+
+
+@register_source("moving_fmnist")
+def moving_fmnist_source(data: Mapping[str, Any], split: str) -> MovingFashionMNISTSource:
+    """config.data.num_clips clips of the split's Fashion-MNIST images (config.data.dir; '': Debian's)."""
+    return MovingFashionMNISTSource(int(data["num_clips"]), split, data["dir"] or DEFAULT_DIR,
+                                    canvas=int(data["canvas"]), items=int(data["items"]), frames=int(data["frames"]),
+                                    speed=float(data["speed"]), item_size=int(data["item_size"]), seed=0)

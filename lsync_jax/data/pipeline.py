@@ -17,6 +17,8 @@ import grain
 import jax
 import numpy as np
 
+from lsync_jax.data.registry import DataSource, check_source
+
 
 @dataclasses.dataclass(frozen=True)
 class LoaderSpec:
@@ -35,27 +37,11 @@ class LoaderSpec:
 EXTRA_FIELDS = ("image", "encoder_features")
 
 
-def image_example(record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
-                  fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """{'x': float32 image in [-1, 1], 'y': label[, 'image': uint8]} of an image record, mirrored with
-    p = 1/2 when `flip`."""
-    image = np.asarray(record["image"])
-    if flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    out = {"x": image.astype(np.float32) / 127.5 - 1.0, "y": np.int32(record["label"])}
-    if "encoder_features" in fields:
-        raise ValueError("precomputed encoder features exist only in latent shards (launch/preprocess.py "
-                         "--encoder_path); image data runs the encoder in the step")
-    if "image" in fields:
-        out["image"] = np.ascontiguousarray(image, np.uint8)
-    return out
-
-
-def to_example(source: Any, record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
+def to_example(source: DataSource, record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
                fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """A record as a training example {'x', 'y', *fields}: the source's own `example` (latents draw a
-    posterior sample) or, for image sources, `image_example`."""
-    return getattr(source, "example", image_example)(record, rng, flip, fields)
+    """A record as a training example {'x', 'y', *fields}: the source's `example` (latents draw a
+    posterior sample, motions a crop)."""
+    return source.example(record, rng, flip, fields)
 
 
 class _LoadSlice:
@@ -63,7 +49,7 @@ class _LoadSlice:
     noise) comes from the seed, the global batch number and the position in the batch, so it too is
     independent of the process count."""
 
-    def __init__(self, source: Any, spec: LoaderSpec, process_index: int, local_batch: int):
+    def __init__(self, source: DataSource, spec: LoaderSpec, process_index: int, local_batch: int):
         self.source, self.spec, self.start, self.local_batch = source, spec, process_index * local_batch, local_batch
 
     def __call__(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,7 +61,7 @@ class _LoadSlice:
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = None,
+def make_loader(source: DataSource, spec: LoaderSpec, *, process_index: int | None = None,
                 process_count: int | None = None) -> grain.IterDataset:
     """An iterable of this process's share of each global batch; `iter()` gives a checkpointable iterator."""
     process_index = jax.process_index() if process_index is None else process_index
@@ -86,8 +72,7 @@ def make_loader(source: Any, spec: LoaderSpec, *, process_index: int | None = No
     unknown = sorted(set(spec.fields) - set(EXTRA_FIELDS))
     if unknown:
         raise ValueError(f"unknown loader field(s) {unknown}; available: {EXTRA_FIELDS}")
-    if hasattr(source, "check_fields"):
-        source.check_fields(spec.fields, spec.flip)
+    check_source(source).check_fields(spec.fields, spec.flip)
     if len(source) < spec.global_batch_size:
         raise ValueError(f"the dataset has {len(source)} records: too few for a batch of {spec.global_batch_size}")
     local_batch = spec.global_batch_size // process_count

@@ -27,6 +27,7 @@ import numpy as np
 
 from lsync_jax import storage
 from lsync_jax.data.latents import RecordCodec, damaged_shard
+from lsync_jax.data.registry import register_source
 from lsync_jax.data.sources import NULL_CLASS_NOTE, model_classes
 
 FORMAT = "lsync_jax.sequences"
@@ -104,6 +105,9 @@ class SequenceSource:
     example. Sequences have no mirror image: `flip` is refused.
     """
 
+    kind = "sequence"
+    what = "sequences"
+
     def __init__(self, directory: str):
         from grain.python import ArrayRecordDataSource  # grain reads the shards with array_record
 
@@ -131,6 +135,7 @@ class SequenceSource:
         self.length, self.channels = int(meta["length"]), int(meta["channels"])
         self.has_mask = bool(meta["pad"])
         self.num_tags = int(meta["num_tags"])
+        self.example_keys = ("x", "y") + (("mask",) if self.has_mask else ()) + (("tags",) if self.num_tags else ())
         self.num_classes = int(meta["num_classes"])
         recorded = meta.get("label_range")
         self.label_range = None if recorded is None else (int(recorded[0]), int(recorded[1]))
@@ -181,3 +186,9 @@ class SequenceSource:
         if self.num_tags:
             out["tags"] = np.asarray(record["tags"], np.float32)
         return out
+
+
+@register_source("sequences")
+def sequence_source(data: Mapping[str, Any], split: str) -> SequenceSource:
+    """The sequences launch/preprocess_sequences.py wrote to config.data.dir (one set: `split` is not read)."""
+    return SequenceSource(data["dir"])

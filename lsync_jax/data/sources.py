@@ -1,18 +1,21 @@
-"""Random-access data sources for grain: in-memory arrays, tfds ArrayRecord datasets, class-folder
+"""Random-access image sources for grain: in-memory arrays, tfds ArrayRecord datasets, class-folder
 image trees, synthetic data. (Preprocessed VAE latents: `lsync_jax.data.latents`.)
 
-Every source here yields records {'image': uint8 (H, W, C), 'label': int32}.
+Every source here yields records {'image': uint8 (H, W, C), 'label': int32} and declares the
+`DataSource` interface (`lsync_jax.data.registry`) through `ImageRecords`; 'synthetic' and 'tfds'
+are registered here.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from lsync_jax import storage
+from lsync_jax.data.registry import register_source
 from lsync_jax.extras import require
 
 NULL_CLASS_NOTE = "label num_classes is the model's null class (classifier-free guidance), never a data label"
@@ -44,7 +47,46 @@ def model_classes(num_classes: int) -> str:
     return f"the model's num_classes={num_classes} (config.model.overrides.num_classes)"
 
 
-class ArraySource:
+def image_example(record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
+                  fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """{'x': float32 image in [-1, 1], 'y': label[, 'image': uint8]} of an image record, mirrored with
+    p = 1/2 when `flip`."""
+    image = np.asarray(record["image"])
+    if flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    out = {"x": image.astype(np.float32) / 127.5 - 1.0, "y": np.int32(record["label"])}
+    if "encoder_features" in fields:
+        raise ValueError("precomputed encoder features exist only in latent shards (launch/preprocess.py "
+                         "--encoder_path); image data runs the encoder in the step")
+    if "image" in fields:
+        out["image"] = np.ascontiguousarray(image, np.uint8)
+    return out
+
+
+class ImageRecords:
+    """The `DataSource` interface of sources whose records are {'image': uint8 (H, W, C), 'label': int32}:
+    a subclass gives `name`, `__len__`, `__getitem__` and `check_labels`, and sets `num_classes` and
+    `label_range` where it knows them."""
+
+    kind = "image"
+    what = "images"
+    example_keys = ("x", "y")
+    num_classes = 0
+    num_tags = 0
+    label_range: tuple[int, int] | None = None
+
+    def example(self, record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
+                fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        return image_example(record, rng, flip, fields)
+
+    def check_fields(self, fields: tuple[str, ...], flip: bool) -> None:
+        """Images give their own crop ('image'); precomputed encoder features exist in latent shards only."""
+        if "encoder_features" in fields:
+            raise ValueError(f"{self.name}: precomputed encoder features exist only in latent shards "
+                             "(launch/preprocess.py --encoder_path); image data runs the encoder in the step")
+
+
+class ArraySource(ImageRecords):
     """Images and labels held in memory (e.g. Fashion-MNIST). `name` identifies the data in the
     iterator checkpoints (grain checks a restored position against `repr(source)`); `origin` (the
     labels' file) is what errors name. Every label is checked when the source opens."""
@@ -72,7 +114,7 @@ class ArraySource:
         return {"image": self.images[index], "label": self.labels[index]}
 
 
-class SyntheticSource:
+class SyntheticSource(ImageRecords):
     """Deterministic random uint8 images of any shape (benchmarks, tests): record i depends on (seed, i) only."""
 
     def __init__(self, size: int, shape: tuple[int, int, int], num_classes: int, seed: int = 0):
@@ -81,6 +123,7 @@ class SyntheticSource:
                              f"got {size}, {shape}, {num_classes}")
         self.size, self.shape, self.num_classes, self.seed = size, tuple(shape), num_classes, seed
         self.label_range = (0, num_classes - 1)
+        self.name = type(self).__name__  # what FID reference statistics are cached under
 
     def check_labels(self, num_classes: int) -> None:
         if self.num_classes > num_classes:
@@ -100,7 +143,7 @@ class SyntheticSource:
                 "label": np.int32(rng.integers(0, self.num_classes))}
 
 
-class TfdsSource:
+class TfdsSource(ImageRecords):
     """A tfds dataset the user prepared as ArrayRecord (`tfds.data_source`), e.g. cifar10 or imagenet2012.
 
     Never downloads: a dataset missing from `data_dir` raises with the command that prepares it.
@@ -128,7 +171,9 @@ class TfdsSource:
         # A ClassLabel feature bounds every label (tfds checks them when it prepares the data); without
         # one, labels are checked as records are read, against `label_limit`.
         self.label_range = (0, len(self.classes) - 1) if self.classes else None
+        self.num_classes = len(self.classes)
         self.label_limit: int | None = None
+        self.name = type(self).__name__  # what FID reference statistics are cached under
 
     def check_labels(self, num_classes: int) -> None:
         if self.classes and len(self.classes) > num_classes:
@@ -164,7 +209,7 @@ def _image_files(folder: str) -> list[str]:
     return sorted(found, key=lambda path: path.rsplit("/", 1))  # by folder, then name: the local walk's order
 
 
-class ImageFolderSource:
+class ImageFolderSource(ImageRecords):
     """An ImageNet-style tree `root/<class>/**/<image>` (the `train/` of ILSVRC2012), read as
     torchvision's ImageFolder reads it: classes are the sorted sub-directory names (for ImageNet the
     sorted WordNet ids, the standard label order), files sorted within each class. Images are
@@ -183,6 +228,7 @@ class ImageFolderSource:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root!r}")
         self.num_classes = len(self.classes)
         self.label_range = (self.files[0][1], self.files[-1][1])  # files are in label order
+        self.name = type(self).__name__  # what FID reference statistics are cached under
 
     def check_labels(self, num_classes: int) -> None:
         if self.num_classes > num_classes:
@@ -204,3 +250,16 @@ class ImageFolderSource:
         path, label = self.files[index]
         with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as image:
             return {"image": np.asarray(image.convert("RGB")), "label": np.int32(label)}
+
+
+@register_source("synthetic")
+def synthetic_source(data: Mapping[str, Any], split: str) -> SyntheticSource:
+    """config.data.synthetic_size records of shape synthetic_shape, labels 0..num_classes-1 (any split)."""
+    return SyntheticSource(int(data["synthetic_size"]), tuple(data["synthetic_shape"]), int(data["num_classes"]),
+                           seed=0)
+
+
+@register_source("tfds")
+def tfds_source(data: Mapping[str, Any], split: str) -> TfdsSource:
+    """config.data.tfds_name, prepared as ArrayRecord in config.data.dir (tfds' default when empty)."""
+    return TfdsSource(data["tfds_name"], split=split, data_dir=data["dir"] or None)

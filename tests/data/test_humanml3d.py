@@ -43,8 +43,8 @@ def test_records_are_normalised_motions_of_the_split(tree):
     root, motions = tree
     source = HumanML3DSource(root, "train", length=12)
     assert len(source) == 3 and source.ids == SPLITS["train"] and source.frames.tolist() == [14, 30, 6]
-    assert (source.length, source.channels, source.has_mask, source.num_tags, source.num_classes) == (12, 263, True,
-                                                                                                     0, 0)
+    assert (source.length, source.channels, source.example_keys, source.num_tags, source.num_classes) == (
+        12, 263, ("x", "y", "mask"), 0, 0)
     for i, name in enumerate(SPLITS["train"]):
         record = source[i]
         assert record["motion"].dtype == np.float32 and int(record["index"]) == i

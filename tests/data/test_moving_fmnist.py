@@ -108,7 +108,7 @@ def test_label_is_the_first_items_class(blocks):
 def test_example_and_loader(blocks):
     source = MovingFashionMNISTSource(16, data_dir=blocks)  # the defaults: 8 frames of 32 x 32, one item
     assert (source.frames, source.frame_shape, source.num_classes) == (8, (32, 32, 1), 10)
-    assert (source.has_mask, source.num_tags, len(source)) == (False, 0, 16)
+    assert (source.kind, source.example_keys, source.num_tags, len(source)) == ("video", ("x", "y"), 0, 16)
     record = source[3]
     plain = source.example(record, np.random.default_rng(0), False)
     assert plain["x"].dtype == np.float32 and plain["x"].shape == (8, 32, 32, 1) and plain["y"].dtype == np.int32

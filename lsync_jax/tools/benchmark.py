@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsync_jax import storage
-from lsync_jax.builders import for_platform, model_fields
+from lsync_jax.builders import build_transport, for_platform, model_fields
 from lsync_jax.configs.base import base_config
 from lsync_jax.eval.evaluator import InceptionEvaluator, compute_metrics
 from lsync_jax.host import compiler_options
@@ -47,7 +47,7 @@ from lsync_jax.models.vae import (
     downsampling_factor,
     encode_images,
 )
-from lsync_jax.objectives import REPA, Diversity, LayerSync, Objective, default_pair
+from lsync_jax.objectives import Objective, build_objective
 from lsync_jax.porting.inception import expected_shapes
 from lsync_jax.sharding import batch_sharding, make_mesh
 from lsync_jax.tools.gcs_emulator import GcsEmulator
@@ -239,6 +239,18 @@ VARIANTS = ("baseline", "layersync", "repa", "layersync+repa", "diversity", "lay
 REPA_DIM = 768  # DINOv2-B/14's tokens, REPA's encoder
 
 
+def bench_objective(cfg: BenchConfig, variant: str, depth: int) -> Objective:
+    """The objective of `variant`, built as a run builds it: the shipped config's objective section with the
+    variant's regularisers listed, through the regulariser registry (`build_objective`). Their settings are
+    the sections' defaults: LayerSync the paper's pair scaled to the depth, weight 0.2 (or
+    `cfg.layersync_pairs`), REPA weight 0.5, DiverseDiT's loss on every block."""
+    config = base_config()
+    config.objective.regularizers = tuple(n for n in ("layersync", "repa", "diversity") if n in variant.split("+"))
+    if cfg.layersync_pairs:
+        config.objective.layersync.pairs = tuple(tuple(p) for p in cfg.layersync_pairs)
+    return build_objective(config.objective, build_transport(config), depth=depth)
+
+
 def _train_setup(name: str, cfg: BenchConfig, variant: str, attention: str) -> tuple[Any, ...]:
     """(model, state, batch, jitted step) of the library's train step for `variant`, as a run builds them."""
     if variant not in VARIANTS:
@@ -248,11 +260,7 @@ def _train_setup(name: str, cfg: BenchConfig, variant: str, attention: str) -> t
         depth = int(cfg.model_overrides.get("depth", model_config(name)["depth"]))
         repa = dict(z_dims=(REPA_DIM,), encoder_depth=8 if depth >= 24 else min(4, depth))
     model = bench_model(name, cfg, attention, **repa)
-    pairs = cfg.layersync_pairs or ((default_pair(model.depth) + (0.2,),) if "layersync" in variant else ())
-    regularizers = ((LayerSync(tuple(pairs)),) if "layersync" in variant else ()) + (
-        (REPA(0.5),) if "repa" in variant else ()) + (
-        (Diversity(tuple(range(1, model.depth + 1))),) if "diversity" in variant else ())  # DiverseDiT's loss
-    objective = Objective(create_transport(), regularizers)
+    objective = bench_objective(cfg, variant, model.depth)
     tx, schedule = make_optimizer({"lr": 1e-4})
     mesh = make_mesh(*cfg.mesh)
     if cfg.batch_size % jax.device_count():

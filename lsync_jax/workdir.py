@@ -22,15 +22,24 @@ a reader, and nothing is ever deleted.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import importlib.metadata
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Mapping, Sequence
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +49,7 @@ from absl import logging
 
 from lsync_jax import storage
 from lsync_jax.builders import build_model, mesh_rules, model_fields
+from lsync_jax.host import all_processes
 from lsync_jax.models import COMPUTE_OVERRIDES, get_model, model_class, model_config, override_types
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
 from lsync_jax.storage import read_json
@@ -691,3 +701,559 @@ def abstract_params(config: Any, model: Any, mesh) -> Any:
     whole state, 'params/...'): the target a checkpoint's weights are restored into."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
     return with_shardings(shapes, tree_shardings({"params": shapes}, mesh, mesh_rules(config))["params"])
+
+
+# --- the workdir hold ------------------------------------------------------------------------------------
+# One run writes a workdir. A run holds it (`WorkdirHold`, taken by `lsync_jax.train.loop.train` before
+# anything is probed, written or compiled) through one file, workdir/hold.json: who holds it (host, boot,
+# process ids, start time) and the lease length. The hold is a lease: a background thread renews it
+# every quarter lease (compiles take minutes, so not from the step loop). Expiry is judged by the storage's
+# clock only: a file's mtime against a probe file's mtime locally, an object's `updated` against a probe
+# object's on gs://; hosts' clocks are never compared. A hold that names this host (hostname and boot id)
+# whose processes are all gone is stale at once (kill -9 then the same command on the same machine).
+# Locally: an exclusive create (link(2) of a finished file), renewals and releases under flock(2) on the
+# workdir; on gs://: a create with ifGenerationMatch=0, renewals and takeovers with ifGenerationMatch=<the
+# generation read>, a release deleting with ifGenerationMatch (docs/training.md, "One writer per workdir").
+HOLD_FILE = "hold.json"
+_CLOCK_PROBE = ".hold-clock."
+_ACTIVE_TOKENS: set[str] = set()  # the holds this process holds now
+_ACQUIRED = [0]  # acquisitions in this process: one key per acquisition for a multi-process run's agreement
+
+
+class HoldError(RuntimeError):
+    """Another run holds the workdir: the message names the holder and how to take over."""
+
+
+class HoldLostError(RuntimeError):
+    """This run's hold was taken over (or could not be renewed): it must stop writing."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process `pid` in clock ticks since boot (/proc/<pid>/stat's field 22), '' unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    """Whether `pid` on this host is the process a hold recorded (not gone, not a zombie, not a reuse)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X") and (not start or fields[19] == start)
+    except (OSError, IndexError):
+        return True
+
+
+def process_identity() -> dict[str, Any]:
+    """This process as a hold records it."""
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid())}
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rfc3339(text: str) -> float:
+    """GCS's object times ('2026-12-05T10:49:45.78672Z', any number of fraction digits) in seconds."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    stamp = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return stamp + (float("0." + fraction) if fraction else 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """A hold as read from storage: its record (None: unreadable), the storage time of its last renewal
+    (seconds since the epoch by the storage's clock), its version (gs:// generation; locally inode and
+    mtime) and, when measured, its age by the storage's clock."""
+
+    record: Mapping[str, Any] | None
+    renewed: float
+    version: Any
+    age: float | None = None
+
+    @property
+    def lease_s(self) -> float:
+        return float((self.record or {}).get("lease_s", 0) or 0)
+
+    def describe(self) -> str:
+        """'host h, process 123 (with 1 more process), started ..., lease last renewed ...'."""
+        r = self.record or {}
+        if not r:
+            who = "an unreadable hold file (a hold being written, or damaged)"
+        else:
+            more = len(r.get("processes", [])) - 1
+            who = (f"host {r.get('host', '?')}, process {r.get('pid', '?')}"
+                   + (f" (with {more} more process{'es' if more > 1 else ''} of its run)" if more > 0 else "")
+                   + f", started {r.get('started', '?')} by its clock")
+        ago = f", {self.age:.0f} s ago" if self.age is not None else ""
+        lease = f"; its lease is {self.lease_s:g} s" if self.lease_s else ""
+        return f"{who}, lease last renewed {_utc(self.renewed)} by the storage's clock{ago}{lease}"
+
+
+class _LocalHold:
+    """The hold file on a local (or mounted network) disk."""
+
+    def __init__(self, workdir: str):
+        self.workdir, self.file = workdir, os.path.join(workdir, HOLD_FILE)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """flock(2) on the workdir around a read-check-write, so that a renewal, a takeover and a release
+        never interleave. A file system without flock: the exclusive create still holds."""
+        fd = os.open(self.workdir, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            yield
+        finally:
+            os.close(fd)
+
+    def _finished_file(self, record: Mapping[str, Any]) -> str:
+        tmp = os.path.join(self.workdir, f".{HOLD_FILE}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def _read(self) -> Holder | None:
+        try:
+            with open(self.file, "rb") as f:
+                stat, data = os.fstat(f.fileno()), f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        return Holder(record if isinstance(record, dict) else None, stat.st_mtime,
+                      (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+    def read(self) -> Holder | None:
+        return self._read()
+
+    def create(self, record: Mapping[str, Any]) -> Holder | None:
+        """Create the hold unless one exists (then None): link(2) of a finished file, atomic and exclusive."""
+        tmp = self._finished_file(record)
+        try:
+            try:
+                os.link(tmp, self.file)
+            except FileExistsError:
+                return None
+            except OSError as e:  # no hard links here (some network or FUSE file systems)
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                try:
+                    fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return None
+                with open(tmp, "rb") as f:
+                    os.write(fd, f.read())
+                os.fsync(fd)
+                os.close(fd)
+        finally:
+            os.unlink(tmp)
+        return self._read()
+
+    def replace(self, record: Mapping[str, Any], version: Any) -> Holder | None:
+        """Replace the hold read as `version` (a takeover, a stale or expired hold broken); None when it
+        changed since (renewed, released or taken by another)."""
+        with self._locked():
+            now = self._read()
+            if now is None or now.version != version:
+                return None
+            os.replace(self._finished_file(record), self.file)
+            return self._read()
+
+    def renew(self, token: str) -> Holder | None:
+        """Touch the hold if `token` still holds it (its mtime is the renewal's time); else None."""
+        with self._locked():
+            now = self._read()
+            if now is None or (now.record or {}).get("token") != token:
+                return None
+            os.utime(self.file)
+            return self._read()
+
+    def release(self, token: str) -> bool:
+        with self._locked():
+            now = self._read()
+            if now is None or (now.record or {}).get("token") != token:
+                return False
+            os.unlink(self.file)
+            return True
+
+    def now(self) -> float:
+        """The storage's clock: the mtime of a probe file written now beside the hold."""
+        fd, probe = tempfile.mkstemp(prefix=_CLOCK_PROBE, dir=self.workdir)
+        try:
+            os.write(fd, b"lsync-jax hold clock\n")
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
+
+class _GcsHold:
+    """The hold object on gs://, through gcsfs's JSON API calls with generation preconditions. gcsfs's
+    own writes cannot set ifGenerationMatch=<generation> (only 0, as mode='create'), so the uploads are
+    made here: multipart ones (fake-gcs-server, the tests' emulator, honours ifGenerationMatch on those
+    and not on uploadType=media). The record is the object's content and its custom metadata 'hold', so
+    that one metadata read gives the record with its generation and time."""
+
+    BOUNDARY = "lsync-jax-hold"
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.fs = storage._fsspec(workdir)
+        self.bucket, _, prefix = storage._fs_path(workdir).partition("/")
+        self.prefix = prefix.strip("/")
+        self.key = f"{self.prefix}/{HOLD_FILE}" if self.prefix else HOLD_FILE
+
+    def _holder(self, resource: Mapping[str, Any]) -> Holder:
+        try:
+            record = json.loads((resource.get("metadata") or {}).get("hold", ""))
+        except ValueError:
+            record = None
+        return Holder(record if isinstance(record, dict) else None, _rfc3339(resource["updated"]),
+                      str(resource["generation"]))
+
+    def _put(self, key: str, record: Mapping[str, Any], if_generation: str) -> dict[str, Any]:
+        """Upload `record` as `key` if the object's generation is `if_generation` ('0': absent)."""
+        text = json.dumps(record, sort_keys=True)
+        meta = json.dumps({"name": key, "contentType": "application/json", "metadata": {"hold": text}})
+        body = (f"--{self.BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
+                f"--{self.BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{text}\n\r\n--{self.BOUNDARY}--")
+        return self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{urllib.parse.quote(self.bucket)}/o",
+                            uploadType="multipart", ifGenerationMatch=if_generation, data=body.encode(),
+                            headers={"Content-Type": f'multipart/related; boundary="{self.BOUNDARY}"'},
+                            json_out=True)
+
+    def read(self) -> Holder | None:
+        try:
+            return self._holder(self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True))
+        except FileNotFoundError:
+            return None
+
+    def _conditional(self, record: Mapping[str, Any], generation: str) -> Holder | None:
+        try:
+            return self._holder(self._put(self.key, record, generation))
+        except FileExistsError:  # 412: the generation moved on, or a retried request already succeeded
+            now = self.read()
+            mine = now is not None and (now.record or {}).get("token") == record.get("token")
+            return now if mine else None
+
+    def create(self, record: Mapping[str, Any]) -> Holder | None:
+        return self._conditional(record, "0")
+
+    def replace(self, record: Mapping[str, Any], version: Any) -> Holder | None:
+        return self._conditional(record, str(version))
+
+    def renew(self, token: str) -> Holder | None:
+        now = self.read()
+        if now is None or (now.record or {}).get("token") != token:
+            return None
+        return self._conditional(now.record, now.version)
+
+    def release(self, token: str) -> bool:
+        now = self.read()
+        if now is None or (now.record or {}).get("token") != token:
+            return False
+        try:  # the emulator ignores this precondition on DELETE; GCS honours it
+            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=now.version)
+        except (FileNotFoundError, FileExistsError):
+            return False
+        return True
+
+    def now(self) -> float:
+        """The storage's clock: the `updated` time of a probe object written now beside the hold."""
+        key = f"{self.prefix}/{_CLOCK_PROBE}{uuid.uuid4().hex}" if self.prefix else f"{_CLOCK_PROBE}{uuid.uuid4().hex}"
+        resource = self._put(key, {}, "0")
+        try:
+            return _rfc3339(resource["updated"])
+        finally:
+            try:
+                self.fs.call("DELETE", "b/{}/o/{}", self.bucket, key)
+            except FileNotFoundError:
+                pass
+
+
+def _hold_store(workdir: str) -> Any:
+    if not storage.is_remote(workdir):
+        return _LocalHold(workdir)
+    if storage.scheme(workdir) not in ("gs", "gcs"):
+        raise ValueError(f"{workdir}: a workdir hold needs a local disk or gs:// (its scheme has no conditional "
+                         "writes in lsync-jax)")
+    return _GcsHold(workdir)
+
+
+def read_holder(workdir: str) -> Holder | None:
+    """Who holds `workdir` (None: nobody), with the hold's age by the storage's clock (a probe file or
+    object is written and removed to read that clock); for launch/train.py --check. Writes nothing else."""
+    workdir = storage.absolute(workdir)
+    if not storage.is_remote(workdir) and not os.path.isdir(workdir):
+        return None
+    store = _hold_store(workdir)
+    seen = store.read()
+    if seen is None:
+        return None
+    return dataclasses.replace(seen, age=store.now() - seen.renewed)
+
+
+def hold_summary(workdir: str) -> str:
+    """One phrase for --check: 'no hold' or who holds `workdir`."""
+    holder = read_holder(workdir)
+    return "no hold" if holder is None else f"held by {holder.describe()}"
+
+
+class WorkdirHold:
+    """The hold of one run on its workdir, as a context manager (`with WorkdirHold(workdir, ...) as hold:`).
+
+    Entering takes it: created if there is none; a stale one (this host, its processes gone) or an
+    expired one (not renewed within its lease, by the storage's clock) is broken with one line; with
+    `take_over` any hold is broken, with one warning line naming whose. Otherwise it waits up to `wait_s`
+    for the holder to release it or its lease to expire, then raises HoldError naming the holder. While
+    held, a thread renews it every `lease_s / 4`; if a renewal finds it taken over, `lost` says why (an
+    error line) and `check()` raises HoldLostError. Leaving releases it (on any exit; the directories
+    entering created are removed again when empty). In a run of several processes, process 0 takes and
+    renews the hold for the run, recording every process; all processes share its verdict (a refusal
+    raises on each) through jax.distributed's key-value store. `keys` names the config keys in messages."""
+
+    def __init__(self, workdir: str, *, lease_s: float = 120.0, wait_s: float = 0.0, take_over: bool = False,
+                 keys: str = "config.train"):
+        self.workdir = storage.absolute(workdir)
+        self.lease_s, self.wait_s, self.take_over, self.keys = float(lease_s), float(wait_s), bool(take_over), keys
+        if not self.lease_s >= 1:
+            raise ValueError(f"{keys}.hold_lease_s={lease_s}: expected a lease of at least 1 s (renewed every quarter "
+                             "of it)")
+        if not self.wait_s >= 0:
+            raise ValueError(f"{keys}.hold_wait_s={wait_s}: expected seconds >= 0")
+        self.token = uuid.uuid4().hex
+        self.lost: str | None = None
+        self.held: Holder | None = None
+        self._store: Any = None
+        self._created: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def of_config(cls, workdir: str, train: Any) -> "WorkdirHold":
+        """The hold config.train asks for (hold_lease_s, hold_wait_s, take_over_hold)."""
+        return cls(workdir, lease_s=train.hold_lease_s, wait_s=train.hold_wait_s, take_over=train.take_over_hold)
+
+    # -- entering and leaving ------------------------------------------------------------------------
+    def __enter__(self) -> "WorkdirHold":
+        _ACQUIRED[0] += 1
+        if jax.process_count() == 1:
+            self.acquire([process_identity()])
+            return self
+        self._acquire_together(f"lsync_jax/hold/{_ACQUIRED[0]}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _acquire_together(self, key: str) -> None:
+        """Process 0 takes the hold for the run (recording every process); the others wait for its verdict."""
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        timeout_ms = int(1000 * (self.wait_s + 4 * self.lease_s + 600))
+        if jax.process_index() != 0:
+            client.key_value_set(f"{key}/process/{jax.process_index()}", json.dumps(process_identity()))
+            verdict = client.blocking_key_value_get(f"{key}/verdict", timeout_ms)
+            if verdict != "ok":
+                raise HoldError(f"{verdict} (process 0 found this; every process of the run stops)")
+            return
+        try:
+            processes = [process_identity()] + [
+                json.loads(client.blocking_key_value_get(f"{key}/process/{i}", timeout_ms))
+                for i in range(1, jax.process_count())]
+            self.acquire(processes)
+        except BaseException as e:
+            client.key_value_set(f"{key}/verdict", str(e) or type(e).__name__)
+            raise
+        client.key_value_set(f"{key}/verdict", "ok")
+
+    def acquire(self, processes: Sequence[Mapping[str, Any]]) -> None:
+        """Take the hold for a run of `processes` (this process first), waiting as the class says."""
+        self._store = _hold_store(self.workdir)
+        if not storage.is_remote(self.workdir):
+            self._make_workdir()
+        me = processes[0]
+        record = dict(me, token=self.token, lease_s=self.lease_s, processes=list(processes),
+                      started=_utc(time.time()), argv=list(sys.argv[:8]))
+        deadline, waited = time.monotonic() + self.wait_s, False
+        try:
+            while True:
+                self.held = self._store.create(record)
+                if self.held is not None:
+                    break
+                seen = self._store.read()
+                if seen is None:
+                    continue  # released in between
+                seen = dataclasses.replace(seen, age=self._store.now() - seen.renewed)
+                why = self._free(seen)
+                if why or self.take_over:
+                    self.held = self._store.replace(record, seen.version)
+                    if self.held is None:
+                        continue  # renewed, released or taken meanwhile: look again
+                    if why:
+                        logging.warning("%s: broke the hold of %s: %s", self.workdir, seen.describe(), why)
+                    else:
+                        logging.warning("%s: %s.take_over_hold: took over the hold of %s (that run stops at its "
+                                        "next step)", self.workdir, self.keys, seen.describe())
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HoldError(self._refusal(seen, waited))
+                if not waited:
+                    logging.warning("%s is held by %s: waiting up to %g s (%s.hold_wait_s) for it to be released or "
+                                    "to expire", self.workdir, seen.describe(), self.wait_s, self.keys)
+                    waited = True
+                time.sleep(min(left, max(0.2, min(seen.lease_s or self.lease_s, 16.0) / 8)))  # 2 s at most
+        except OSError as e:
+            self._remove_created()
+            if isinstance(e, storage.StorageError) or storage.is_remote(self.workdir):
+                raise storage.StorageError(f"{self.workdir}: its hold ({HOLD_FILE}) cannot be taken ({first_line(e)}); "
+                                           "the run writes there. Check the bucket's name and permissions") from e
+            raise OSError(e.errno, f"{self.workdir} is not writable ({e.strerror or e}): its hold ({HOLD_FILE}) "
+                          "cannot be taken. Check its permissions and free space, or choose another --workdir") from e
+        except BaseException:
+            self._remove_created()
+            raise
+        _ACTIVE_TOKENS.add(self.token)
+        self._thread = threading.Thread(target=self._renew_loop, name="lsync-jax workdir hold", daemon=True)
+        self._thread.start()
+
+    def _free(self, seen: Holder) -> str:
+        """Why `seen` may be broken ('' : it is live): stale on this host, or expired by the storage's clock."""
+        r, me = seen.record or {}, process_identity()
+        same_boot = r.get("host") == me["host"] and (r.get("boot_id") or "") == me["boot_id"]
+        processes = r.get("processes") or ([r] if r else [])
+        if same_boot and processes and all(p.get("host") == me["host"] for p in processes):
+            alive = [p for p in processes if _process_alive(int(p.get("pid", 0)), str(p.get("pid_start", "")))
+                     and not (p.get("pid") == me["pid"] and r.get("token") not in _ACTIVE_TOKENS)]
+            if not alive:
+                return "its process(es) on this host are gone (killed, or crashed)"
+        lease = seen.lease_s or self.lease_s
+        if seen.age is not None and seen.age > lease:
+            return f"it expired (not renewed for {seen.age:.0f} s by the storage's clock; its lease is {lease:g} s)"
+        return ""
+
+    def _refusal(self, seen: Holder, waited: bool) -> str:
+        wait = f"after waiting {self.wait_s:g} s ({self.keys}.hold_wait_s)" if waited else \
+            f"({self.keys}.hold_wait_s={self.wait_s:g}: no wait)"
+        lease = seen.lease_s or self.lease_s
+        return (f"{self.workdir} is held by another run {wait}: {seen.describe()}. Two trainers would write the same "
+                f"checkpoints. Wait for that run to end (its hold is released then, or expires {lease:g} s after its "
+                f"last renewal if it died), raise {self.keys}.hold_wait_s, or take over with "
+                f"--{self.keys}.take_over_hold=True (that run stops at its next step)")
+
+    def release(self) -> None:
+        """Stop renewing and remove the hold (unless it was lost); never raises over the error in flight."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+        if self.held is None or self._store is None:
+            return
+        _ACTIVE_TOKENS.discard(self.token)
+        try:
+            if not self.lost:
+                self._store.release(self.token)
+        except Exception as e:  # noqa: BLE001 - it expires after its lease anyway
+            logging.warning("%s: releasing its hold failed (%s); it expires %g s after its last renewal", self.workdir,
+                            first_line(e), self.lease_s)
+        self.held = None
+        self._remove_created()
+
+    # -- while held ----------------------------------------------------------------------------------
+    def _renew_loop(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                renewed = self._store.renew(self.token)
+            except Exception as e:  # noqa: BLE001 - storage trouble: retried at the next quarter lease
+                if time.monotonic() - last_ok > self.lease_s:
+                    self._lose(f"its hold could not be renewed for over its lease of {self.lease_s:g} s "
+                               f"({first_line(e)}): another run may have taken the workdir")
+                    return
+                logging.warning("%s: renewing its hold failed (%s); retrying in %g s", self.workdir, first_line(e),
+                                self.lease_s / 4)
+                continue
+            if renewed is None:
+                now = self._store.read()
+                self._lose(f"its hold was taken over by {now.describe()}" if now is not None else
+                           f"its hold file {HOLD_FILE} was removed")
+                return
+            last_ok = time.monotonic()
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        logging.error("%s: this run no longer holds its workdir: %s. It stops at its next step without writing "
+                      "more", self.workdir, why)
+
+    def check(self) -> None:
+        """Raise HoldLostError if the hold was lost (see `lost`)."""
+        if self.lost:
+            raise HoldLostError(f"{self.workdir}: this run no longer holds its workdir ({self.lost}); it stopped "
+                                "before writing more. Another run writes there now: check which, before running "
+                                "this one again")
+
+    def guarded(self, step_fn: Callable, every: int) -> Callable:
+        """`step_fn` that first raises HoldLostError once the hold is lost, so that the run stops at its next
+        step, before that step's hooks write anything. One process: checked at every step (a flag read).
+        Several: the processes agree (one flag gathered) every `every` steps (the logging interval), so
+        that all stop at the same step."""
+        calls = [0]
+
+        def step(*args: Any) -> Any:
+            calls[0] += 1
+            if jax.process_count() == 1:
+                self.check()
+            elif calls[0] % max(int(every), 1) == 0 and not all_processes(not self.lost):
+                self.check()
+                raise HoldLostError(f"{self.workdir}: process 0 of this run lost its workdir hold (its log says to "
+                                    "whom); every process stops before writing more")
+            return step_fn(*args)
+
+        return step
+
+    # -- directories ---------------------------------------------------------------------------------
+    def _make_workdir(self) -> None:
+        parent = self.workdir
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            self._created.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(self.workdir, exist_ok=True)
+
+    def _remove_created(self) -> None:
+        """The directories entering created, when empty (a run refused at its start leaves nothing)."""
+        for folder in self._created:  # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self._created = []

@@ -135,10 +135,15 @@ def base_config(model: str = "SiT-XL/2") -> ml_collections.ConfigDict:
     # sampling or init_from with another transport than the checkpoint records is refused unless
     # allow_transport_change. microbatches: accumulate each step's gradient over that many parts of the
     # batch (the same update as the whole batch, a k-th of its activation memory; lsync_jax.train.step).
+    # The workdir hold (one run writes a workdir; lsync_jax.workdir.WorkdirHold): a lease of hold_lease_s
+    # seconds, renewed every quarter of it; a start that finds another run's live hold waits up to
+    # hold_wait_s for its release or expiry (180 s: longer than a lease, so a requeue after a lost VM
+    # starts), then refuses; take_over_hold breaks any hold (that run stops at its next step).
     config.train = _section(dict(num_steps=400_000, ema_decay=0.9999, log_every=100, checkpoint_every=10_000,
                                  keep_checkpoints=3, keep_every=None, sample_every=10_000, num_grid_samples=64,
                                  init_from="", init_include="", async_checkpoints=True, allow_data_change=False,
-                                 allow_transport_change=False, microbatches=1), dict(keep_every=int))
+                                 allow_transport_change=False, microbatches=1, hold_lease_s=120.0,
+                                 hold_wait_s=180.0, take_over_hold=False), dict(keep_every=int))
 
     # FID-N of EMA samples every `every` steps (0: off) against the training data's reference split
     # (first reference_size images; 0: all) or an ADM reference batch (`reference`: path to its .npz).

@@ -1,0 +1,264 @@
+"""Issue 30, part 1: the workdir hold (lsync_jax.workdir.WorkdirHold), one module at a time: taken, refused
+naming the holder, released on every exit, renewed, expired by the storage's clock, broken at once when
+its processes on this host are gone, taken over with one line, waited for; on a local disk and on gs://
+(the emulator). Anything that could hang runs under an alarm. Runs of launch/train.py: tests/faults/
+test_hold.py."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lsync_jax import workdir as workdir_module
+from lsync_jax.workdir import (
+    HOLD_FILE,
+    HoldError,
+    HoldLostError,
+    WorkdirHold,
+    hold_summary,
+    process_identity,
+    read_holder,
+)
+from tests.helpers import alarm
+
+
+def other_host_hold(workdir, *, lease_s=120.0, pid=4242):
+    """A hold as another machine's run writes it (hand-written, renewed now)."""
+    me = {"host": "node-7.other", "boot_id": "0000", "pid": pid, "pid_start": "1"}
+    record = dict(me, token="theirs", lease_s=lease_s, processes=[me], started="2026-01-01T00:00:00+00:00",
+                  argv=["launch/train.py"])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, HOLD_FILE), "w") as f:
+        json.dump(record, f)
+    return record
+
+
+def snapshot(directory):
+    """Every file and directory under `directory` with its size and mtime."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def warnings_in(caplog, text):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def dead_pid():
+    """The pid of a process of this host that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_takes_the_hold_naming_itself_and_releases_it_leaving_nothing(tmp_path):
+    workdir = str(tmp_path / "new" / "run")
+    with WorkdirHold(workdir) as hold:
+        holder = read_holder(workdir)
+        assert holder.record["token"] == hold.token and holder.record["pid"] == os.getpid()
+        assert holder.record["host"] == socket.gethostname() and holder.record["lease_s"] == 120
+        assert holder.age is not None and holder.age < 60
+        assert hold_summary(workdir).startswith(f"held by host {socket.gethostname()}, process {os.getpid()}")
+    assert not os.path.exists(tmp_path / "new")  # the directories it made, empty again, are gone
+    assert hold_summary(workdir) == "no hold"
+    (tmp_path / "kept").mkdir()
+    with WorkdirHold(str(tmp_path / "kept")):
+        (tmp_path / "kept" / "written").write_text("a run's file")
+    assert sorted(os.listdir(tmp_path / "kept")) == ["written"]
+
+
+def test_the_hold_is_released_on_an_error_and_on_preemption(tmp_path):
+    from lsync_jax.train.hooks import Preempted
+
+    for error in (ValueError("a failed start"), Preempted(3, str(tmp_path)), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with WorkdirHold(str(tmp_path)):
+                assert os.path.exists(tmp_path / HOLD_FILE)
+                raise error
+        assert not os.path.exists(tmp_path / HOLD_FILE)
+
+
+def test_a_live_hold_of_another_host_is_refused_naming_it_and_nothing_is_written(tmp_path):
+    workdir = str(tmp_path / "run")
+    other_host_hold(workdir)
+    before = snapshot(workdir)
+    with alarm(60), pytest.raises(HoldError) as info:
+        WorkdirHold(workdir, wait_s=0).__enter__()
+    message = str(info.value)
+    for part in (f"{workdir} is held by another run", "host node-7.other, process 4242",
+                 "started 2026-01-01T00:00:00+00:00", "lease last renewed", "by the storage's clock",
+                 "config.train.hold_wait_s=0", "--config.train.take_over_hold=True"):
+        assert part in message, message
+    assert snapshot(workdir) == before
+
+
+def test_expiry_is_judged_by_the_storage_clock_not_the_hosts(tmp_path, monkeypatch, caplog):
+    workdir = str(tmp_path)
+    other_host_hold(workdir, lease_s=120)
+    hold_file = os.path.join(workdir, HOLD_FILE)
+    real_time = time.time
+    monkeypatch.setattr(workdir_module.time, "time", lambda: real_time() + 86400)  # this host's clock is a day ahead
+    with pytest.raises(HoldError, match="node-7.other"):
+        WorkdirHold(workdir, wait_s=0).__enter__()
+    monkeypatch.setattr(workdir_module.time, "time", real_time)
+    os.utime(hold_file, (real_time() - 121, real_time() - 121))  # its last renewal: 121 s ago on the disk
+    with caplog.at_level(logging.WARNING), WorkdirHold(workdir, wait_s=0) as hold:
+        assert read_holder(workdir).record["token"] == hold.token
+    lines = warnings_in(caplog, "broke the hold")
+    assert len(lines) == 1 and "host node-7.other, process 4242" in lines[0]
+    assert "it expired (not renewed for 121 s by the storage's clock; its lease is 120 s)" in lines[0]
+
+
+def test_a_hold_of_this_host_whose_process_is_gone_is_broken_at_once(tmp_path, caplog):
+    workdir = str(tmp_path)
+    me = process_identity()
+    gone = dict(me, pid=dead_pid(), pid_start="")
+    record = dict(gone, token="old", lease_s=120.0, processes=[gone], started="2026-01-01T00:00:00+00:00")
+    (tmp_path / HOLD_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING), alarm(30), WorkdirHold(workdir, wait_s=600):  # no wait: broken now
+        pass
+    lines = warnings_in(caplog, "broke the hold")
+    assert len(lines) == 1 and f"process {gone['pid']}" in lines[0] and "on this host are gone" in lines[0]
+    # a live process of this host (here: a child) holds it: refused, not broken
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = dict(me, pid=child.pid, pid_start=workdir_module._process_start(child.pid))
+        (tmp_path / HOLD_FILE).write_text(json.dumps(dict(record, **alive, processes=[alive])))
+        with pytest.raises(HoldError, match=f"process {child.pid}"):
+            WorkdirHold(workdir, wait_s=0).__enter__()
+        child.kill()  # killed and not yet reaped (a zombie): gone
+        with alarm(30), WorkdirHold(workdir, wait_s=600):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_hold_that_names_a_reused_pid_is_stale(tmp_path):
+    me = process_identity()
+    reused = dict(me, pid_start="1")  # this process's pid, started at another time: not the holder
+    (tmp_path / HOLD_FILE).write_text(json.dumps(dict(reused, token="old", lease_s=120.0, processes=[reused])))
+    with alarm(30), WorkdirHold(str(tmp_path), wait_s=600):
+        pass
+
+
+def test_a_second_hold_in_the_same_process_is_refused(tmp_path):
+    with WorkdirHold(str(tmp_path)):
+        with pytest.raises(HoldError, match=f"process {os.getpid()}"):
+            WorkdirHold(str(tmp_path), wait_s=0).__enter__()
+        assert os.path.exists(tmp_path / HOLD_FILE)
+
+
+def test_a_takeover_breaks_a_live_hold_with_one_line_and_the_holder_stops(tmp_path, caplog):
+    workdir = str(tmp_path)
+    first = WorkdirHold(workdir, lease_s=1.0).__enter__()  # renewed every 0.25 s
+    step = first.guarded(lambda state: state + 1, every=1)
+    assert step(1) == 2
+    with caplog.at_level(logging.WARNING):
+        second = WorkdirHold(workdir, take_over=True).__enter__()
+    lines = warnings_in(caplog, "take_over_hold: took over the hold of")
+    assert len(lines) == 1 and f"process {os.getpid()}" in lines[0]
+    with alarm(30):
+        while first.lost is None:  # its next renewal finds the hold taken
+            time.sleep(0.05)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "this run no longer holds its workdir: its hold was taken over by" in errors[0]
+    with pytest.raises(HoldLostError, match="this run no longer holds its workdir"):
+        step(2)  # the run's next step
+    first.release()  # leaves the new holder's hold in place
+    assert read_holder(workdir).record["token"] == second.token
+    second.release()
+    assert read_holder(workdir) is None
+
+
+def test_the_lease_is_renewed_in_the_background(tmp_path):
+    hold_file = tmp_path / HOLD_FILE
+    with WorkdirHold(str(tmp_path), lease_s=1.0):
+        old = time.time() - 100
+        os.utime(hold_file, (old, old))
+        with alarm(30):
+            while os.stat(hold_file).st_mtime < old + 50:  # touched by the renewal thread within 0.25 s
+                time.sleep(0.05)
+        assert read_holder(str(tmp_path)).age < 50
+
+
+def test_a_waiting_start_takes_a_hold_released_meanwhile_or_refuses_after_its_wait(tmp_path, caplog):
+    workdir = str(tmp_path)
+    other_host_hold(workdir)
+    threading.Timer(0.5, os.remove, [os.path.join(workdir, HOLD_FILE)]).start()  # the other run ends
+    with caplog.at_level(logging.WARNING), alarm(60), WorkdirHold(workdir, wait_s=120) as hold:
+        assert read_holder(workdir).record["token"] == hold.token
+    lines = warnings_in(caplog, "waiting up to 120 s (config.train.hold_wait_s)")
+    assert len(lines) == 1 and "node-7.other" in lines[0]
+    other_host_hold(workdir)
+    with alarm(60), pytest.raises(HoldError, match=r"after waiting 0.5 s \(config.train.hold_wait_s\)"):
+        WorkdirHold(workdir, wait_s=0.5).__enter__()
+
+
+def test_settings_outside_their_range_are_named():
+    with pytest.raises(ValueError, match=r"config.train.hold_lease_s=0: expected a lease of at least 1 s"):
+        WorkdirHold("/tmp/unused", lease_s=0)
+    with pytest.raises(ValueError, match=r"config.train.hold_wait_s=-1: expected seconds >= 0"):
+        WorkdirHold("/tmp/unused", wait_s=-1)
+
+
+def test_the_config_defines_the_hold_settings_once():
+    from lsync_jax.configs.base import base_config
+
+    train = base_config().train
+    assert (train.hold_lease_s, train.hold_wait_s, train.take_over_hold) == (120.0, 180.0, False)
+    hold = WorkdirHold.of_config("/tmp/unused", train)
+    assert (hold.lease_s, hold.wait_s, hold.take_over) == (120.0, 180.0, False)
+
+
+# -- gs:// ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gcs
+def test_the_emulator_and_gcsfs_honour_generation_preconditions(bucket):
+    """What the hold relies on: a create with ifGenerationMatch=0 fails when the object exists; a write
+    with ifGenerationMatch=<an old generation> fails."""
+    store = workdir_module._GcsHold(f"{bucket}/run")
+    first = store.create({"token": "a"})
+    assert first is not None and store.create({"token": "b"}) is None
+    assert store.read().record == {"token": "a"}
+    renewed = store.renew("a")
+    assert renewed.version != first.version and renewed.renewed >= first.renewed
+    assert store.replace({"token": "b"}, first.version) is None  # its generation moved on
+    assert store.replace({"token": "b"}, renewed.version).record == {"token": "b"}
+    assert store.renew("a") is None and not store.release("a")
+    assert store.release("b") and store.read() is None
+
+
+@pytest.mark.gcs
+def test_on_gcs_the_hold_is_taken_refused_expired_and_released(bucket, caplog):
+    workdir = f"{bucket}/run"
+    with alarm(120):
+        with WorkdirHold(workdir) as hold:
+            assert read_holder(workdir).record["token"] == hold.token
+            with pytest.raises(HoldError, match=rf"{workdir} is held by another run .*process {os.getpid()}"):
+                WorkdirHold(workdir, wait_s=0).__enter__()
+        assert read_holder(workdir) is None
+        store = workdir_module._GcsHold(workdir)
+        me = {"host": "node-7.other", "boot_id": "", "pid": 4242}
+        assert store.create(dict(me, token="theirs", lease_s=1.0, processes=[me])) is not None
+        while read_holder(workdir).age <= 1.0:  # the storage's clock passes its 1 s lease
+            time.sleep(0.2)
+        with caplog.at_level(logging.WARNING), WorkdirHold(workdir, wait_s=0) as hold:
+            assert read_holder(workdir).record["token"] == hold.token
+        assert len(warnings_in(caplog, "broke the hold of host node-7.other, process 4242")) == 1
+        assert read_holder(workdir) is None
+        assert hold_summary(workdir) == "no hold"
+        from lsync_jax import storage
+
+        assert storage.find(bucket) == []  # no clock probe left behind

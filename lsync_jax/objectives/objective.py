@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from lsync_jax.objectives.batch import Batch, make_batch
 from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, with_defaults
 from lsync_jax.transport.transport import Transport
 
@@ -73,7 +74,7 @@ def build_objective(cfg: Mapping[str, Any], transport: Transport, *, depth: int,
 def objective_loss(
     params: Any,
     apply_fn: Callable[..., Any],
-    batch: Mapping[str, Array],
+    batch: Batch,
     key: Array,
     objective: Objective,
     *,
@@ -81,7 +82,7 @@ def objective_loss(
     step: Array | None = None,
     example_ids: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Total loss and metrics for one batch {'x': (N, H, W, C) data, 'y': (N,) labels}.
+    """Total loss and metrics for one `Batch` {'x': (N, H, W, C) data, 'y': (N,) labels, ...}.
 
     Draws t and noise, runs the model once (all blocks are sown; the regularisers read the ones
     they need and XLA drops the rest), and returns (loss, metrics) with metrics 'loss', 'loss/<prediction>', one
@@ -95,6 +96,7 @@ def objective_loss(
     into microbatches, passing each example's index in the whole batch, draws what the whole batch
     draws (`lsync_jax.train.step`).
     """
+    batch = make_batch(batch, "objective_loss's caller")  # a misspelt key fails here, at trace time
     key_examples, key_model = jax.random.split(key)
     # threefry whatever the default PRNG: its draws under vmap equal each key's own ('rbg' batches its
     # generator, so an example's draw would depend on how many examples are drawn with it)
@@ -131,7 +133,9 @@ def objective_loss(
         transport_loss = jnp.mean(transport.loss(out, t, x0, xt, ut, mask))
         metrics[f"loss/{transport.prediction}"] = transport_loss
         total = objective.transport_weight * transport_loss
-    reg_batch = dict(batch, step=step) if step is not None else dict(batch)
+    reg_batch = make_batch(batch, "objective_loss")
+    if step is not None:  # for scheduled weights
+        reg_batch["step"] = step
     if token_mask is not None:  # the regularisers average over real tokens only
         reg_batch["token_mask"] = token_mask
     for reg in objective.regularizers:

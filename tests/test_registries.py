@@ -1,4 +1,5 @@
-"""The declared interfaces stay declared: data sources are asked through `DataSource`, never sniffed."""
+"""The declared interfaces stay declared: data sources are asked through `DataSource`, never sniffed; a
+section given in part is completed by one function."""
 
 import pathlib
 import re
@@ -25,3 +26,12 @@ def test_data_sources_are_not_sniffed():
     found = _lines(r"hasattr\((source|src|self\.source)\b|getattr\((source|src), \"(example|check_\w+|latent_shape)\"",
                    skip=("lsync_jax/data/registry.py", "lsync_jax/tools/preprocess.py"))
     assert not found, "a data source's interface guessed with hasattr/getattr:\n" + "\n".join(found)
+
+
+def test_defaults_are_filled_by_one_function():
+    """`lsync_jax.objectives.sections.with_defaults` completes every section given in part; nothing
+    defines a second one."""
+    found = _lines(r"def with_defaults\(|def check_keys\(", skip=("lsync_jax/objectives/sections.py",))
+    assert not found, "a second home for filling defaults:\n" + "\n".join(found)
+    found = _lines(r"import .*\bwith_defaults\b")
+    assert all("from lsync_jax.objectives.sections import" in line for line in found), "\n".join(found)

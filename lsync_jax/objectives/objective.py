@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from lsync_jax.objectives.batch import Batch, make_batch
-from lsync_jax.objectives.registry import REGULARIZERS, Regularizer, with_defaults
+from lsync_jax.objectives.registry import REGULARIZERS, Regularizer
+from lsync_jax.objectives.sections import with_defaults
 from lsync_jax.transport.transport import Transport
 
 Array = jax.Array

@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import jax
 
+from lsync_jax.objectives.sections import with_defaults
+
 Array = jax.Array
 
 
@@ -36,8 +38,8 @@ class Regularizer(Protocol):
 Builder = Callable[..., Regularizer]
 REGULARIZERS: dict[str, Builder] = {}
 # Each regulariser's config section with its defaults: the one place they are defined. The
-# shipped configs list these sections (lsync_jax/configs/base.py) and `build_objective` fills a
-# section given by hand (the Python API) from them.
+# shipped configs list these sections (lsync_jax/configs/base.py) and the registered builder completes a
+# section given in part (the Python API) from them (`lsync_jax.objectives.sections.with_defaults`).
 DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
@@ -59,17 +61,3 @@ def register_regularizer(name: str, defaults: Mapping[str, Any]) -> Callable[[Bu
         return build
 
     return wrap
-
-
-def with_defaults(cfg: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """`cfg` checked against the keys of `defaults` (unknown keys name the key) and completed from them."""
-    check_keys(cfg, tuple(defaults), prefix)
-    return {**defaults, **cfg}
-
-
-def check_keys(cfg: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
-    """Raise a ValueError naming any config key under `prefix` that is not in `allowed`."""
-    unknown = sorted(set(cfg) - set(allowed))
-    if unknown:
-        names = ", ".join(f"{prefix}.{k}" for k in unknown)
-        raise ValueError(f"unknown config key(s) {names}; allowed under {prefix}: {', '.join(allowed)}")

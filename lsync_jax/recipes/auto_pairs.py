@@ -35,7 +35,7 @@ from lsync_jax.eval.analysis import MeasureSettings, chance_level, measure_model
 from lsync_jax.host import all_processes, save_png
 from lsync_jax.objectives.layersync import SELECTION_DEFAULTS, default_pair, is_auto, select_pairs
 from lsync_jax.objectives.objective import build_objective
-from lsync_jax.objectives.registry import with_defaults
+from lsync_jax.objectives.sections import with_defaults
 from lsync_jax.recipes.phases import Phase
 from lsync_jax.storage import read_json, write_json_atomic
 from lsync_jax.workdir import (

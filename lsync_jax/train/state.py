@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from lsync_jax.configs.base import OPTIMIZER_DEFAULTS
-from lsync_jax.objectives.registry import with_defaults
+from lsync_jax.objectives.sections import with_defaults
 from lsync_jax.sharding import DEFAULT_RULES, tree_shardings, with_shardings
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 
 from lsync_jax.configs import fashion_mnist, imagenet256, imagenet256_erw, imagenet256_repa, imagenet256_selfcond, tiny
+from lsync_jax.configs.base import _plain_type, _section
 from lsync_jax.models import COMPUTE_OVERRIDES, get_model
 from lsync_jax.transport import SamplerConfig
 
@@ -48,6 +50,22 @@ SDE_250 = dict(method="euler_maruyama", num_steps=250, diffusion_form="sigma", d
 ADM_REFERENCE_256 = "VIRTUAL_imagenet256_labeled.npz"
 ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                      + ADM_REFERENCE_256)
+
+# The settings `launch/reproduce.py --set.KEY=VALUE` changes (`settings_template`), with their types.
+SETTING_TYPES: dict[str, type] = dict(
+    num_samples=int, seed=int, cfg_scale=float, guidance_interval=tuple, class_balance=str,
+    **{f"sampler.{k}": _plain_type(hint) for k, hint in typing.get_type_hints(SamplerConfig).items()})
+
+
+def settings_template() -> ml_collections.ConfigDict:
+    """`SETTING_TYPES` as a ConfigDict of typed placeholders (None: the protocol's value), for the config
+    flag `--set` (`--set.num_samples=10000 --set.sampler.method=heun`): the settings are overridden
+    through ml_collections, as every launch script's `--config.KEY=VALUE`."""
+    sampler = {k.split(".", 1)[1]: None for k in SETTING_TYPES if k.startswith("sampler.")}
+    top = {k: None for k in SETTING_TYPES if "." not in k}
+    section = _section(top, SETTING_TYPES)
+    section.sampler = _section(sampler, {k.split(".", 1)[1]: v for k, v in SETTING_TYPES.items() if "." in k})
+    return section
 
 
 @dataclasses.dataclass(frozen=True)

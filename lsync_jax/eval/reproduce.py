@@ -4,7 +4,7 @@ beside the paper's value.
 
 Sampling streams batch by batch into parts on disk and resumes after a kill (`sample_resumable`); the
 parts become one ADM sample batch, which `launch/evaluate.py` can also read. What would make the number
-another protocol's is marked: an override of a sampling setting (`--num_samples`, another sampler, ...),
+another protocol's is marked: an override of a sampling setting (`--set.num_samples`, another sampler, ...),
 or a run whose training differs from the entry's in anything that moves the number (the model, the
 objective with each term's settings, the transport, the optimizer, the batch, the steps, the EMA), named
 key by key with the rules training warns with (`protocols.protocol_differences`). Such a result is
@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from lsync_jax import storage
 from lsync_jax.builders import build_mesh, build_source, build_transport, model_fields, validate_config
 from lsync_jax.configs.protocols import (
+    SETTING_TYPES,
     Protocol,
     check_protocol,
     config_settings,
@@ -60,26 +61,13 @@ from lsync_jax.workdir import (
 )
 
 
-def _parse(value: str) -> Any:
-    text = value.strip()
-    if text.lower() in ("none", "null"):
-        return None
-    if "," in text:
-        return tuple(_parse(v) for v in text.strip("()[]").split(",") if v.strip())
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """`value` as the field's type (ints must be whole numbers); a wrong one is an error naming the key."""
+def _typed(key: str, value: Any, hint: type) -> Any:
+    """`value` as the setting's type (ints must be whole numbers; 'none' or None clears an optional string
+    or number); a wrong one is an error naming the key."""
     def fail(expected: str) -> ValueError:
-        return ValueError(f"--set {key}={value!r}: expected {expected}")
+        return ValueError(f"--set.{key}={value!r}: expected {expected}")
 
-    if value is None:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         return None
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
@@ -89,44 +77,33 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)
-    if hint == "interval":
+    if hint is tuple:  # the guidance interval
         if not isinstance(value, tuple) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
             raise fail("two numbers LOW,HIGH (lsync-jax time, t = 1 is data)")
         return tuple(float(v) for v in value)
-    return str(value) if not isinstance(value, str) else value
+    return str(value)
 
 
-# The overridable settings and their types (`--set KEY=VALUE`).
-_PROTOCOL_TYPES = {"num_samples": int, "seed": int, "cfg_scale": float, "guidance_interval": "interval",
-                   "class_balance": str}
-_SAMPLER_TYPES = {"method": str, "num_steps": int, "last_step": str, "last_step_size": float, "diffusion_form": str,
-                  "diffusion_norm": float, "guidance_channels": int, "rtol": float, "atol": float}
-
-
-def apply_overrides(p: Protocol, overrides: Mapping[str, str]) -> tuple[Protocol, list[str]]:
-    """The entry with `overrides` ('num_samples', 'cfg_scale', 'guidance_interval', 'class_balance',
-    'seed', or 'sampler.<field>') applied and checked like a registry entry, and one reason per override
-    that changes a value: the result is then not comparable with the paper's. An unknown key or a value
-    of the wrong type is an error naming it."""
+def apply_overrides(p: Protocol, overrides: Mapping[str, Any]) -> tuple[Protocol, list[str]]:
+    """The entry with `overrides` applied (keys of `SETTING_TYPES`: 'num_samples', 'cfg_scale',
+    'guidance_interval', 'class_balance', 'seed', 'sampler.<field>'; what `launch/reproduce.py`'s
+    `--set.KEY=VALUE` gives, `ml_collections.config_flags.get_override_values`) and checked like a registry
+    entry, and one reason per override that changes a value: the result is then not comparable with the
+    paper's. An unknown key or a value of the wrong type is an error naming it."""
     changes: dict[str, Any] = {}
     sampler = dict(p.sampler)
     reasons = []
-    known = ", ".join(list(_PROTOCOL_TYPES) + [f"sampler.{k}" for k in _SAMPLER_TYPES])
     for key, raw in overrides.items():
-        value = _parse(raw) if isinstance(raw, str) else raw
+        if key not in SETTING_TYPES:
+            raise ValueError(f"--set.{key}: not a protocol setting; overridable: {', '.join(SETTING_TYPES)}")
+        value = _typed(key, raw, SETTING_TYPES[key])
         if key.startswith("sampler."):
             field = key.split(".", 1)[1]
-            if field not in _SAMPLER_TYPES:
-                raise ValueError(f"--set {key}: unknown sampler setting; overridable: {known}")
-            value = _typed(key, value, _SAMPLER_TYPES[field])
             before = getattr(p.sampler_config, field)
             sampler[field] = value
-        elif key in _PROTOCOL_TYPES:
-            value = _typed(key, value, _PROTOCOL_TYPES[key])
+        else:
             before = getattr(p, key)
             changes[key] = value
-        else:
-            raise ValueError(f"--set {key}: not a protocol setting; overridable: {known}")
         if value != before:
             reasons.append(f"{key}={value!r} instead of the protocol's {before!r}")
     changed = dataclasses.replace(p, sampler=sampler, **changes)
@@ -134,7 +111,7 @@ def apply_overrides(p: Protocol, overrides: Mapping[str, str]) -> tuple[Protocol
     return changed, reasons
 
 
-def override_tag(overrides: Mapping[str, str]) -> str:
+def override_tag(overrides: Mapping[str, Any]) -> str:
     """A short stable name for a set of overrides (their results go to their own directory)."""
     text = json.dumps({k: str(v) for k, v in sorted(overrides.items())})
     return hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -204,7 +181,7 @@ def _agree(value: int) -> int:
 
 
 def reproduce(name: str, workdir: str, *, config: Any = None, ref_batch: str | None = None,
-              out_dir: str | None = None, overrides: Mapping[str, str] | None = None, batch_size: int = 250,
+              out_dir: str | None = None, overrides: Mapping[str, Any] | None = None, batch_size: int = 250,
               weights_path: str | None = None, eval_batch_size: int = 256, fid_method: str = "sqrtm",
               skip_small_metrics: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Sample `workdir`'s newest checkpoint as protocol `name` says, evaluate it, print ours next to the

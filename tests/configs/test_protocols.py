@@ -2,6 +2,8 @@
 incomplete entries refused, overrides marked, the printed comparison right."""
 
 import dataclasses
+import os
+import pathlib
 
 import pytest
 
@@ -184,23 +186,50 @@ def test_what_a_checkpoint_does_not_record_is_noted(monkeypatch):
 
 
 def test_overrides_mark_the_result_not_comparable():
+    """Overrides as `--set.KEY=VALUE` gives them (typed by ml_collections: `get_override_values`)."""
     p = PROTOCOLS["sit-xl2-7m-sde"]
-    same, reasons = apply_overrides(p, {"num_samples": "50000", "sampler.num_steps": "250"})
+    same, reasons = apply_overrides(p, {"num_samples": 50000, "sampler.num_steps": 250})
     assert reasons == [] and same == p
-    changed, reasons = apply_overrides(p, {"num_samples": "10000", "sampler.method": "heun",
-                                           "guidance_interval": "0.3,1.0"})
+    changed, reasons = apply_overrides(p, {"num_samples": 10000, "sampler.method": "heun",
+                                           "guidance_interval": (0.3, 1)})
     assert changed.num_samples == 10_000 and changed.sampler_config.method == "heun"
     assert changed.guidance_interval == (0.3, 1.0) and len(reasons) == 3
     assert apply_overrides(p, {"sampler.last_step": "None"})[0].sampler_config.last_step is None
-    assert apply_overrides(p, {"num_samples": "5e4"})[0].num_samples == 50_000  # a whole number, as an int
-    for bad, match in (({"vae": "mse"}, "not a protocol setting"), ({"sampler.foo": "1"}, "unknown sampler setting"),
+    assert apply_overrides(p, {"num_samples": 5e4})[0].num_samples == 50_000  # a whole number, as an int
+    for bad, match in (({"vae": "mse"}, "--set.vae: not a protocol setting"),
+                       ({"sampler.foo": 1}, "--set.sampler.foo: not a protocol setting"),
                        ({"sampler.method": "rk4"}, "sampler.method='rk4'"),
                        ({"class_balance": "bogus"}, "class_balance='bogus'"),
-                       ({"guidance_interval": "0.9,0.1"}, "guidance_interval"),
-                       ({"guidance_interval": "0.3"}, "two numbers LOW,HIGH"), ({"cfg_scale": "0.5"}, "cfg_scale"),
-                       ({"seed": "1.5"}, "a whole number"), ({"sampler.num_steps": "ten"}, "a whole number")):
+                       ({"guidance_interval": (0.9, 0.1)}, "guidance_interval"),
+                       ({"guidance_interval": (0.3,)}, "two numbers LOW,HIGH"), ({"cfg_scale": 0.5}, "cfg_scale"),
+                       ({"seed": 1.5}, "a whole number"), ({"sampler.num_steps": "ten"}, "a whole number")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(p, bad)
+
+
+def test_set_is_a_config_flag_of_the_protocol_settings():
+    """reproduce's --set takes overrides as every launch script's --config does, and the older
+    --set=KEY=VALUE form; every setting is a typed placeholder, None meaning the protocol's value."""
+    from lsync_jax.configs.cli import expand_inline_overrides
+    from lsync_jax.configs.protocols import SETTING_TYPES, settings_template
+
+    template = settings_template()
+    assert template.num_samples is None and template.sampler.method is None
+    assert set(SETTING_TYPES) == {*(k for k in template if k != "sampler"), *(f"sampler.{k}" for k in template.sampler)}
+    argv = ["prog", "--set=num_samples=5", "--set", "sampler.method=heun", "--set.seed=1", "--protocol=x"]
+    assert expand_inline_overrides(argv, names=("set",)) == [
+        "prog", "--set.num_samples=5", "--set.sampler.method=heun", "--set.seed=1", "--protocol=x"]
+
+
+def test_reproduce_names_an_unknown_setting(tmp_path):
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "launch" / "reproduce.py"
+    out = subprocess.run([sys.executable, str(script), "--list", "--set=sampler.metod=heun"], capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert out.returncode == 1 and "unknown key set.sampler.metod: set.sampler has no key 'metod' (did you mean " \
+        "set.sampler.method?)" in out.stderr
 
 
 def test_the_printed_comparison():

@@ -175,7 +175,7 @@ def test_protocol_run_is_deterministic_and_resumable(converted, reference, cache
 
 def test_overrides_and_differences_are_not_comparable(converted, reference, cache, tmp_path):
     result = reproduce(NAME, converted, ref_batch=reference, out_dir=str(tmp_path / "o"), batch_size=4,
-                       eval_batch_size=8, fid_method="eigh", overrides={"num_samples": "8", "sampler.num_steps": "2"},
+                       eval_batch_size=8, fid_method="eigh", overrides={"num_samples": 8, "sampler.num_steps": 2},
                        log=lambda _: None)
     assert result["comparable"] is False and len(result["not_comparable_because"]) == 2
     assert json.load(open(tmp_path / "o" / "result.json"))["comparable"] is False
@@ -183,7 +183,7 @@ def test_overrides_and_differences_are_not_comparable(converted, reference, cach
     # samples of other settings in the output directory are kept: the run is refused, naming what differs
     with pytest.raises(ValueError, match="holds samples of other settings .*settings"):
         reproduce(NAME, converted, ref_batch=reference, out_dir=str(tmp_path / "o"), batch_size=4,
-                  overrides={"num_samples": "8", "sampler.num_steps": "3"}, log=lambda _: None)
+                  overrides={"num_samples": 8, "sampler.num_steps": 3}, log=lambda _: None)
     assert _arrays(result["samples"])[0].shape[0] == 8
     os.makedirs(tmp_path / "p" / "parts")
     with pytest.raises(ValueError, match="holds no sampling manifest"):
@@ -218,7 +218,7 @@ def test_too_few_samples_or_reference_images_fail_before_sampling(converted, ref
     kwargs = dict(out_dir=str(tmp_path / "out"), batch_size=1, log=lambda _: None)
     with alarm(120), pytest.raises(ValueError, match=r"precision needs at least 4 sample images \(the protocol's "
                                                      r"num_samples: 3\).*--skip_small_metrics"):
-        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "3"}, **kwargs)
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": 3}, **kwargs)
     small_ref = str(tmp_path / "small" / "tiny_ref.npz")
     os.makedirs(os.path.dirname(small_ref))
     arrays = storage.load_npz(reference)
@@ -228,10 +228,10 @@ def test_too_few_samples_or_reference_images_fail_before_sampling(converted, ref
         reproduce(NAME, converted, ref_batch=small_ref, **kwargs)
     # asked to skip: the count check passes (sampling starts); the protocol's own metric is never skipped
     with alarm(120), pytest.raises(AssertionError, match="sampling started"):
-        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "3"}, skip_small_metrics=True,
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": 3}, skip_small_metrics=True,
                   **kwargs)
     with alarm(120), pytest.raises(ValueError, match="FID and sFID need at least 2 sample images"):
-        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": "1"}, skip_small_metrics=True,
+        reproduce(NAME, converted, ref_batch=reference, overrides={"num_samples": 1}, skip_small_metrics=True,
                   **kwargs)
     assert not os.path.exists(tmp_path / "out" / "parts")
 

@@ -12,12 +12,12 @@ counts every block: in-blocks + mid + out-blocks) with ScaleLong's long-skip sca
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import typing
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from lsync_jax.models.layers import ATTENTION_IMPLS, check_layout, remat_policy
-from lsync_jax.models.sit import SiT, SiTSequence, SiTVideo, block_name, projection_name
+from lsync_jax.models.projector import PROJECTOR_FIELDS, check_projector_fields, projection_name
+from lsync_jax.models.sit import SiT, SiTSequence, SiTVideo, block_name
 from lsync_jax.models.uvit import UViT
 
 
@@ -80,10 +80,8 @@ SHARED_OVERRIDES = (
     "mlp_ratio",
     "z_dims",
 )
-# SiT's overrides named as in the official constructor, plus our compute options.
-OFFICIAL_OVERRIDES = SHARED_OVERRIDES + (
-    "encoder_depth",
-    "projector_dim",
+# SiT's overrides named as in the official constructor (REPA's switch: PROJECTOR_FIELDS), plus our compute options.
+OFFICIAL_OVERRIDES = SHARED_OVERRIDES + tuple(f for f in PROJECTOR_FIELDS if f not in SHARED_OVERRIDES) + (
     # muP (the muP-DiT code's parametrisation; its `output_mult` and base shapes, see models/mup.py)
     "parametrization",
     "mup_base_width",
@@ -210,20 +208,7 @@ def get_model(name: str, **overrides: Any) -> SiT:
         raise ValueError(f"model.attention_impl={fields['attention_impl']!r}; expected one of {ATTENTION_IMPLS}")
     check_layout(fields["layout"])
     fields["remat"] = remat_policy(fields["remat"])
-    z_dims = fields["z_dims"]  # one REPA projector per entry
-    if isinstance(z_dims, (str, numbers.Number)) or not all(
-        isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 1 for z in z_dims
-    ):
-        raise ValueError(f"model.z_dims must be a tuple of positive ints (one REPA projector each, e.g. (768,)), "
-                         f"got {z_dims!r}")
-    fields["z_dims"] = tuple(int(z) for z in z_dims)
-    if fields["z_dims"]:
-        encoder_depth = fields["encoder_depth"]
-        if not 1 <= encoder_depth <= fields["depth"]:
-            raise ValueError(f"model.encoder_depth={encoder_depth} (the block whose output the REPA projectors read, "
-                             f"1-indexed) must be in [1, depth={fields['depth']}]")
-        if fields["projector_dim"] < 1:
-            raise ValueError(f"model.projector_dim must be positive, got {fields['projector_dim']}")
+    check_projector_fields(fields)  # REPA's projectors (models/projector.py)
     if cls is not SiT:
         for key in ("num_tags", "num_frames"):
             low = 1 if key == "num_frames" else 0

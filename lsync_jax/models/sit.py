@@ -8,9 +8,9 @@ regularisers such as LayerSync can ask for exactly the layers they align:
                              rngs={'dropout': key})
     h8 = state['intermediates']['block_8'][0]        # (N, T, D)
 
-With `z_dims` (REPA's projectors, as in sihyun-yu/REPA `models/sit.py`), the output of block
-`encoder_depth` also goes through one MLP per entry of `z_dims`, sown as `projection_0`, ...:
-(N, T, z_dim) per-token features for an alignment loss. The forward still returns the velocity.
+With `z_dims` (REPA's projectors, `lsync_jax.models.projector`), the output of block `encoder_depth`
+also goes through one MLP per entry of `z_dims`, sown as `projection_0`, ...: (N, T, z_dim) per-token
+features for an alignment loss. The forward still returns the velocity.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import numpy as np
 
 from lsync_jax.models.layers import (
     AdaLNBlock,
-    Dense,
     FinalLayer,
     LabelEmbedder,
     TagEmbedder,
@@ -40,9 +39,9 @@ from lsync_jax.models.layers import (
     sincos_1d,
     sincos_2d,
     sincos_spacetime,
-    xavier_uniform,
 )
 from lsync_jax.models.mup import check_parametrization
+from lsync_jax.models.projector import sow_projections
 from lsync_jax.models.rerouting import LongSkipFusion, SelfCondition
 
 Dtype = Any
@@ -53,28 +52,6 @@ def block_name(index: int) -> str:
     return f"block_{index}"
 
 
-def projection_name(index: int) -> str:
-    """Name of the sown output of REPA projector `index` (0-indexed, as `z_dims`): 'projection_0'."""
-    return f"projection_{index}"
-
-
-class Projector(nn.Module):
-    """REPA's per-token projector: Dense(projector_dim) - SiLU - Dense(projector_dim) - SiLU - Dense(z_dim),
-    xavier-uniform kernels and zero biases as REPA initialises it."""
-
-    projector_dim: int
-    z_dim: int
-    dtype: Dtype = jnp.float32
-    layout: str = "accelerator"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dense = dict(kernel_init=xavier_uniform, dtype=self.dtype, layout=self.layout)
-        h = nn.silu(Dense(self.projector_dim, name="fc_0", **dense)(x))
-        h = nn.silu(Dense(self.projector_dim, name="fc_1", **dense)(h))
-        return Dense(self.z_dim, name="fc_2", **dense)(h)
-
-
 class SiT(nn.Module):
     """Diffusion transformer with adaLN-Zero blocks, fixed 2-D sin-cos positions, class labels.
 
@@ -82,11 +59,12 @@ class SiT(nn.Module):
     used by `init_inputs`; because the position embedding is fixed, the model accepts any
     H x W that `patch_size` divides. With `learn_sigma` the final layer has 2 * in_channels
     outputs (for official checkpoints) and, as the official forward does, only the first half
-    (the velocity) is returned. `z_dims`, `encoder_depth`, `projector_dim`: REPA's projectors, one
-    per entry of `z_dims` (none by default) on the output of block `encoder_depth` (1-indexed),
-    sown as `projection_{k}`. `dtype` is the compute dtype; parameters stay float32 and the
-    output is float32. `attention_impl`: 'auto' (cuDNN flash attention on GPUs in bf16/fp16, as
-    the builders resolve it from the mesh's platform; 'xla' when left unresolved), 'xla' or 'cudnn'.
+    (the velocity) is returned. `z_dims`, `encoder_depth`, `projector_dim`: REPA's switch, one
+    projector per entry of `z_dims` (none by default) on the output of block `encoder_depth`
+    (1-indexed), sown as `projection_{k}` (`lsync_jax.models.projector`). `dtype` is the compute
+    dtype; parameters stay float32 and the output is float32. `attention_impl`: 'auto' (cuDNN flash
+    attention on GPUs in bf16/fp16, as the builders resolve it from the mesh's platform; 'xla' when
+    left unresolved), 'xla' or 'cudnn'.
     `layout`: 'accelerator' or 'cpu' (`layers.LAYOUTS`; the builders resolve it from the platform).
     `remat`: 'none', 'blocks' or 'dots' (`layers.REMAT_POLICIES`; True/False: 'blocks'/'none').
     `parametrization`: 'sp' (the official initialisation) or 'mup' (muP as the
@@ -106,6 +84,7 @@ class SiT(nn.Module):
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    # REPA's switch (models/projector.py): projectors of these widths (none by default) on block encoder_depth
     z_dims: tuple[int, ...] = ()
     encoder_depth: int = 8
     projector_dim: int = 2048
@@ -237,9 +216,7 @@ class SiT(nn.Module):
                 c = c + SelfCondition(self.hidden_size, self.self_condition_stop_gradient, self.dtype,
                                       name="self_condition", **mup)(x).astype(c.dtype)
             if i + 1 == self.encoder_depth:
-                for k, z_dim in enumerate(self.z_dims):
-                    z = Projector(self.projector_dim, z_dim, self.dtype, self.layout, name=f"projectors_{k}")(x)
-                    self.sow("intermediates", projection_name(k), z)
+                sow_projections(self, x)
 
         x = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, dtype=self.dtype, name="final_layer",
                        output_multiplier=self.output_multiplier,

@@ -23,6 +23,7 @@ from lsync_jax.recipes.erw import erw_phases
 from lsync_jax.recipes.phases import Phase, check_next_phase, log_time_report, run_phases
 from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, EvaluationHook, Preempted
 from lsync_jax.train.setup import HookFactory, Run
+from lsync_jax.workdir import hold_summary
 
 
 def phases_of(config: Any, workdir: str) -> list[Phase]:
@@ -68,7 +69,8 @@ def check_run(config: Any, workdir: str) -> str:
             raise error
         raise RuntimeError("the check failed on another process (its log names the problem)")
     return (f"check passed on {jax.process_count()} process(es), {jax.device_count()} device(s): phase "
-            f"{phase.name!r} of {workdir} can start (nothing compiled, nothing written but the storage probes)")
+            f"{phase.name!r} of {workdir} can start (nothing compiled, nothing written but the storage probes); "
+            f"workdir hold: {hold_summary(phase.workdir)}")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:

@@ -9,25 +9,30 @@ phases (ERW, automatic pairs) through `train`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
 from absl import logging
 
-from lsync_jax.host import PHASES
+from lsync_jax.host import PHASES, initialize_distributed
 from lsync_jax.train.hooks import Hook, Preempted, Preemption, StepInfo
 from lsync_jax.train.setup import HookFactory, Run, setup
-from lsync_jax.workdir import checkpoint_dir, first_line
+from lsync_jax.workdir import WorkdirHold, checkpoint_dir, first_line
 
 
 def train(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
           accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = ()) -> dict[str, float]:
     """Train (or resume) `config` in `workdir` up to step `until` (default: train.num_steps); returns
     the last logged metrics, or raises `Preempted` once SIGTERM's checkpoint is saved. The keywords
-    are a recipe phase's (see `setup`)."""
-    with PHASES.phase("start-up (config, data, model, state, hooks)"):
-        run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
-    return train_loop(run, hooks)
+    are a recipe phase's (see `setup`). The run holds `workdir` throughout (`WorkdirHold`: taken before
+    anything is probed, written or compiled; released on every exit; a lost hold stops it at its next step)."""
+    initialize_distributed(config.distributed)  # the processes of a run agree on its hold through it
+    with WorkdirHold.of_config(workdir, config.train) as hold:
+        with PHASES.phase("start-up (config, data, model, state, hooks)"):
+            run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
+        run = dataclasses.replace(run, step_fn=hold.guarded(run.step_fn, every=run.log_every))
+        return train_loop(run, hooks)
 
 
 def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:

@@ -10,13 +10,21 @@ elastic resume and hard kills cost or do. `launch/pod_trials.py` prints a table 
   the largest difference between their losses and final weights.
 - `kills`: runs SIGKILLed at random moments (often mid-save), then resumed with the same command,
   on a local disk and in a bucket: what each resume found and did.
+- `hold`: the workdir hold under chaos (issue 30): a run in a bucket, 2 processes, SIGKILLed 20 times at
+  random moments on a random one of its processes (the others killed after a moment, as a lost
+  allocation ends), each restart on 1 or 2 processes at random; every few kills the hold is made to look
+  like a vanished VM's, so that the restart must wait for its lease to expire. Every restart must take
+  the hold; the losses and weights must equal an uninterrupted run's (the elastic row's tolerance).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -208,6 +216,157 @@ def kill_rows(where: str, trials: int, seed: int = 0, env: dict | None = None) -
     return rows
 
 
+# The elastic test's loss tolerance (tests/train/test_multihost.py): the reduction order changes with the
+# process count.
+ELASTIC_RTOL = 1e-5
+
+
+def _start(workdir: str, processes: int, log: str, *overrides: str, env: dict) -> list[subprocess.Popen]:
+    """launch/train.py on the tiny config, each process's stderr into `log`.<i> (a file: no pipe fills up)."""
+    base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={TINY}", f"--workdir={workdir}",
+            *overrides]
+    port = _free_port()
+    cmds = [base] if processes == 1 else [
+        base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}",
+                "--config.distributed.cpu_collectives=gloo"] for pid in range(processes)]
+    procs = []
+    for i, cmd in enumerate(cmds):
+        with open(f"{log}.{i}", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_DEFAULT_PRNG_IMPL="threefry2x32"),
+                                          stdout=subprocess.DEVNULL, stderr=err))
+    return procs
+
+
+def _events_losses(workdir: str, extra: Sequence[str] = ()) -> dict[int, float]:
+    """{step: loss} of every event file of a run (local or remote) and of the folders `extra`."""
+    with tempfile.TemporaryDirectory() as local:
+        for name in storage.find(workdir):
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith("events.out.tfevents") and name.count("/") == workdir.count("/") + 1:
+                with open(os.path.join(local, base), "wb") as f:
+                    f.write(storage.read_bytes(name))
+        for folder in extra:
+            for base in os.listdir(folder):
+                if base.startswith("events.out.tfevents") and not os.path.exists(os.path.join(local, base)):
+                    shutil.copyfile(os.path.join(folder, base), os.path.join(local, base))
+        return _losses(local)
+
+
+def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, lease_s: float = 4.0,
+                    env: dict | None = None) -> list[dict[str, Any]]:
+    """`kills` SIGKILLs of a run in `where` (a bucket) at random moments after it took its hold, on a random
+    one of its processes (the rest killed 0-3 s later); restarts on 1 or 2 processes at random; every
+    fourth kill leaves a hold that names another host (a vanished VM), so that the restart waits for its
+    lease (`lease_s`, short) to expire by the storage's clock. Then the run is finished and compared with
+    uninterrupted ones in `local` (1 process: the losses within ELASTIC_RTOL; the weights' difference beside
+    that of an uninterrupted 2-process run). A row per restart, and a summary row."""
+    from lsync_jax.workdir import _GcsHold, read_holder
+
+    env = env or _ENV
+    rng = random.Random(seed)
+    workdir, target = storage.join(where, "hold_chaos"), 40
+    flags = ["--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.num_grid_samples=0",
+             f"--config.train.hold_lease_s={lease_s}", f"--config.train.hold_wait_s={20 * lease_s}"]
+    rows: list[dict[str, Any]] = []
+    logs = tempfile.mkdtemp(prefix="lsync_jax_hold_chaos_")
+    processes, vanished = 2, False
+    start_all = time.perf_counter()
+    for life in range(kills + 1):
+        last = life == kills
+        log = os.path.join(logs, f"life{life}")
+        started = time.perf_counter()
+        procs = _start(workdir, processes, log, f"--config.train.num_steps={target}", *flags, env=env)
+        held_after = None
+        deadline = time.time() + 600
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            holder = read_holder(workdir)
+            if holder is not None and (holder.record or {}).get("pid") == procs[0].pid:
+                held_after = time.perf_counter() - started
+                break
+            time.sleep(0.2)
+        killed, victim, delay = None, None, None
+        if not last and held_after is not None:
+            delay = rng.uniform(0.0, 35.0)  # start-up, compile, steps, saves
+            end = time.perf_counter() + delay
+            while time.perf_counter() < end and all(p.poll() is None for p in procs):
+                time.sleep(0.1)
+            victim = rng.randrange(len(procs))
+            if procs[victim].poll() is None:
+                procs[victim].send_signal(signal.SIGKILL)
+                killed = victim
+                time.sleep(rng.uniform(0.0, 3.0))
+                for p in procs:  # the allocation ends: the others die too
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=900) for p in procs]
+        text = open(f"{log}.0").read()
+        got = ("after the lease expired" if "it expired (not renewed" in text else
+               "its processes gone (same host)" if "on this host are gone" in text else
+               "free" if held_after is not None else "refused or failed")
+        resumed = next((line.split("step ")[-1] for line in text.splitlines() if "resumed from" in line), "-")
+        rows.append({"row": "hold chaos", "life": life, "processes": processes, "took_hold_after_s":
+                     None if held_after is None else round(held_after, 1), "hold": got, "expected_expiry": vanished,
+                     "resumed_from": resumed, "killed_process": killed,
+                     "killed_after_s": None if delay is None else round(delay, 1), "exit_codes": codes})
+        if held_after is None:
+            rows[-1]["error"] = (text.strip().splitlines() or ["(no output)"])[-1][:400]
+            break
+        if killed is None and all(code == 0 for code in codes) and not last:
+            target += 20  # it finished before its kill: more steps for the next lives
+        vanished = not last and killed is not None and life % 4 == 3
+        if vanished:  # the hold left behind names another host now (a VM that vanished): only expiry frees it
+            store = _GcsHold(workdir)
+            seen = store.read()
+            if seen is not None and seen.record:
+                record = dict(seen.record, host="vm-vanished", boot_id="",
+                              processes=[dict(p, host="vm-vanished") for p in seen.record.get("processes", [])])
+                vanished = store.replace(record, seen.version) is not None
+        processes = rng.choice((1, 2))
+    chaos_s = time.perf_counter() - start_all
+    straight, straight2 = os.path.join(local, "hold_chaos_straight"), os.path.join(local, "hold_chaos_straight2")
+    _start(straight, 1, os.path.join(logs, "straight"), f"--config.train.num_steps={target}", *flags[:3],
+           env=_ENV)[0].wait(timeout=1800)
+    for p in _start(straight2, 2, os.path.join(logs, "straight2"), f"--config.train.num_steps={target}", *flags[:3],
+                    env=_ENV):  # uninterrupted on 2 processes: how far the process count alone moves the weights
+        p.wait(timeout=1800)
+    # A killed process's last minute of events never reached the bucket (hooks.EventSync uploads every 60 s);
+    # its local folder is still there: counted apart, read for the comparison, then removed.
+    left = glob.glob(os.path.join(tempfile.gettempdir(), "lsync_jax_events_"
+                                  f"{hashlib.sha1(workdir.encode()).hexdigest()[:12]}_*"))
+    a, in_bucket, b = _losses(straight), _events_losses(workdir), _events_losses(workdir, left)
+    for folder in left:
+        shutil.rmtree(folder, ignore_errors=True)
+    steps_ok = sorted(a) == sorted(b) == list(range(1, target + 1))
+    rel = max(abs(a[s] - b[s]) / abs(a[s]) for s in a) if steps_ok else float("nan")
+    import jax
+
+    from lsync_jax.builders import build_mesh
+    from lsync_jax.configs import tiny
+    from lsync_jax.workdir import load_params
+
+    config = tiny.get_config()  # the checkpoints of 1 and 2 processes, read onto this process's devices
+    read = lambda w: load_params(config, w, build_mesh(config), step=target, which="params")[1]
+    pa, pb, p2 = read(straight), read(workdir), read(straight2)
+    gap = lambda u, v: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(u),
+                                                                                                   jax.tree.leaves(v)))
+    same = steps_ok and all(np.allclose(b[s], a[s], rtol=ELASTIC_RTOL) for s in a)
+    lives = [r for r in rows if r["row"] == "hold chaos"]
+    rows.append({"row": "hold chaos summary", "kills": sum(r["killed_process"] is not None for r in lives),
+                 "restarts": len(lives) - 1, "every_restart_took_the_hold": all(r["took_hold_after_s"] is not None
+                                                                              for r in lives),
+                 "by_expiry": sum(r["hold"] == "after the lease expired" for r in lives),
+                 "by_dead_processes": sum(r["hold"] == "its processes gone (same host)" for r in lives),
+                 "expiry_when_expected": all(r["hold"] == "after the lease expired" for r in lives
+                                             if r["expected_expiry"]),
+                 "steps": target, "all_steps_logged": steps_ok,
+                 "steps_missing_from_bucket_events": len(set(range(1, target + 1)) - set(in_bucket)),
+                 "max_rel_loss_diff": rel, "losses_within_elastic_rtol": bool(same),
+                 "max_abs_param_diff": gap(pa, pb), "max_abs_param_diff_2_vs_1_process_uninterrupted": gap(pa, p2),
+                 "chaos_s": round(chaos_s, 1), "logs": logs})
+    return rows
+
+
 def run(parts: Sequence[str], trials: int = 5, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with GcsEmulator(buckets=()) as gcs, tempfile.TemporaryDirectory() as local:
@@ -221,6 +380,8 @@ def run(parts: Sequence[str], trials: int = 5, print_fn: Callable[[str], None] =
         if "kills" in parts:
             rows += kill_rows(local, trials)
             rows += kill_rows(bucket, trials, seed=1, env=dict(gcs.env(), JAX_PLATFORMS="cpu"))
+        if "hold" in parts:
+            rows += hold_chaos_rows(bucket, local, env=dict(gcs.env(), JAX_PLATFORMS="cpu"))
     for row in rows:
         print_fn(" | ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     import jax

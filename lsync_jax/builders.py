@@ -222,7 +222,8 @@ def decode_program(module: Any, mesh: Mesh, chunk: int) -> Callable[[Any, jax.Ar
 def derived_config(config: Any, changes: Mapping[str, Any]) -> Any:
     """A copy of `config` with dotted keys set (e.g. {'train.num_steps': 100}), for a recipe's phases
     (ERW's stages, the automatic-pairs warm-up). A field may change type (ConfigDict refuses, e.g., a
-    float into a field that holds an int): the field is then replaced."""
+    float into a field that holds an int): the field is then replaced. The copy is validated: a new config
+    is checked once, where it is made."""
     import copy
 
     derived = copy.deepcopy(config)
@@ -237,4 +238,5 @@ def derived_config(config: Any, changes: Mapping[str, Any]) -> Any:
             except TypeError:
                 del section[key]
                 section[key] = value
+    validate_config(derived)
     return derived

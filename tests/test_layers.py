@@ -111,3 +111,40 @@ def test_loading_a_config_pulls_in_no_training_machinery():
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").glob("*.py")))
 def test_launch_scripts_edit_no_sys_path(script):
     assert "sys.path" not in (ROOT / script).read_text()
+
+
+def _counting(code, run):
+    """How many times the function with `code` is entered while `run()` runs."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            calls.append(1)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return len(calls)
+
+
+def test_a_config_is_validated_once_per_start(tmp_path, monkeypatch):
+    """A start (launch/train.py, and its --check) validates the config once, where the recipes take it
+    (`recipes.phases_of`); what runs after (the phases' checks, setup) is told so, not checked again."""
+    from lsync_jax import builders, recipes
+    from lsync_jax.configs import tiny
+    from lsync_jax.train import loop
+    from tests.helpers import quick
+
+    code = builders.validate_config.__code__
+    config = quick(tiny.get_config())
+    assert _counting(code, lambda: recipes.check_run(config, str(tmp_path / "checked"))) == 1
+
+    def no_steps(run, hooks):  # the start is what is counted: setup, not the compiled steps
+        for hook in [*hooks, run.metrics]:
+            hook.close()
+        return {}
+
+    monkeypatch.setattr(loop, "train_loop", no_steps)
+    assert _counting(code, lambda: recipes.train_and_evaluate(config, str(tmp_path / "run"))) == 1

@@ -31,8 +31,11 @@ from lsync_jax.storage import write_json_atomic
 
 
 class TrainingFID:
-    """In-training FID, run by the training loop's `EvaluationHook`: `due(step, num_steps)`, `done(step)`
-    and `__call__(step, ema_params) -> scalars`."""
+    """In-training FID, run by the training loop's `EvaluationHook` (registered as 'fid' in
+    `lsync_jax.recipes.evaluators`): `due(step, num_steps)`, `done(step)` and
+    `__call__(step, ema_params) -> scalars`."""
+
+    phase = "FID: Inception features and metrics"
 
     def __init__(self, config: Any, model: Any, sample_fn: Callable, mesh: Any, cfg_scale: float,
                  interval: tuple[float, float], workdir: str, decode: Callable | None = None, check_only: bool = False):

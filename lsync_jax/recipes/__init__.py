@@ -6,7 +6,9 @@
 - LayerSync's automatic pairs (`objective.layersync.pairs='auto'`): a warm-up, then the pairs
   measured and chosen, then LayerSync (`auto_pairs.py`).
 
-In-training FID (`config.eval.every`) is added to every phase that evaluates, as a loop hook.
+In-training evaluators (`evaluators.py`: FID when `config.eval.every`) run in every phase whose
+config turns them on. The config is validated once, here (`phases_of`); a phase's derived config once
+where it is made (`builders.derived_config`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any, Sequence
 import jax
 
 from lsync_jax.builders import validate_config
-from lsync_jax.eval.fid import TrainingFID
 from lsync_jax.host import all_processes, initialize_distributed
 from lsync_jax.recipes.auto_pairs import auto_pairs_phases, uses_auto_pairs
 from lsync_jax.recipes.erw import erw_phases
+from lsync_jax.recipes.evaluators import EVALUATORS, evaluators_of, register_evaluator
 from lsync_jax.recipes.phases import Phase, check_next_phase, log_time_report, run_phases
-from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, EvaluationHook, Preempted
-from lsync_jax.train.setup import HookFactory, Run
+from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE, Preempted
+from lsync_jax.train.setup import EvaluatorFactory
 from lsync_jax.workdir import hold_summary
 
 
@@ -39,18 +41,10 @@ def phases_of(config: Any, workdir: str) -> list[Phase]:
     return [Phase("train", workdir, config, int(config.train.num_steps))]
 
 
-def fid_hooks(phase: Phase) -> Sequence[HookFactory]:
-    """In-training FID for a phase whose config asks for it (its weights and reference are loaded
-    when the phase is set up, before the model compiles)."""
-    if not int(phase.config.eval.every):
-        return ()
-
-    def make(run: Run) -> EvaluationHook:
-        fid = TrainingFID(run.config, run.model, run.sample_fn, run.mesh, run.cfg_scale, run.interval, run.workdir,
-                          run.decode, check_only=run.checking)
-        return EvaluationHook(fid, run)
-
-    return (make,)
+def phase_evaluators(phase: Phase) -> Sequence[EvaluatorFactory]:
+    """The in-training evaluators a phase's config turns on (built when the phase is set up, before the
+    model compiles)."""
+    return evaluators_of(phase.config)
 
 
 def check_run(config: Any, workdir: str) -> str:
@@ -61,7 +55,7 @@ def check_run(config: Any, workdir: str) -> str:
     initialize_distributed(config.distributed)
     error = None
     try:
-        phase = check_next_phase(phases_of(config, workdir), fid_hooks)
+        phase = check_next_phase(phases_of(config, workdir), phase_evaluators)
     except Exception as e:  # noqa: BLE001 - reported below, after every process has checked
         error = e
     if not all_processes(error is None):
@@ -77,9 +71,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Train (or resume) the run described by `config` in `workdir`; returns the last metrics. Raises
     `Preempted` when SIGTERM stopped it after saving (launch/train.py exits with PREEMPTED_EXIT_CODE)."""
     initialize_distributed(config.distributed)
-    metrics = run_phases(phases_of(config, workdir), fid_hooks)
+    metrics = run_phases(phases_of(config, workdir), phase_evaluators)
     log_time_report()
     return metrics
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Phase", "Preempted", "check_run", "phases_of", "run_phases", "train_and_evaluate"]
+__all__ = ["EVALUATORS", "PREEMPTED_EXIT_CODE", "Phase", "Preempted", "check_run", "phases_of", "register_evaluator",
+           "run_phases", "train_and_evaluate"]

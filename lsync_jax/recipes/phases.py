@@ -5,7 +5,8 @@ initialises from: `train.init_from` and `train.init_include`), what each of its 
 records, and the objectives of earlier phases in the same workdir that it may resume from. A phase
 whose settings depend on an earlier one (the automatic pairs' choice) has a `resolve` step that
 fills them in just before it starts; its `config` is then a stand-in of the same structure, so
-that every phase is validated before the first one trains.
+that every phase is checked before the first one trains. Every phase's config is validated once,
+where it is made: the user's by `phases_of`, a recipe's by `builders.derived_config`.
 
 `run_phases` skips the phases that are done (their last intact checkpoint exists, or a later phase
 in another workdir has started), resumes the first one that is not, and stops after a phase that was
@@ -21,11 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from absl import logging
 
-from lsync_jax.builders import build_model, build_transport, validate_config
+from lsync_jax.builders import build_model, build_transport
 from lsync_jax.host import PHASES
 from lsync_jax.objectives import build_objective
 from lsync_jax.train import train
-from lsync_jax.train.setup import HookFactory, setup
+from lsync_jax.train.setup import EvaluatorFactory, check
 from lsync_jax.workdir import checkpoint_dir, latest_step
 
 
@@ -40,12 +41,13 @@ class Phase:
     resolve: Callable[["Phase"], "Phase"] | None = None  # fills in what an earlier phase decided
 
 
+Evaluators = Callable[[Phase], Sequence[EvaluatorFactory]]
+
+
 def check_phases(phases: Sequence[Phase]) -> None:
-    """Every phase's config, model and objective build (errors name the key), before anything trains."""
-    if not phases:
-        raise ValueError("a run needs at least one phase")
+    """The model and objective of each phase build (errors name the key), before an earlier one trains.
+    Their configs are validated already (where they were made)."""
     for phase in phases:
-        validate_config(phase.config)
         model = build_model(phase.config)
         build_objective(phase.config.objective, build_transport(phase.config), depth=model.depth)
         if not 0 < phase.until <= int(phase.config.train.num_steps):
@@ -62,35 +64,42 @@ def _is_done(phases: Sequence[Phase], i: int) -> bool:
         latest_step(checkpoint_dir(p.workdir)) is not None for p in later))
 
 
-def check_next_phase(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[HookFactory]] = lambda p: ()
-                     ) -> Phase:
-    """Every check the phase that would run next makes at its start (`setup(check=True)`), without
+def _next(phases: Sequence[Phase]) -> int:
+    """The index of the phase that runs next (the last one when all are done: its final hooks run)."""
+    if not phases:
+        raise ValueError("a run needs at least one phase")
+    return next((i for i in range(len(phases)) if not _is_done(phases, i)), len(phases) - 1)
+
+
+def check_next_phase(phases: Sequence[Phase], evaluators: Evaluators = lambda p: ()) -> Phase:
+    """Every check the phase that would run next makes at its start (`train.setup.check`), without
     training, compiling or writing anything but the storage probes; the phases after it are checked as
     configs (`check_phases`), since they start from what it will write. Returns that phase."""
-    check_phases(phases)
-    i = next((i for i in range(len(phases)) if not _is_done(phases, i)), len(phases) - 1)
+    i = _next(phases)
+    check_phases(phases[i + 1:])
     phase = phases[i]
     if phase.resolve is not None and i > 0:  # its settings come from a measurement (long): its warm-up's
         phase = phases[i - 1]                # start checks the same data, weights and storage
-    setup(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
-          extra_hooks=extra_hooks(phase), check=True)
+    check(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
+          evaluators=evaluators(phase), validated=True)
     return phase
 
 
-def run_phases(phases: Sequence[Phase], extra_hooks: Callable[[Phase], Sequence[HookFactory]] = lambda p: ()
-               ) -> dict[str, float]:
-    """Start or resume the phases in order (see the module docstring); returns the last metrics."""
-    check_phases(phases)
+def run_phases(phases: Sequence[Phase], evaluators: Evaluators = lambda p: ()) -> dict[str, float]:
+    """Start or resume the phases in order (see the module docstring); returns the last metrics. The
+    phase that runs first is checked by its own start; the later ones are checked now (`check_phases`)."""
+    first = _next(phases)
+    check_phases(phases[first + 1:])
     metrics: dict[str, float] = {}
     for i, phase in enumerate(phases):
-        if _is_done(phases, i):
+        if i < first or (i > first and _is_done(phases, i)):
             logging.info("phase %r is done (%s): skipped", phase.name, phase.workdir)
             continue
         if phase.resolve is not None:
             phase = phase.resolve(phase)
         logging.info("phase %r: up to step %d in %s", phase.name, phase.until, phase.workdir)
         metrics = train(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
-                        extra_hooks=extra_hooks(phase))
+                        evaluators=evaluators(phase), validated=True)
         reached = latest_step(checkpoint_dir(phase.workdir)) or 0
         if reached < phase.until:
             logging.warning("phase %r stopped at step %d of %d; run the same command again to continue", phase.name,

@@ -1,16 +1,21 @@
 """Periodic actions of the training loop, behind one interface.
 
 After every step the loop hands each hook a `StepInfo`; a hook whose `due(info)` is true runs and
-may return scalars, which the metrics hook logs. The engine's own hooks are here: metrics and
-progress, checkpoints and sample grids. A layer above adds its own (the recipes add in-training
-FID from `lsync_jax.eval.fid`) without the loop knowing them. Preemption is not a hook: the loop
-decides it once per step (`Preemption.agreed`) and every hook reads it from `StepInfo.preempted`;
-after saving, the loop raises `Preempted`, which launch/train.py turns into `PREEMPTED_EXIT_CODE`.
+tells the loop what it did by returning an `Outcome` (scalars and images to log, whether it saved
+the state, whether it paused training). No hook reaches into another: what a hook needs before it
+runs it declares (`Hook.needs`: the metrics checked finite, the state saved) and the loop provides
+it. The engine's own hooks are here: checkpoints and sample grids, with `Metrics` (the writer every
+outcome goes to, owned by the loop). In-training evaluators (`Evaluator`, e.g. FID from
+`lsync_jax.eval.fid`) run through `EvaluationHook`; the recipes register them by name. Preemption
+is not a hook: the loop decides it once per step (`Preemption.agreed`) and every hook reads it from
+`StepInfo.preempted`; after saving, the loop raises `Preempted`, which launch/train.py turns into
+`PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import os
 import shutil
@@ -45,14 +50,50 @@ class StepInfo:
     finished: bool  # step == train.num_steps: the whole run is done
     preempted: bool  # every process agreed to stop after this step (SIGTERM)
     trained: bool = True
+    last_saved: int | None = None  # the newest step in a checkpoint (the resumed one, or a save of this run)
+    save_wanted: bool = False  # a hook due at this step needs the state saved first (Needs.SAVED_STATE)
+
+
+class Needs(enum.Flag):
+    """What a hook needs the loop to do before it runs."""
+
+    NOTHING = 0
+    FINITE_METRICS = enum.auto()  # every pending step's metrics written and checked finite (saves, evaluations)
+    SAVED_STATE = enum.auto()  # this step's state in a checkpoint (an evaluation can fail: never at training's cost)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a hook did, for the loop: scalars and images to log, a save, a pause of training (a hook that
+    takes long: the throughput timer restarts after it)."""
+
+    scalars: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    images: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # [N, H, W, C] in [0, 1]
+    saved: bool = False
+    paused_training: bool = False
 
 
 class Hook(Protocol):
+    needs: Needs
+    phase: str | None  # a hook that takes long is a phase of its own in the time report (host.PHASES)
+
     def due(self, info: StepInfo) -> bool: ...
 
-    def __call__(self, info: StepInfo) -> Mapping[str, float] | None: ...
+    def __call__(self, info: StepInfo) -> Outcome | None: ...
 
     def close(self) -> None: ...
+
+
+class Evaluator(Protocol):
+    """An in-training evaluation (registered by name in `lsync_jax.recipes.evaluators`)."""
+
+    phase: str  # its name in the run's time report (host.PHASES)
+
+    def due(self, step: int, num_steps: int) -> bool: ...  # a periodic evaluation inside the run
+
+    def done(self, step: int) -> bool: ...  # whether step's evaluation is written (a resume's final one)
+
+    def __call__(self, step: int, ema_params: Any) -> Mapping[str, float]: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -94,11 +135,11 @@ def check_state_finite(step: int, state: Any, last_saved: int | None) -> None:
                                  + _last_good(last_saved))
 
 
-class MetricsHook:
-    """Collects every step's metrics, checks they are finite, and every `log_every` steps writes their
-    mean and the throughput (TensorBoard events + console lines, `writers.create_default_writer`); a
-    progress report gives steps/s and ETA.
-    Other hooks' scalars go through `log`."""
+class Metrics:
+    """The loop's log: collects every step's metrics, and every `log_every` steps (and whenever a hook
+    needs them checked: `Needs.FINITE_METRICS`) checks they are finite and writes their mean and the
+    throughput (TensorBoard events + console lines, `writers.create_default_writer`); a progress report
+    gives steps/s and ETA. Hooks' outcomes (scalars, images) are written through `write`."""
 
     def __init__(self, workdir: str, num_steps: int, log_every: int, batch_size: int, start: int):
         self.events = EventSync(workdir) if storage.is_remote(workdir) and jax.process_index() == 0 else None
@@ -108,41 +149,44 @@ class MetricsHook:
         self.log_every, self.batch_size = log_every, batch_size
         self.pending: list[tuple[int, Any]] = []
         self.last: dict[str, float] = {}
-        self.last_saved: int | None = None  # set by the checkpoint hook, for the non-finite message
         self._timer = (time.perf_counter(), start)
 
-    def due(self, info: StepInfo) -> bool:
+    def collect(self, info: StepInfo) -> None:
+        """Keep a step's metrics (device values: nothing waits for them here)."""
         if info.metrics is not None:
             self.pending.append((info.step, info.metrics))
             self.report(info.step)
+
+    def due(self, info: StepInfo) -> bool:
         return info.step % self.log_every == 0 or info.last or info.preempted
 
-    def __call__(self, info: StepInfo) -> None:
-        self.flush(info.step)
-
-    def flush(self, step: int) -> None:
-        """Write the pending steps' mean (after checking every one is finite)."""
+    def flush(self, step: int, last_saved: int | None) -> None:
+        """Write the pending steps' mean, after checking every one is finite (`last_saved` is named in the
+        error: the checkpoint that is good)."""
         if not self.pending:
             return
         for s, m in jax.device_get(self.pending):
-            check_finite(s, m, self.last_saved)
+            check_finite(s, m, last_saved)
         self.last = {k: float(np.mean([np.asarray(m[k]) for _, m in self.pending])) for k in self.pending[-1][1]}
         started, first = self._timer
         self.last["images_per_second"] = (step - first) * self.batch_size / max(time.perf_counter() - started, 1e-9)
         self.writer.write_scalars(step, self.last)
         self.pending.clear()
-        self.restart_timer(step)
+        self._timer = (time.perf_counter(), step)
         if self.events:
             self.writer.flush()
             self.events.sync()
 
-    def log(self, step: int, scalars: Mapping[str, float]) -> None:
-        self.writer.write_scalars(step, scalars)
-        self.last.update(scalars)
-
-    def restart_timer(self, step: int) -> None:
-        """Throughput counts training only: hooks that take long (FID) restart it after they run."""
-        self._timer = (time.perf_counter(), step)
+    def write(self, step: int, outcome: Outcome) -> None:
+        """A hook's outcome: its scalars and images are logged; after a pause (sample grids, FID) the
+        throughput counts training only from here."""
+        if outcome.scalars:
+            self.writer.write_scalars(step, outcome.scalars)
+            self.last.update(outcome.scalars)
+        if outcome.images:
+            self.writer.write_images(step, outcome.images)
+        if outcome.paused_training:
+            self._timer = (time.perf_counter(), step)
 
     def close(self) -> None:
         self.writer.flush()
@@ -175,85 +219,76 @@ class EventSync:
 
 
 class CheckpointHook:
-    phase = "checkpoints"
-    """Saves every `every` steps, at the phase's last step and on preemption (forced, at once); never a
-    state whose metrics were not finite (the metrics are flushed first)."""
+    """Saves every `every` steps, at the phase's last step, on preemption (forced, at once) and when a
+    hook due at this step needs the state saved (`StepInfo.save_wanted`); never a state whose metrics
+    were not finite (it needs them checked first) or whose parameters are not."""
 
-    def __init__(self, checkpointer: Any, meta: Mapping[str, Any], data_iterator: Any, every: int,
-                 metrics: MetricsHook, last_saved: int | None):
+    needs = Needs.FINITE_METRICS
+    phase = "checkpoints"
+
+    def __init__(self, checkpointer: Any, meta: Mapping[str, Any], data_iterator: Any, every: int):
         self.checkpointer, self.meta, self.data_iterator, self.every = checkpointer, meta, data_iterator, every
-        self.metrics = metrics
-        self.metrics.last_saved = self.last_saved = last_saved
 
     def due(self, info: StepInfo) -> bool:
         self.checkpointer.poll()  # a save that failed in the background ends the run now, not at the next save
-        return info.trained and (info.step % self.every == 0 or info.last or info.preempted)
+        wanted = info.step % self.every == 0 or info.last or info.preempted or info.save_wanted
+        return info.trained and wanted and info.last_saved != info.step
 
-    def __call__(self, info: StepInfo) -> None:
-        self.save(info, force=info.preempted)
-
-    def save(self, info: StepInfo, force: bool = False) -> None:
-        """Save `info.state` unless this step is saved already (or it is not finite: an error)."""
-        if self.last_saved == info.step:
-            return
-        self.metrics.flush(info.step)
-        check_state_finite(info.step, info.state, self.last_saved)
-        self.checkpointer.save(info.step, info.state, self.meta, self.data_iterator, force=force)
-        self.metrics.last_saved = self.last_saved = info.step
+    def __call__(self, info: StepInfo) -> Outcome:
+        check_state_finite(info.step, info.state, info.last_saved)
+        self.checkpointer.save(info.step, info.state, self.meta, self.data_iterator, force=info.preempted)
+        return Outcome(saved=True)
 
     def close(self) -> None:
         self.checkpointer.close()  # waits for asynchronous saves: an error must not cut the last good one short
 
 
 class SampleGridHook:
-    phase = "sample grids"
     """A grid of EMA samples every `every` steps (0: none) and at the end of the run, as PNG
     (WORKDIR/samples/step_*.png) and TensorBoard image. Video samples (N, F, H, W, C) are one clip per
     row, its frames along the row (`columns` = the frame count)."""
 
-    def __init__(self, sample: Callable[[Any], np.ndarray], every: int, workdir: str, columns: int,
-                 metrics: MetricsHook):
-        self.sample, self.every, self.workdir, self.columns, self.metrics = sample, every, workdir, columns, metrics
+    needs = Needs.NOTHING
+    phase = "sample grids"
+
+    def __init__(self, sample: Callable[[Any], np.ndarray], every: int, workdir: str, columns: int):
+        self.sample, self.every, self.workdir, self.columns = sample, every, workdir, columns
 
     def due(self, info: StepInfo) -> bool:
         periodic = bool(self.every) and info.step % self.every == 0
         return info.trained and (periodic or (info.finished and not info.preempted))
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: StepInfo) -> Outcome:
         images = to_uint8(gather_to_host(self.sample(info.state.ema_params)))
         if images.ndim == 5:  # clips: frames along each row
             images = images.reshape(-1, *images.shape[2:])
         grid = make_grid(images, columns=self.columns)
         if jax.process_index() == 0:
             save_png(storage.join(self.workdir, "samples", f"step_{info.step:07d}.png"), grid)
-        self.metrics.writer.write_images(info.step, {"samples_ema": grid[None].astype(np.float32) / 255.0})
-        self.metrics.restart_timer(info.step)
+        return Outcome(images={"samples_ema": grid[None].astype(np.float32) / 255.0}, paused_training=True)
 
     def close(self) -> None:
         pass
 
 
 class EvaluationHook:
-    phase = "FID: Inception features and metrics"
-    """An evaluator (e.g. `lsync_jax.eval.fid.TrainingFID`: `due(step, num_steps)`, `done(step)`,
-    `__call__(step, ema_params) -> scalars`) run periodically and once when the run finishes (also
-    when a resumed run finds training done without it), never when preempted. The state is saved
-    first: an evaluation can take minutes and can fail, never at the cost of training."""
+    """An `Evaluator` run periodically and once when the run finishes (also when a resumed run finds
+    training done without it), never when preempted. It needs the state saved first: an evaluation can
+    take minutes and can fail, never at the cost of training."""
 
-    def __init__(self, evaluator: Any, run: Any):
-        self.evaluator, self.run = evaluator, run
+    needs = Needs.FINITE_METRICS | Needs.SAVED_STATE
+
+    def __init__(self, evaluator: Evaluator, num_steps: int):
+        self.evaluator, self.num_steps, self.phase = evaluator, num_steps, evaluator.phase
 
     def due(self, info: StepInfo) -> bool:
         if info.preempted:
             return False
-        periodic = info.trained and self.evaluator.due(info.step, self.run.num_steps)
+        periodic = info.trained and self.evaluator.due(info.step, self.num_steps)
         return periodic or (info.finished and not self.evaluator.done(info.step))
 
-    def __call__(self, info: StepInfo) -> Mapping[str, float]:
-        self.run.checkpoints.save(info)
-        scalars = self.evaluator(info.step, info.state.ema_params)
-        self.run.metrics.restart_timer(info.step)  # evaluation time is not training throughput
-        return scalars
+    def __call__(self, info: StepInfo) -> Outcome:
+        return Outcome(scalars=self.evaluator(info.step, info.state.ema_params), paused_training=True)
 
     def close(self) -> None:
         pass

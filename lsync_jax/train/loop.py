@@ -16,13 +16,14 @@ import jax
 from absl import logging
 
 from lsync_jax.host import PHASES, initialize_distributed
-from lsync_jax.train.hooks import Hook, Preempted, Preemption, StepInfo
-from lsync_jax.train.setup import HookFactory, Run, setup
+from lsync_jax.train.hooks import Hook, Needs, Outcome, Preempted, Preemption, StepInfo
+from lsync_jax.train.setup import EvaluatorFactory, Run, setup
 from lsync_jax.workdir import WorkdirHold, checkpoint_dir, first_line
 
 
 def train(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
-          accepts: Sequence[str] = (), extra_hooks: Sequence[HookFactory] = ()) -> dict[str, float]:
+          accepts: Sequence[Mapping[str, Any]] = (), evaluators: Sequence[EvaluatorFactory] = (),
+          validated: bool = False) -> dict[str, float]:
     """Train (or resume) `config` in `workdir` up to step `until` (default: train.num_steps); returns
     the last logged metrics, or raises `Preempted` once SIGTERM's checkpoint is saved. The keywords
     are a recipe phase's (see `setup`). The run holds `workdir` throughout (`WorkdirHold`: taken before
@@ -30,7 +31,8 @@ def train(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     initialize_distributed(config.distributed)  # the processes of a run agree on its hold through it
     with WorkdirHold.of_config(workdir, config.train) as hold:
         with PHASES.phase("start-up (config, data, model, state, hooks)"):
-            run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, extra_hooks=extra_hooks)
+            run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, evaluators=evaluators,
+                               validated=validated)
         run = dataclasses.replace(run, step_fn=hold.guarded(run.step_fn, every=run.log_every))
         return train_loop(run, hooks)
 
@@ -40,7 +42,8 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
     left to train still gives the hooks one call (`trained=False`), so a missing final FID is made.
     After an error the hooks are closed quietly (a failure to close is one warning line), so that
     the first error is the last thing printed."""
-    state, step, preempted = run.state, run.start, False
+    state, step, preempted, last_saved = run.state, run.start, False, run.resumed
+    closing = [*hooks, run.metrics]
     try:
         with Preemption(run.log_every) as preemption, PHASES.phase("training (steps, data, logging)"):
             for step in range(run.start + 1, run.end + 1):
@@ -51,23 +54,23 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
                 else:
                     state, metrics = run.step_fn(state, run.next_batch())
                 info = StepInfo(step, state, metrics, last=step == run.end, finished=step == run.num_steps,
-                                preempted=preemption.agreed(step))
-                _run_hooks(run, hooks, info)
+                                preempted=preemption.agreed(step), last_saved=last_saved)
+                last_saved = _run_hooks(run, hooks, info)
                 if info.preempted:
                     preempted = True
                     break
             if run.start >= run.end:
                 _run_hooks(run, hooks, StepInfo(step, state, None, last=True, finished=step == run.num_steps,
-                                                preempted=False, trained=False))
+                                                preempted=False, trained=False, last_saved=last_saved))
     except BaseException:
-        for hook in hooks:
+        for hook in closing:
             try:
                 hook.close()
             except Exception as e:  # noqa: BLE001 - the error in flight is the one to report
                 logging.warning("closing %s after the error below: %s", type(hook).__name__, first_line(e))
         raise
     errors = []
-    for hook in hooks:  # every hook is closed; the first failure (e.g. the last save's) is raised
+    for hook in closing:  # every hook is closed; the first failure (e.g. the last save's) is raised
         try:
             hook.close()
         except Exception as e:  # noqa: BLE001
@@ -81,11 +84,25 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
     return run.metrics.last
 
 
-def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> None:
-    for hook in hooks:
-        if hook.due(info):
-            name = getattr(hook, "phase", None)  # a hook that takes long is a phase of its own
-            with PHASES.phase(name) if name else contextlib.nullcontext():
-                scalars = hook(info)
-            if scalars:
-                run.metrics.log(info.step, scalars)
+def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> int | None:
+    """Hand `info` to the hooks in order, giving each what it `needs` first, and write their outcomes;
+    returns the newest saved step."""
+    metrics = run.metrics
+    metrics.collect(info)
+    due = [hook.due(info) for hook in hooks]
+    if any(d and Needs.SAVED_STATE in hook.needs for d, hook in zip(due, hooks)):
+        info = dataclasses.replace(info, save_wanted=True)  # a saving hook not due yet may be now
+        due = [d or hook.due(info) for d, hook in zip(due, hooks)]
+    if metrics.due(info):
+        metrics.flush(info.step, info.last_saved)
+    for hook, is_due in zip(hooks, due):
+        if not is_due:
+            continue
+        if Needs.FINITE_METRICS in hook.needs:
+            metrics.flush(info.step, info.last_saved)
+        with PHASES.phase(hook.phase) if hook.phase else contextlib.nullcontext():
+            outcome = hook(info) or Outcome()
+        metrics.write(info.step, outcome)
+        if outcome.saved:
+            info = dataclasses.replace(info, last_saved=info.step)
+    return info.last_saved

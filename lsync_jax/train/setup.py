@@ -1,10 +1,14 @@
 """Setting up a training run: every piece built once, every input checked before anything compiles.
 
-`setup(config, workdir)` returns the `Run` (model, objective, optimizer, mesh, data, the state
-resumed or initialised, the jitted step) and its hooks. The abstract state is traced once and
-serves the restore, the fresh initialisation and the step's shardings. A phase of a longer run
-(`lsync_jax.recipes`) passes `until` (its last step), `record` (what its checkpoints' meta adds)
-and `accepts` (objective records of earlier phases in this workdir a resume may start from).
+`plan(config, workdir)` builds and checks a start (model, objective, optimizer, mesh, data, sampler,
+the abstract state, what checkpoints record, which checkpoint a resume takes) and creates nothing but
+the storage probes: `check` (launch/train.py --check) stops there, after building the evaluators with
+`check_only`. `setup(config, workdir)` continues from the plan to a complete `Run` (the state resumed
+or initialised, the jitted step, the metrics log) and its hooks; nothing in the Run is filled in later.
+A phase of a longer run (`lsync_jax.recipes`) passes `until` (its last step), `record` (what its
+checkpoints' meta adds), `accepts` (objective records of earlier phases in this workdir a resume may
+start from), `evaluators` (in-training evaluations, registered in `lsync_jax.recipes.evaluators`) and
+`validated` (the recipe validated its configs once, before the first phase).
 
 Before anything long (encoder weights, reference statistics, compiles) every directory the run
 writes is probed (write, read back, delete). A resume takes the newest intact checkpoint: newer
@@ -47,7 +51,7 @@ from lsync_jax.sharding import batch_sharding
 from lsync_jax.storage import check_writable
 from lsync_jax.train.checkpoint import Checkpointer
 from lsync_jax.train.encoders import EncoderFeatures, build_encoder_features
-from lsync_jax.train.hooks import CheckpointHook, Hook, MetricsHook, SampleGridHook
+from lsync_jax.train.hooks import CheckpointHook, EvaluationHook, Evaluator, Hook, Metrics, SampleGridHook
 from lsync_jax.train.state import abstract_state, create_train_state, make_optimizer, shardings_of
 from lsync_jax.train.step import make_train_step, microbatch_problem
 from lsync_jax.transport import make_sample_fn
@@ -74,28 +78,54 @@ from lsync_jax.workdir import (
 )
 
 
-@dataclasses.dataclass
-class Run:
-    """A training run's pieces, built once by `setup`."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A start of a run, built and checked: the config, data, weights, storage probes, a resume's
+    compatibility and the evaluators' inputs. Everything but the state and the compiled step: what
+    `launch/train.py --check` stops at, and what evaluator factories are built from."""
 
     config: Any
     workdir: str
     model: Any
     objective: Objective
     mesh: Any
+    rules: Any
+    tx: Any
+    schedule: Any
     sample_fn: Callable
     cfg_scale: float
     interval: tuple[float, float]
     decode: Callable | None  # latent models: the SD-VAE decoder
     data_iterator: Iterator
     encoder: EncoderFeatures | None
-    state: Any = None
-    start: int = 0
-    end: int = 0  # the last step of this phase
-    step_fn: Callable | None = None
-    metrics: MetricsHook | None = None
-    checkpoints: CheckpointHook | None = None
-    checking: bool = False  # `setup(check=True)`: hook factories check their inputs and load nothing long
+    abstract: Any  # the state's shapes and shardings: the restore, the fresh state and the step use them
+    meta: Mapping[str, Any]  # what each checkpoint of this start records
+    end: int  # the last step of this phase
+    resumes: int | None  # the checkpoint step a resume starts from (checked on its meta), else None
+    grids: bool  # sample grids are on
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.config.train.num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run's pieces, built once and complete by `setup`: nothing is filled in later."""
+
+    config: Any
+    workdir: str
+    model: Any
+    objective: Objective
+    mesh: Any
+    data_iterator: Iterator
+    encoder: EncoderFeatures | None
+    state: Any
+    start: int  # the step the state is at
+    end: int  # the last step of this phase
+    resumed: int | None  # the checkpoint step resumed from, else None
+    step_fn: Callable
+    metrics: Metrics  # the log every hook's outcome goes to
 
     @property
     def num_steps(self) -> int:
@@ -110,20 +140,17 @@ class Run:
         return self.encoder.add_to(batch) if self.encoder is not None else batch
 
 
-HookFactory = Callable[[Run], Hook]
+# An in-training evaluator's factory (lsync_jax.recipes.evaluators): built from the plan, before the
+# state exists, so that its inputs fail before any model compiles; `check_only` (--check) loads nothing long.
+EvaluatorFactory = Callable[[Plan, bool], Evaluator]
 
 
-def setup(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
-          accepts: Sequence[Mapping[str, Any]] = (), extra_hooks: Sequence[HookFactory] = (),
-          check: bool = False
-          ) -> tuple[Run, list[Hook]]:
-    """Build the run described by `config` in `workdir` and its hooks (metrics, checkpoints, sample
-    grids, then `extra_hooks`, each built from the Run before the state exists, so that their inputs
-    too fail before any model compiles). With `check` (launch/train.py --check): every check of a
-    real start (config, data, weights, storage probes, a resume's compatibility, the hooks' inputs)
-    runs on this process, then it returns (run, []) with no state, before anything is created in the
-    workdir or compiled."""
-    validate_config(config)
+def plan(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
+         accepts: Sequence[Mapping[str, Any]] = (), validated: bool = False) -> Plan:
+    """Build and check a start of `config` in `workdir` (see `Plan`) without creating anything in the
+    workdir but the storage probes. `validated`: the caller (the recipes) checked the config already."""
+    if not validated:
+        validate_config(config)
     for difference in config_protocol_differences(config):
         logging.warning("this run is not protocol %r's: %s; its results will not be comparable with the paper's "
                         "value (launch/reproduce.py marks them)", config.protocol, difference)
@@ -138,8 +165,7 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     batch_size = int(config.data.batch_size)
     if batch_size % jax.device_count():
         raise ValueError(f"config.data.batch_size={batch_size} is not divisible by the {jax.device_count()} devices")
-    microbatches = int(config.train.microbatches)
-    problem = microbatch_problem(batch_size, microbatches, mesh.size, objective)
+    problem = microbatch_problem(batch_size, int(config.train.microbatches), mesh.size, objective)
     if problem:
         raise ValueError(problem)
     source = build_source(config.data)
@@ -154,11 +180,6 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
                                             flip=bool(config.data.flip), fields=encoder.fields if encoder else ()))
     sample_fn = make_sample_fn(model, transport, sampler_cfg,
                                compiler_options=compiler_options(mesh_platform(mesh)), mesh=mesh)
-    run = Run(config, workdir, model, objective, mesh, sample_fn, cfg_scale, interval, build_decoder(config, mesh),
-              iter(loader), encoder)
-    run.end = run.num_steps if until is None else min(int(until), run.num_steps)
-    run.checking = check
-
     abstract = abstract_state(model, tx, mesh, rules)
     meta = dict(describe(model_fields(config), abstract.params, abstract, objective,
                          transport=transport_record(config.transport), data=data_record(config, source),
@@ -166,30 +187,59 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
                 **(record or {}))
     ckpt_dir = checkpoint_dir(workdir)
     saved_steps = all_steps(ckpt_dir)  # read only: a run refused below leaves the workdir as it found it
-    checked = _check_start(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
-    built = [factory(run) for factory in extra_hooks]  # e.g. FID's reference statistics, before the state
-    if check:
-        return run, []
+    resumes = _check_start(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
+    num_steps = int(config.train.num_steps)
+    return Plan(config, workdir, model, objective, mesh, rules, tx, schedule, sample_fn, cfg_scale, interval,
+                build_decoder(config, mesh), iter(loader), encoder, abstract, meta,
+                num_steps if until is None else min(int(until), num_steps), resumes, grids)
+
+
+def check(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
+          accepts: Sequence[Mapping[str, Any]] = (), evaluators: Sequence[EvaluatorFactory] = (),
+          validated: bool = False) -> Plan:
+    """launch/train.py --check: every check of a real start (config, data, weights, storage probes, a
+    resume's compatibility, the evaluators' inputs) on this process, with nothing created in the
+    workdir and nothing compiled."""
+    start = plan(config, workdir, until=until, record=record, accepts=accepts, validated=validated)
+    for factory in evaluators:
+        factory(start, True)
+    return start
+
+
+def setup(config: Any, workdir: str, *, until: int | None = None, record: Mapping[str, Any] | None = None,
+          accepts: Sequence[Mapping[str, Any]] = (), evaluators: Sequence[EvaluatorFactory] = (),
+          validated: bool = False) -> tuple[Run, list[Hook]]:
+    """Build the run described by `config` in `workdir` (see `plan`; `until`, `record` and `accepts` are
+    a recipe phase's: its last step, what its checkpoints' meta adds, and objective records of earlier
+    phases in this workdir a resume may start from) and its hooks: checkpoints, sample grids, then one
+    per evaluator, each evaluator built before the state exists so that its inputs too fail before any
+    model compiles."""
+    start = plan(config, workdir, until=until, record=record, accepts=accepts, validated=validated)
+    built = [factory(start, False) for factory in evaluators]  # e.g. FID's reference statistics, before the state
     if jax.process_index() == 0:  # what this start runs, beside the checkpoints (one file per start)
         logging.info("this start's config, versions and command line: %s", write_run_record(workdir, config))
-    checkpointer = Checkpointer(ckpt_dir, max_to_keep=int(config.train.keep_checkpoints),
+    checkpointer = Checkpointer(checkpoint_dir(workdir), max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
-    run.state = (_resume(checkpointer, abstract, meta, accepts, run, checked) if latest is not None
-                 else _initialise(config, model, tx, mesh, rules, abstract))
-    run.start = int(run.state.step)
-    run.step_fn = make_train_step(model, objective, tx, schedule, mesh, ema_decay=float(config.train.ema_decay),
-                                  rules=rules, shardings=shardings_of(abstract), microbatches=microbatches,
-                                  batch_size=batch_size)
-    run.metrics = MetricsHook(workdir, run.num_steps, run.log_every, batch_size, run.start)
-    run.checkpoints = CheckpointHook(checkpointer, meta, run.data_iterator, int(config.train.checkpoint_every),
-                                     run.metrics, run.start if latest is not None else None)
-    hooks: list[Hook] = [run.metrics, run.checkpoints]
+    state = (_resume(checkpointer, start, accepts) if latest is not None
+             else _initialise(config, start.model, start.tx, start.mesh, start.rules, start.abstract))
+    step = int(state.step)
+    batch_size = int(config.data.batch_size)
+    step_fn = make_train_step(start.model, start.objective, start.tx, start.schedule, start.mesh,
+                              ema_decay=float(config.train.ema_decay), rules=start.rules,
+                              shardings=shardings_of(start.abstract), microbatches=int(config.train.microbatches),
+                              batch_size=batch_size)
+    metrics = Metrics(workdir, start.num_steps, int(config.train.log_every), batch_size, step)
+    run = Run(config, workdir, start.model, start.objective, start.mesh, start.data_iterator, start.encoder, state,
+              step, start.end, step if latest is not None else None, step_fn, metrics)
+    hooks: list[Hook] = [CheckpointHook(checkpointer, start.meta, start.data_iterator,
+                                        int(config.train.checkpoint_every))]
     # A model trained without the transport loss (ERW's first stage) is no generator: no sample grids.
-    if grids:
+    if start.grids:
+        model = start.model
         columns = model.num_frames if model.kind == "video" else min(max(model.num_classes, 8), 16)
-        hooks.append(SampleGridHook(_grid_sampler(run), int(config.train.sample_every), workdir, columns, run.metrics))
-    return run, hooks + built
+        hooks.append(SampleGridHook(_grid_sampler(start), int(config.train.sample_every), workdir, columns))
+    return run, hooks + [EvaluationHook(evaluator, start.num_steps) for evaluator in built]
 
 
 def writes(config: Any, workdir: str, grids: bool) -> list[str]:
@@ -280,13 +330,12 @@ def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: M
     return None
 
 
-def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any],
-            accepts: Sequence[Mapping[str, Any]],
-            run: Run, checked: int | None) -> Any:
+def _resume(checkpointer: Checkpointer, start: Plan, accepts: Sequence[Mapping[str, Any]]) -> Any:
     """The state (and data position) of the newest intact checkpoint. Damaged newer ones are set aside
     (renamed, one line each) once an older one has restored; if none restores nothing is moved and
     the error says why."""
-    config, directory = run.config, checkpointer.directory
+    config, directory, abstract, meta, checked = (start.config, checkpointer.directory, start.abstract, start.meta,
+                                                  start.resumes)
     damaged: list[tuple[int, str]] = []
     state = None
     for step in reversed(checkpointer.all_steps()):
@@ -298,7 +347,7 @@ def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any],
                 if not storage.isdir(storage.join(path, "data")):
                     raise FileNotFoundError(f"checkpoint {step} in {directory} has no data-iterator position; "
                                             "resuming would replay the data from the start")
-                state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, run.data_iterator))
+                state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, start.data_iterator))
                 if not all_finite((state.params, state.ema_params)):
                     raise DamagedCheckpointError(path, "it holds non-finite parameters")
                 break
@@ -318,8 +367,8 @@ def _resume(checkpointer: Checkpointer, abstract: Any, meta: Mapping[str, Any],
     logging.info("resumed from %s step %d", directory, step)
     if config.train.init_from:
         logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence", step)
-    if step >= run.num_steps:
-        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", step, run.num_steps)
+    if step >= start.num_steps:
+        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", step, start.num_steps)
     return state
 
 
@@ -340,7 +389,7 @@ def _initialise(config: Any, model: Any, tx: Any, mesh: Any, rules: Any, abstrac
     return state
 
 
-def _grid_sampler(run: Run) -> Callable[[Any], jax.Array]:
+def _grid_sampler(run: Plan) -> Callable[[Any], jax.Array]:
     """EMA params -> the sample grid's images: the same labels and noise every time."""
     count = int(run.config.train.num_grid_samples)
     if getattr(run.model, "num_tags", 0):  # one tag on per sample, in turn

@@ -150,13 +150,13 @@ def test_events_of_a_gs_workdir_without_tensorflow(bucket, tmp_path, monkeypatch
     """A gs:// workdir's events: written locally by the TensorFlow-free writer, uploaded through
     lsync_jax.storage, and read back by TensorBoard's reader."""
     from lsync_jax import storage
-    from lsync_jax.train.hooks import MetricsHook
+    from lsync_jax.train.hooks import Metrics, Outcome
 
     monkeypatch.setattr(writers, "tensorflow_installed", lambda: False)
     workdir = f"{bucket}/run"
-    hook = MetricsHook(workdir, num_steps=2, log_every=1, batch_size=8, start=0)
+    hook = Metrics(workdir, num_steps=2, log_every=1, batch_size=8, start=0)
     assert isinstance(hook.writer, writers.MultiWriter) and hook.events is not None
-    hook.log(1, {"loss": 0.75})
+    hook.write(1, Outcome(scalars={"loss": 0.75}))
     hook.writer.write_images(1, {"grid": np.zeros((1, 4, 4, 1), np.float32)})
     hook.close()
     names = [n for n in storage.listdir(workdir) if n.startswith("events.out.tfevents")]

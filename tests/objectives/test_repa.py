@@ -1,5 +1,6 @@
 """REPA: value against a direct computation, the ERW coefficient schedule, gradients reaching the
-projector and the blocks up to the aligned one only, clean inputs, config errors."""
+projector and the blocks up to the aligned one only, clean inputs, config errors, what REPA needs of the
+model."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 from lsync_jax.models import get_model
 from lsync_jax.objectives import REPA, build_objective, objective_loss, repa_coefficient, repa_loss
+from lsync_jax.objectives.repa import encoder_tokens_needed
 from lsync_jax.transport import create_transport
 from tests.helpers import perturbed
 
@@ -102,3 +104,14 @@ def test_clean_input_feeds_the_data_at_t_one(net):
 def test_bad_settings_name_the_key(cfg, match):
     with pytest.raises(ValueError, match=match):
         build_objective(cfg, create_transport(), depth=DEPTH)
+
+
+def test_encoder_tokens_needed_names_what_repa_needs_of_the_model():
+    small = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=4)
+    assert encoder_tokens_needed(get_model("SiT-S/2", z_dims=(16, 8), encoder_depth=1, **small), 1, "m") == (16, 8)
+    with pytest.raises(ValueError, match="REPA needs the model's projector: set config.model.overrides.z_dims"):
+        encoder_tokens_needed(get_model("SiT-S/2", **small), 0, "m")
+    with pytest.raises(ValueError, match="objective.repa.projector=1 is not one of them"):
+        encoder_tokens_needed(get_model("SiT-S/2", z_dims=(16,), encoder_depth=1, **small), 1, "m")
+    with pytest.raises(ValueError, match="the model SiT-Seq-S/2 takes sequence data"):
+        encoder_tokens_needed(get_model("SiT-Seq-S/2", z_dims=(16,), encoder_depth=1, **small), 0, "SiT-Seq-S/2")

@@ -23,7 +23,7 @@ def test_data_sources_are_not_sniffed():
     """`lsync_jax.data.registry.check_source` is the one place that looks for the interface's members.
     (tools/preprocess.py's `label_range` still reads the labels of class folders and arrays by their
     attributes, for the sources preprocessing wraps: issue 29 names it as left.)"""
-    found = _lines(r"hasattr\((source|src|self\.source)\b|getattr\((source|src), \"(example|check_\w+|latent_shape)\"",
+    found = _lines(r"(hasattr|getattr)\((source|src|ref_source|self\.source)\b",
                    skip=("lsync_jax/data/registry.py", "lsync_jax/tools/preprocess.py"))
     assert not found, "a data source's interface guessed with hasattr/getattr:\n" + "\n".join(found)
 

@@ -40,6 +40,7 @@ from lsync_jax.builders import (
     build_transport,
     validate_config,
 )
+from lsync_jax.data.registry import check_source
 from lsync_jax.eval.block_features import collect_block_features, sample_indices
 from lsync_jax.eval.representations import (
     cka_matrix,
@@ -240,16 +241,16 @@ def measure_model(config: Any, model: Any, params: Any, settings: MeasureSetting
                   source: Any = None) -> dict[str, Any]:
     """Per-block measurements (`measure_blocks`' dict) of `params` on the run's data."""
     settings.check()
-    source = source if source is not None else build_source(config.data, settings.split or None)
-    num_classes = int(getattr(source, "num_classes", 0) or model.num_classes or getattr(model, "num_tags", 0))
-    if not num_classes and not getattr(source, "num_tags", 0):
-        raise ValueError(f"block measurements probe class labels or tags, and {getattr(source, 'name', source)} has "
+    source = check_source(source if source is not None else build_source(config.data, settings.split or None))
+    num_classes = int(source.num_classes or model.num_classes or getattr(model, "num_tags", 0))
+    if not num_classes and not source.num_tags:
+        raise ValueError(f"block measurements probe class labels or tags, and {source.name} has "
                          "neither (e.g. motion data): measure CKA between blocks of a labelled run instead, or choose "
                          "LayerSync pairs explicitly")
     indices = sample_indices(len(source), settings.num_samples, settings.seed)
     if len(indices) < settings.num_samples:  # a command that does less than asked says so
         logging.warning("block measurements: %d examples requested but the source (%s) has %d: measuring %d",
-                        settings.num_samples, getattr(source, "name", type(source).__name__), len(source),
+                        settings.num_samples, source.name, len(source),
                         len(indices))
     if reference is not None and not 2 <= int(settings.k) <= len(indices) - 1:  # measure_blocks' rule, checked
         raise ValueError(f"settings.k={settings.k} nearest neighbours need 2 <= k <= N - 1 = {len(indices) - 1} "

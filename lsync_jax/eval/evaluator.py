@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
 from lsync_jax import storage
+from lsync_jax.data.registry import check_source
 from lsync_jax.eval import metrics
 from lsync_jax.host import Progress, all_processes, compiler_options, gather_to_host, pad_rows
 from lsync_jax.models import inception
@@ -409,7 +410,7 @@ def source_statistics(evaluator: InceptionEvaluator, source: Any, num_images: in
     digest = hashlib.sha1()
     for batch in batches():  # reading is cheap next to the Inception pass
         digest.update(np.ascontiguousarray(batch).tobytes())
-    name = str(getattr(source, "name", None) or type(source).__name__)
+    name = check_source(source).name
     key = "src_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
     key += f"_{num}_{digest.hexdigest()[:12]}_keep{keep or 'all'}"
 
@@ -489,7 +490,7 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
     sample = batch_statistics(evaluator, sample_batch, batch_size=batch_size, log=log)
     result = compute_metrics(ref, sample, fid_method=fid_method, skip=skipped)
     payload = {"fid_method": fid_method, "metrics": result, "num_samples": int(shape[0]), "num_reference": ref.count,
-               "sample_batch": sample_batch, "reference": ref_batch or getattr(ref_source, "name", repr(ref_source)),
+               "sample_batch": sample_batch, "reference": ref_batch or _source_label(ref_source),
                "inception_weights": evaluator.weights_path, "seconds": round(time.time() - start, 1),
                "skipped": dict(skipped), "notes": notes}
     for name, value in result.items():
@@ -507,4 +508,4 @@ def evaluate(sample_batch: str, ref_batch: str | None = None, ref_source: Any = 
 
 
 def _source_label(source: Any) -> str:
-    return str(getattr(source, "name", None) or type(source).__name__)
+    return check_source(source).name

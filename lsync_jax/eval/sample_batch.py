@@ -26,6 +26,7 @@ import numpy as np
 
 from lsync_jax import storage
 from lsync_jax.data.pipeline import to_example
+from lsync_jax.data.registry import check_source
 from lsync_jax.eval import metrics
 from lsync_jax.eval.evaluator import (
     STAT_KEYS,
@@ -74,16 +75,17 @@ def _check_pixels(path: str, kind: str, shape: tuple[int, ...], dtype: np.dtype)
 
 
 def _source_name(source: Any) -> str:
-    return str(getattr(source, "name", None) or type(source).__name__)
+    return check_source(source).name
 
 
 def _source_kind(source: Any) -> tuple[str, tuple[int, ...]]:
-    """What a data source's examples are ('image', 'video', 'sequence' by the rank of 'x') and their shape."""
+    """What a data source's examples are (its declared kind: 'image', 'video', 'sequence') and their shape."""
+    source = check_source(source)
     x = np.asarray(to_example(source, source[0], np.random.default_rng(0), False)["x"])
-    if x.ndim + 1 not in KINDS:
-        raise ValueError(f"the reference data {_source_name(source)!r} gives examples of shape {x.shape}: neither "
-                         "images, clips nor sequences")
-    return KINDS[x.ndim + 1], tuple(x.shape)
+    if KINDS.get(x.ndim + 1) != source.kind:
+        raise ValueError(f"the reference data {source.name!r} gives examples of shape {x.shape}, which are not "
+                         f"{source.kind} examples as it declares")
+    return source.kind, tuple(x.shape)
 
 
 def check_reference(sample_batch: str, kind: str, ref_batch: str | None, ref_source: Any,

@@ -17,6 +17,10 @@ check (`checkpoint_damage`: the expected files present, their metadata readable,
 by the restore itself failing; readers then fall back to the newest intact step with one warning
 line (`newest_intact`). Only a training run sets a damaged step aside (`set_aside`, a rename), never
 a reader, and nothing is ever deleted.
+
+A training start's resume policy is here too (`resume_target`, `check_resumable`,
+`resume_newest_intact`, the data order `data_record` records), and the workdir's hold (`WorkdirHold`):
+one module for a run on disk.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -461,6 +465,143 @@ def read_meta(checkpoint_dir: str, step: int | str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise DamagedCheckpointError(path, "meta/metadata is not a JSON object")
     return migrate_meta(meta)
+
+
+# --- resuming: what a checkpoint must match, which one a resume takes ---
+# The resume policy of a training start (train/setup.py calls it): the data order a checkpoint records
+# and its check, the compatibility of a checkpoint's meta with this config, the checkpoint a resume
+# would take (checked on its meta before anything long), and the restore of the newest intact one with
+# the damaged newer ones set aside.
+
+# What fixes the order and content of the batches: a resume with another value would continue with
+# other data than an uninterrupted run (the data iterator's state is only the next index).
+DATA_ORDER = ("name", "dir", "split", "tfds_name", "batch_size", "flip")
+# ... and the keys that shape the examples of generated or cropped data
+DATA_SHAPE = {"moving_fmnist": ("num_clips", "frames", "canvas", "items", "item_size", "speed"),
+              "humanml3d": ("length", "crop")}
+
+
+def data_record(config: Any, source: Any) -> dict[str, Any]:
+    """What a checkpoint records of the data order: DATA_ORDER's config.data keys, config.seed and the
+    number of examples in the source."""
+    record = {key: config.data[key] for key in DATA_ORDER + DATA_SHAPE.get(config.data.name, ())}
+    if record["dir"]:
+        record["dir"] = storage.absolute(record["dir"])
+    return dict(record, seed=int(config.seed), size=len(source))
+
+
+def check_data_order(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str, allow: bool,
+                     warn: bool = True) -> None:
+    """Refuse a resume whose data order or batch would differ from the checkpoint's (only what it
+    records is compared: older checkpoints record nothing), unless train.allow_data_change (then one
+    warning line, unless `warn` is False: a repeated check)."""
+    recorded = saved.get("data") or {}
+    differ = [k for k in sorted(recorded) if k in wanted and recorded[k] != wanted[k]]
+    if not differ:
+        return
+    name = {"seed": "config.seed", "size": "the dataset size (examples in config.data's source)"}
+    named = "; ".join(f"{name.get(k, 'config.data.' + k)}: checkpoint {recorded[k]!r}, config {wanted[k]!r}"
+                      for k in differ)
+    if allow:
+        if warn:
+            logging.warning("resuming %s with another data order or batch (%s): allowed by "
+                            "config.train.allow_data_change; the run no longer matches an uninterrupted one", where,
+                            named)
+        return
+    raise ValueError(f"resuming {where} would silently change the data order or batch ({named}). Resume with the "
+                     "checkpoint's values, use another --workdir, or set --config.train.allow_data_change=True if "
+                     "the change is intended.")
+
+
+def check_resumable(saved: dict[str, Any], config: Any, meta: Mapping[str, Any],
+                     accepts: Sequence[Mapping[str, Any]], directory: str, warn: bool = True) -> None:
+    """Whether a checkpoint's meta (migrated to today's schema by `read_meta`) lets this config resume
+    it: the model and state, the transport, the objective, the data order (ValueError naming the key;
+    the transport is recorded on its own, so allow_transport_change needs nothing from the objective).
+    Changed optimizer settings are allowed, one line each. `warn=False`: repeated, said already."""
+    if saved.get("objective") in accepts:  # an earlier phase of this run (a warm-up)
+        saved["objective"] = meta["objective"]
+    check_transport(saved, config, directory, doing="resuming", warn=warn)  # first: it names the key
+    check_compatible(saved, meta, directory)
+    check_data_order(saved, meta["data"], directory, bool(config.train.allow_data_change), warn=warn)
+    if warn and "optimizer" in saved:
+        for change in record_differences(saved["optimizer"], meta["optimizer"], "config.optimizer"):
+            logging.warning("resuming %s with another optimizer setting (%s)", directory, change)
+
+
+def resume_target(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: Mapping[str, Any],
+                 accepts: Sequence[Mapping[str, Any]]) -> int | None:
+    """What the run starts from, checked on its meta before anything long (reference statistics, the
+    restore, compiles): the newest structurally intact checkpoint a resume would take, or
+    train.init_from's transport. The restore checks again, candidate by candidate. Returns the step
+    checked (a resume), else None."""
+    if saved_steps:
+        for step in reversed(saved_steps):
+            if checkpoint_damage(os.path.join(ckpt_dir, str(step))) is None:
+                check_resumable(read_meta(ckpt_dir, step), config, meta, accepts, storage.absolute(ckpt_dir))
+                return step
+    elif config.train.init_from:
+        for directory in step_dirs(config.train.init_from)[0]:  # damage is reported when it is restored
+            if checkpoint_damage(directory) is None:
+                saved = read_meta(os.path.dirname(directory), os.path.basename(directory))
+                check_transport(saved, config, directory, doing="train.init_from", keys=TRANSPORT_OF_WEIGHTS,
+                                warn=False)  # the restore says it
+                return None
+    return None
+
+
+class Restorer(Protocol):
+    """What the resume needs of a run's checkpointer (lsync_jax.train.checkpoint.Checkpointer)."""
+
+    directory: str
+
+    def all_steps(self) -> list[int]: ...
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any: ...
+
+    def reload(self) -> None: ...
+
+
+def resume_newest_intact(checkpointer: Restorer, config: Any, abstract: Any, meta: Mapping[str, Any],
+                         accepts: Sequence[Mapping[str, Any]], data_iterator: Any, *, checked: int | None) -> Any:
+    """The state (and data position) of the newest intact checkpoint. Damaged newer ones are set aside
+    (renamed, one line each) once an older one has restored; if none restores nothing is moved and
+    the error says why."""
+    directory, num_steps = checkpointer.directory, int(config.train.num_steps)
+    damaged: list[tuple[int, str]] = []
+    state = None
+    for step in reversed(checkpointer.all_steps()):
+        path = os.path.join(directory, str(step))
+        problem = checkpoint_damage(path)
+        if problem is None:
+            try:
+                check_resumable(read_meta(directory, step), config, meta, accepts, directory, warn=step != checked)
+                if not storage.isdir(storage.join(path, "data")):
+                    raise FileNotFoundError(f"checkpoint {step} in {directory} has no data-iterator position; "
+                                            "resuming would replay the data from the start")
+                state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, data_iterator))
+                if not all_finite((state.params, state.ema_params)):
+                    raise DamagedCheckpointError(path, "it holds non-finite parameters")
+                break
+            except DamagedCheckpointError as e:
+                problem, state = e.reason, None
+        damaged.append((step, problem))
+    if state is None:
+        raise DamagedCheckpointError(directory, "no checkpoint in it can be resumed (" + "; ".join(
+            f"step {s}: {p}" for s, p in damaged) + "). Nothing was moved; move them away (or use another "
+            "--workdir) to start over")
+    for bad, problem in damaged:
+        target = set_aside(os.path.join(directory, str(bad)))
+        logging.warning("checkpoint %d is damaged (%s): set aside as %s (not deleted); resuming from step %d", bad,
+                        problem, target, step)
+    if damaged:
+        checkpointer.reload()
+    logging.info("resumed from %s step %d", directory, step)
+    if config.train.init_from:
+        logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence", step)
+    if step >= num_steps:
+        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", step, num_steps)
+    return state
 
 
 def run_record(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:

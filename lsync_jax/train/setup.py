@@ -11,10 +11,11 @@ start from), `evaluators` (in-training evaluations, registered in `lsync_jax.rec
 `validated` (the recipe validated its configs once, before the first phase).
 
 Before anything long (encoder weights, reference statistics, compiles) every directory the run
-writes is probed (write, read back, delete). A resume takes the newest intact checkpoint: newer
-damaged ones are set aside (renamed, never deleted) once an older one restores, one line each. It
-is refused, naming the key, when the config would change the data order or batch (unless
-train.allow_data_change) or the transport (unless train.allow_transport_change).
+writes is probed (write, read back, delete). The resume policy is `lsync_jax.workdir`'s: a resume
+takes the newest intact checkpoint, newer damaged ones are set aside (renamed, never deleted) once an
+older one restores, one line each; it is refused, naming the key, when the config would change the
+data order or batch (unless train.allow_data_change) or the transport (unless
+train.allow_transport_change).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lsync_jax import storage
 from lsync_jax.builders import (
     build_decoder,
     build_mesh,
@@ -57,22 +57,14 @@ from lsync_jax.train.step import make_train_step, microbatch_problem
 from lsync_jax.transport import make_sample_fn
 from lsync_jax.transport.samplers import validate_guidance
 from lsync_jax.workdir import (
-    TRANSPORT_OF_WEIGHTS,
-    DamagedCheckpointError,
-    all_finite,
     all_steps,
-    check_compatible,
-    check_transport,
-    checkpoint_damage,
     checkpoint_dir,
+    data_record,
     describe,
-    read_meta,
-    record_differences,
     restore_matching,
-    restore_or_damaged,
     restore_params,
-    set_aside,
-    step_dirs,
+    resume_newest_intact,
+    resume_target,
     transport_record,
     write_run_record,
 )
@@ -187,7 +179,7 @@ def plan(config: Any, workdir: str, *, until: int | None = None, record: Mapping
                 **(record or {}))
     ckpt_dir = checkpoint_dir(workdir)
     saved_steps = all_steps(ckpt_dir)  # read only: a run refused below leaves the workdir as it found it
-    resumes = _check_start(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
+    resumes = resume_target(config, ckpt_dir, saved_steps, meta, accepts)  # meta only: cheap
     num_steps = int(config.train.num_steps)
     return Plan(config, workdir, model, objective, mesh, rules, tx, schedule, sample_fn, cfg_scale, interval,
                 build_decoder(config, mesh), iter(loader), encoder, abstract, meta,
@@ -221,7 +213,8 @@ def setup(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     checkpointer = Checkpointer(checkpoint_dir(workdir), max_to_keep=int(config.train.keep_checkpoints),
                                 keep_every=config.train.keep_every, async_save=bool(config.train.async_checkpoints))
     latest = checkpointer.latest_step()
-    state = (_resume(checkpointer, start, accepts) if latest is not None
+    state = (resume_newest_intact(checkpointer, config, start.abstract, start.meta, accepts, start.data_iterator,
+                                  checked=start.resumes) if latest is not None
              else _initialise(config, start.model, start.tx, start.mesh, start.rules, start.abstract))
     step = int(state.step)
     batch_size = int(config.data.batch_size)
@@ -251,125 +244,6 @@ def writes(config: Any, workdir: str, grids: bool) -> list[str]:
     if int(config.eval.every):
         out.append(os.path.join(workdir, "eval"))
     return out
-
-
-# What fixes the order and content of the batches: a resume with another value would continue with
-# other data than an uninterrupted run (the data iterator's state is only the next index).
-DATA_ORDER = ("name", "dir", "split", "tfds_name", "batch_size", "flip")
-# ... and the keys that shape the examples of generated or cropped data
-DATA_SHAPE = {"moving_fmnist": ("num_clips", "frames", "canvas", "items", "item_size", "speed"),
-              "humanml3d": ("length", "crop")}
-
-
-def data_record(config: Any, source: Any) -> dict[str, Any]:
-    """What a checkpoint records of the data order: DATA_ORDER's config.data keys, config.seed and the
-    number of examples in the source."""
-    record = {key: config.data[key] for key in DATA_ORDER + DATA_SHAPE.get(config.data.name, ())}
-    if record["dir"]:
-        record["dir"] = storage.absolute(record["dir"])
-    return dict(record, seed=int(config.seed), size=len(source))
-
-
-def check_data_order(saved: Mapping[str, Any], wanted: Mapping[str, Any], where: str, allow: bool,
-                     warn: bool = True) -> None:
-    """Refuse a resume whose data order or batch would differ from the checkpoint's (only what it
-    records is compared: older checkpoints record nothing), unless train.allow_data_change (then one
-    warning line, unless `warn` is False: a repeated check)."""
-    recorded = saved.get("data") or {}
-    differ = [k for k in sorted(recorded) if k in wanted and recorded[k] != wanted[k]]
-    if not differ:
-        return
-    name = {"seed": "config.seed", "size": "the dataset size (examples in config.data's source)"}
-    named = "; ".join(f"{name.get(k, 'config.data.' + k)}: checkpoint {recorded[k]!r}, config {wanted[k]!r}"
-                      for k in differ)
-    if allow:
-        if warn:
-            logging.warning("resuming %s with another data order or batch (%s): allowed by "
-                            "config.train.allow_data_change; the run no longer matches an uninterrupted one", where,
-                            named)
-        return
-    raise ValueError(f"resuming {where} would silently change the data order or batch ({named}). Resume with the "
-                     "checkpoint's values, use another --workdir, or set --config.train.allow_data_change=True if "
-                     "the change is intended.")
-
-
-def _check_resumable(saved: dict[str, Any], config: Any, meta: Mapping[str, Any],
-                     accepts: Sequence[Mapping[str, Any]], directory: str, warn: bool = True) -> None:
-    """Whether a checkpoint's meta (migrated to today's schema by `read_meta`) lets this config resume
-    it: the model and state, the transport, the objective, the data order (ValueError naming the key;
-    the transport is recorded on its own, so allow_transport_change needs nothing from the objective).
-    Changed optimizer settings are allowed, one line each. `warn=False`: repeated, said already."""
-    if saved.get("objective") in accepts:  # an earlier phase of this run (a warm-up)
-        saved["objective"] = meta["objective"]
-    check_transport(saved, config, directory, doing="resuming", warn=warn)  # first: it names the key
-    check_compatible(saved, meta, directory)
-    check_data_order(saved, meta["data"], directory, bool(config.train.allow_data_change), warn=warn)
-    if warn and "optimizer" in saved:
-        for change in record_differences(saved["optimizer"], meta["optimizer"], "config.optimizer"):
-            logging.warning("resuming %s with another optimizer setting (%s)", directory, change)
-
-
-def _check_start(config: Any, ckpt_dir: str, saved_steps: Sequence[int], meta: Mapping[str, Any],
-                 accepts: Sequence[Mapping[str, Any]]) -> int | None:
-    """What the run starts from, checked on its meta before anything long (reference statistics, the
-    restore, compiles): the newest structurally intact checkpoint a resume would take, or
-    train.init_from's transport. The restore checks again, candidate by candidate. Returns the step
-    checked (a resume), else None."""
-    if saved_steps:
-        for step in reversed(saved_steps):
-            if checkpoint_damage(os.path.join(ckpt_dir, str(step))) is None:
-                _check_resumable(read_meta(ckpt_dir, step), config, meta, accepts, storage.absolute(ckpt_dir))
-                return step
-    elif config.train.init_from:
-        for directory in step_dirs(config.train.init_from)[0]:  # damage is reported when it is restored
-            if checkpoint_damage(directory) is None:
-                saved = read_meta(os.path.dirname(directory), os.path.basename(directory))
-                check_transport(saved, config, directory, doing="train.init_from", keys=TRANSPORT_OF_WEIGHTS,
-                                warn=False)  # the restore says it
-                return None
-    return None
-
-
-def _resume(checkpointer: Checkpointer, start: Plan, accepts: Sequence[Mapping[str, Any]]) -> Any:
-    """The state (and data position) of the newest intact checkpoint. Damaged newer ones are set aside
-    (renamed, one line each) once an older one has restored; if none restores nothing is moved and
-    the error says why."""
-    config, directory, abstract, meta, checked = (start.config, checkpointer.directory, start.abstract, start.meta,
-                                                  start.resumes)
-    damaged: list[tuple[int, str]] = []
-    state = None
-    for step in reversed(checkpointer.all_steps()):
-        path = os.path.join(directory, str(step))
-        problem = checkpoint_damage(path)
-        if problem is None:
-            try:
-                _check_resumable(read_meta(directory, step), config, meta, accepts, directory, warn=step != checked)
-                if not storage.isdir(storage.join(path, "data")):
-                    raise FileNotFoundError(f"checkpoint {step} in {directory} has no data-iterator position; "
-                                            "resuming would replay the data from the start")
-                state = restore_or_damaged(path, lambda s=step: checkpointer.restore(s, abstract, start.data_iterator))
-                if not all_finite((state.params, state.ema_params)):
-                    raise DamagedCheckpointError(path, "it holds non-finite parameters")
-                break
-            except DamagedCheckpointError as e:
-                problem, state = e.reason, None
-        damaged.append((step, problem))
-    if state is None:
-        raise DamagedCheckpointError(directory, "no checkpoint in it can be resumed (" + "; ".join(
-            f"step {s}: {p}" for s, p in damaged) + "). Nothing was moved; move them away (or use another "
-            "--workdir) to start over")
-    for bad, problem in damaged:
-        target = set_aside(os.path.join(directory, str(bad)))
-        logging.warning("checkpoint %d is damaged (%s): set aside as %s (not deleted); resuming from step %d", bad,
-                        problem, target, step)
-    if damaged:
-        checkpointer.reload()
-    logging.info("resumed from %s step %d", directory, step)
-    if config.train.init_from:
-        logging.warning("train.init_from is ignored: the workdir's own checkpoint (step %d) takes precedence", step)
-    if step >= start.num_steps:
-        logging.warning("the checkpoint is at step %d >= train.num_steps=%d: nothing to train", step, start.num_steps)
-    return state
 
 
 def _initialise(config: Any, model: Any, tx: Any, mesh: Any, rules: Any, abstract: Any) -> Any:

@@ -61,10 +61,9 @@ def settings_template() -> ml_collections.ConfigDict:
     """`SETTING_TYPES` as a ConfigDict of typed placeholders (None: the protocol's value), for the config
     flag `--set` (`--set.num_samples=10000 --set.sampler.method=heun`): the settings are overridden
     through ml_collections, as every launch script's `--config.KEY=VALUE`."""
-    sampler = {k.split(".", 1)[1]: None for k in SETTING_TYPES if k.startswith("sampler.")}
-    top = {k: None for k in SETTING_TYPES if "." not in k}
-    section = _section(top, SETTING_TYPES)
-    section.sampler = _section(sampler, {k.split(".", 1)[1]: v for k, v in SETTING_TYPES.items() if "." in k})
+    sampler = {k.removeprefix("sampler."): v for k, v in SETTING_TYPES.items() if k.startswith("sampler.")}
+    section = _section(dict.fromkeys(k for k in SETTING_TYPES if "." not in k), SETTING_TYPES)
+    section.sampler = _section(dict.fromkeys(sampler), sampler)
     return section
 
 
@@ -438,7 +437,7 @@ _pair("sit-xl2-7m-cfg1.5", "baseline", "SiT-XL/2", 2.06, paper=SIT, table="READM
       notes="Guidance on 3 of the 4 latent channels, as the official forward_with_cfg; no guidance interval. "
             "Conflict: SiT's README credits 2.06 to 'exploring various diffusion coefficients', which reads as an "
             "SDE result, while its maintainer names a Heun ODE for the released model: try both "
-            "(--set=sampler.method=euler_maruyama --set=sampler.num_steps=250 marks the result not comparable).")
+            "(--set.sampler.method=euler_maruyama --set.sampler.num_steps=250 marks the result not comparable).")
 _pair("sit-b2-400k-sde", "baseline", "SiT-B/2", 33.0, paper=SIT,
       table="the paper's SiT-B/2 400K no-CFG FID, as quoted in SiT issue 31 and said to be an SDE number by the "
       "DispLoss authors (raywang4/DispLoss issue 4)", source="issue",

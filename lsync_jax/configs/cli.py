@@ -118,7 +118,10 @@ def define_inline_config(name: str, config: config_dict.ConfigDict, help_string:
     if problem:
         sys.stderr.write(f"FATAL Flags parsing error: {problem}\n")
         sys.exit(1)
-    return config_flags.DEFINE_config_dict(name, config, help_string, sys_argv=argv)
+    holder = config_flags.DEFINE_config_dict(name, config, help_string, sys_argv=argv)
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # listed with the script's flags (--helpshort)
+    flags.FLAGS.register_flag_by_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
+    return holder
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -57,7 +57,7 @@ def check_fields(keys: Any, where: str) -> None:
     unknown = sorted(set(keys) - FIELDS)
     if unknown:
         raise KeyError(f"{where} puts undeclared key(s) {unknown} into a batch; a batch holds "
-                       f"{sorted(FIELDS)} (lsync_jax.data.batch.Batch)")
+                       f"{sorted(FIELDS)} (lsync_jax.objectives.batch.Batch)")
 
 
 def make_batch(fields: Mapping[str, Any], where: str) -> Batch:

@@ -47,6 +47,7 @@ from lsync_jax.data import LoaderSpec, global_batch, make_loader
 from lsync_jax.host import compiler_options, initialize_distributed
 from lsync_jax.models.mup import mup_lr_multipliers
 from lsync_jax.objectives import Objective, build_objective
+from lsync_jax.objectives.batch import Batch
 from lsync_jax.sharding import batch_sharding
 from lsync_jax.storage import check_writable
 from lsync_jax.train.checkpoint import Checkpointer
@@ -127,7 +128,7 @@ class Run:
     def log_every(self) -> int:
         return int(self.config.train.log_every)
 
-    def next_batch(self) -> dict[str, jax.Array]:
+    def next_batch(self) -> Batch:
         batch = global_batch(next(self.data_iterator), batch_sharding(self.mesh))
         return self.encoder.add_to(batch) if self.encoder is not None else batch
 

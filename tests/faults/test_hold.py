@@ -67,6 +67,12 @@ def holder_pid(workdir):
     return holder.record.get("pid") if holder is not None and holder.record else None
 
 
+def stopped(pid):
+    """Whether process `pid` is stopped (SIGSTOP delivered: no thread of it runs)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def checkpoints(workdir):
     directory = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
@@ -78,6 +84,7 @@ def test_a_second_trainer_on_a_local_workdir_refuses_before_writing_and_a_sigter
     try:
         wait_for(lambda: checkpoints(workdir), "the first checkpoint")
         first.send_signal(signal.SIGSTOP)  # alive and holding, writing nothing while the second starts
+        wait_for(lambda: stopped(first.pid), "the first run stopped", seconds=30)
         before = snapshot(workdir)
         codes, errors = finish(start(workdir, log + "2", "--config.train.num_steps=100000",
                                      "--config.train.hold_wait_s=0"), log + "2", timeout=300)
@@ -85,7 +92,9 @@ def test_a_second_trainer_on_a_local_workdir_refuses_before_writing_and_a_sigter
         for part in (f"{workdir} is held by another run", f"host {socket.gethostname()}, process {first.pid}",
                      "started 20", "lease last renewed", "--config.train.take_over_hold=True"):
             assert part in errors[0], errors[0][-3000:]
-        assert snapshot(workdir) == before  # nothing written: no run record, no probe, no event file
+        after = snapshot(workdir)  # nothing written: no run record, no probe, no event file
+        assert after == before, {k: (before.get(k), after.get(k)) for k in {*before, *after}
+                                 if before.get(k) != after.get(k)}
         first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGTERM)
         codes, errors = finish([first], log + "1", timeout=300)

@@ -1240,13 +1240,13 @@ class WorkdirHold:
     def acquire(self, processes: Sequence[Mapping[str, Any]]) -> None:
         """Take the hold for a run of `processes` (this process first), waiting as the class says."""
         self._store = _hold_store(self.workdir)
-        if not storage.is_remote(self.workdir):
-            self._make_workdir()
         me = processes[0]
         record = dict(me, token=self.token, lease_s=self.lease_s, processes=list(processes),
                       started=_utc(time.time()), argv=list(sys.argv[:8]))
         deadline, waited = time.monotonic() + self.wait_s, False
         try:
+            if not storage.is_remote(self.workdir):
+                self._make_workdir()
             while True:
                 self.held = self._store.create(record)
                 if self.held is not None:

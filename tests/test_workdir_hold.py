@@ -262,3 +262,15 @@ def test_on_gcs_the_hold_is_taken_refused_expired_and_released(bucket, caplog):
         from lsync_jax import storage
 
         assert storage.find(bucket) == []  # no clock probe left behind
+
+
+def test_an_unwritable_workdir_is_named_and_left_as_found(tmp_path, monkeypatch):
+    def refuse(self, record):
+        raise PermissionError(13, "Permission denied", self.workdir)
+
+    monkeypatch.setattr(workdir_module._LocalHold, "_finished_file", refuse)
+    workdir = str(tmp_path / "new" / "run")
+    with pytest.raises(OSError, match=r"new/run is not writable \(Permission denied\): its hold \(hold.json\) cannot "
+                                      r"be taken"):
+        WorkdirHold(workdir).__enter__()
+    assert list(tmp_path.iterdir()) == []

@@ -255,25 +255,29 @@ def _events_losses(workdir: str, extra: Sequence[str] = ()) -> dict[int, float]:
 
 def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, lease_s: float = 4.0,
                     env: dict | None = None) -> list[dict[str, Any]]:
-    """`kills` SIGKILLs of a run in `where` (a bucket) at random moments after it took its hold, on a random
-    one of its processes (the rest killed 0-3 s later); restarts on 1 or 2 processes at random; every
-    fourth kill leaves a hold that names another host (a vanished VM), so that the restart waits for its
-    lease (`lease_s`, short) to expire by the storage's clock. Then the run is finished and compared with
+    """`kills` SIGKILLs of a run in `where` (a bucket) at random moments (0-25 s) after it took its hold, on
+    a random one of its processes (the rest killed 0-3 s later); restarts on 1 or 2 processes at random;
+    every fourth kill leaves a hold that names another host (a vanished VM), so that the restart waits for
+    its lease (`lease_s`, short) to expire by the storage's clock. Then the run is finished 10 steps past its
+    newest checkpoint and compared with
     uninterrupted ones in `local` (1 process: the losses within ELASTIC_RTOL; the weights' difference beside
     that of an uninterrupted 2-process run). A row per restart, and a summary row."""
     from lsync_jax.workdir import _GcsHold, read_holder
 
     env = env or _ENV
     rng = random.Random(seed)
-    workdir, target = storage.join(where, "hold_chaos"), 40
+    workdir = storage.join(where, "hold_chaos")
     flags = ["--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.num_grid_samples=0",
              f"--config.train.hold_lease_s={lease_s}", f"--config.train.hold_wait_s={20 * lease_s}"]
     rows: list[dict[str, Any]] = []
     logs = tempfile.mkdtemp(prefix="lsync_jax_hold_chaos_")
-    processes, vanished = 2, False
+    processes, vanished, done, target = 2, False, 0, 100_000  # the lives never finish on their own
     start_all = time.perf_counter()
-    for life in range(kills + 1):
-        last = life == kills
+    for life in range(3 * kills + 1):
+        last = done == kills
+        if last:  # the end: a few steps past the newest checkpoint, uninterrupted
+            ckpts = storage.join(workdir, "checkpoints")
+            target = max([int(n) for n in storage.listdir(ckpts) if n.isdigit()] or [0]) + 10
         log = os.path.join(logs, f"life{life}")
         started = time.perf_counter()
         procs = _start(workdir, processes, log, f"--config.train.num_steps={target}", *flags, env=env)
@@ -285,16 +289,16 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
                 held_after = time.perf_counter() - started
                 break
             time.sleep(0.2)
-        killed, victim, delay = None, None, None
+        killed, delay = None, None
         if not last and held_after is not None:
-            delay = rng.uniform(0.0, 35.0)  # start-up, compile, steps, saves
+            delay = rng.uniform(0.0, 25.0)  # start-up, compile, steps, saves
             end = time.perf_counter() + delay
             while time.perf_counter() < end and all(p.poll() is None for p in procs):
                 time.sleep(0.1)
             victim = rng.randrange(len(procs))
             if procs[victim].poll() is None:
                 procs[victim].send_signal(signal.SIGKILL)
-                killed = victim
+                killed, done = victim, done + 1
                 time.sleep(rng.uniform(0.0, 3.0))
                 for p in procs:  # the allocation ends: the others die too
                     if p.poll() is None:
@@ -312,11 +316,11 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
         if held_after is None:
             rows[-1]["error"] = (text.strip().splitlines() or ["(no output)"])[-1][:400]
             break
-        if killed is None and all(code == 0 for code in codes) and not last:
-            target += 20  # it finished before its kill: more steps for the next lives
-        vanished = not last and killed is not None and life % 4 == 3
-        if vanished:  # the hold left behind names another host now (a VM that vanished): only expiry frees it
-            store = _GcsHold(workdir)
+        if last:
+            break
+        vanished = False
+        if killed is not None and done % 4 == 0:  # the hold left behind now names another host (a VM that
+            store = _GcsHold(workdir)             # vanished): only its expiry frees it
             seen = store.read()
             if seen is not None and seen.record:
                 record = dict(seen.record, host="vm-vanished", boot_id="",
@@ -337,6 +341,7 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
     a, in_bucket, b = _losses(straight), _events_losses(workdir), _events_losses(workdir, left)
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
+    b = {step: loss for step, loss in b.items() if step <= target}  # a killed life may have logged a few more
     steps_ok = sorted(a) == sorted(b) == list(range(1, target + 1))
     rel = max(abs(a[s] - b[s]) / abs(a[s]) for s in a) if steps_ok else float("nan")
     import jax

@@ -50,9 +50,12 @@ def check_phases(phases: Sequence[Phase]) -> None:
     for phase in phases:
         model = build_model(phase.config)
         build_objective(phase.config.objective, build_transport(phase.config), depth=model.depth)
-        if not 0 < phase.until <= int(phase.config.train.num_steps):
-            raise ValueError(f"phase {phase.name!r}: its last step {phase.until} must lie in "
-                             f"[1, train.num_steps={phase.config.train.num_steps}]")
+
+
+def _check_until(phase: Phase) -> None:
+    if not 0 < phase.until <= int(phase.config.train.num_steps):
+        raise ValueError(f"phase {phase.name!r}: its last step {phase.until} must lie in "
+                         f"[1, train.num_steps={phase.config.train.num_steps}]")
 
 
 def _is_done(phases: Sequence[Phase], i: int) -> bool:
@@ -68,6 +71,8 @@ def _next(phases: Sequence[Phase]) -> int:
     """The index of the phase that runs next (the last one when all are done: its final hooks run)."""
     if not phases:
         raise ValueError("a run needs at least one phase")
+    for phase in phases:  # cheap: every phase's step range, before anything reads the workdir
+        _check_until(phase)
     return next((i for i in range(len(phases)) if not _is_done(phases, i)), len(phases) - 1)
 
 

@@ -236,8 +236,8 @@ class CheckpointHook:
 
     def __call__(self, info: StepInfo) -> Outcome:
         check_state_finite(info.step, info.state, info.last_saved)
-        self.checkpointer.save(info.step, info.state, self.meta, self.data_iterator, force=info.preempted)
-        return Outcome(saved=True)
+        saved = self.checkpointer.save(info.step, info.state, self.meta, self.data_iterator, force=info.preempted)
+        return Outcome(saved=bool(saved))
 
     def close(self) -> None:
         self.checkpointer.close()  # waits for asynchronous saves: an error must not cut the last good one short

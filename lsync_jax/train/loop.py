@@ -100,6 +100,9 @@ def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> int | None:
             continue
         if Needs.FINITE_METRICS in hook.needs:
             metrics.flush(info.step, info.last_saved)
+        if Needs.SAVED_STATE in hook.needs and info.trained and info.last_saved != info.step:
+            raise RuntimeError(f"{type(hook).__name__} needs step {info.step}'s state saved, and no hook before it "
+                               "saved it: the checkpoint hook must come first in the hooks' order")
         with PHASES.phase(hook.phase) if hook.phase else contextlib.nullcontext():
             outcome = hook(info) or Outcome()
         metrics.write(info.step, outcome)

@@ -339,6 +339,7 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
     left = glob.glob(os.path.join(tempfile.gettempdir(), "lsync_jax_events_"
                                   f"{hashlib.sha1(workdir.encode()).hexdigest()[:12]}_*"))
     a, in_bucket, b = _losses(straight), _events_losses(workdir), _events_losses(workdir, left)
+    c = _losses(straight2)
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
     b = {step: loss for step, loss in b.items() if step <= target}  # a killed life may have logged a few more
@@ -367,6 +368,7 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
                  "steps": target, "all_steps_logged": steps_ok,
                  "steps_missing_from_bucket_events": len(set(range(1, target + 1)) - set(in_bucket)),
                  "max_rel_loss_diff": rel, "losses_within_elastic_rtol": bool(same),
+                 "max_rel_loss_diff_2_vs_1_process_uninterrupted": max(abs(a[s] - c[s]) / abs(a[s]) for s in a),
                  "max_abs_param_diff": gap(pa, pb), "max_abs_param_diff_2_vs_1_process_uninterrupted": gap(pa, p2),
                  "chaos_s": round(chaos_s, 1), "logs": logs})
     return rows

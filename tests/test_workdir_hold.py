@@ -274,3 +274,16 @@ def test_an_unwritable_workdir_is_named_and_left_as_found(tmp_path, monkeypatch)
                                       r"be taken"):
         WorkdirHold(workdir).__enter__()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_reports_the_holder_and_takes_no_hold(tmp_path):
+    from lsync_jax.configs import tiny
+    from lsync_jax.recipes import check_run
+
+    workdir = str(tmp_path / "run")
+    assert check_run(tiny.get_config(), workdir).endswith("; workdir hold: no hold")
+    other_host_hold(workdir)
+    before = snapshot(workdir)
+    summary = check_run(tiny.get_config(), workdir)
+    assert "; workdir hold: held by host node-7.other, process 4242, started 2026-01-01" in summary
+    assert snapshot(workdir) == before  # the clock probe and the storage probes are gone again

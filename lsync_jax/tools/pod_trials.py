@@ -38,7 +38,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lsync_jax import storage
+from lsync_jax.builders import build_mesh
+from lsync_jax.configs import tiny
 from lsync_jax.tools.gcs_emulator import GcsEmulator
+from lsync_jax.workdir import _GcsHold, load_params, read_holder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -262,8 +265,6 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
     newest checkpoint and compared with
     uninterrupted ones in `local` (1 process: the losses within ELASTIC_RTOL; the weights' difference beside
     that of an uninterrupted 2-process run). A row per restart, and a summary row."""
-    from lsync_jax.workdir import _GcsHold, read_holder
-
     env = env or _ENV
     rng = random.Random(seed)
     workdir = storage.join(where, "hold_chaos")
@@ -346,10 +347,6 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
     steps_ok = sorted(a) == sorted(b) == list(range(1, target + 1))
     rel = max(abs(a[s] - b[s]) / abs(a[s]) for s in a) if steps_ok else float("nan")
     import jax
-
-    from lsync_jax.builders import build_mesh
-    from lsync_jax.configs import tiny
-    from lsync_jax.workdir import load_params
 
     config = tiny.get_config()  # the checkpoints of 1 and 2 processes, read onto this process's devices
     read = lambda w: load_params(config, w, build_mesh(config), step=target, which="params")[1]

@@ -45,8 +45,19 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"config.train.keep_every must be >= 1 or None (off), got {train.keep_every}")
     if train.init_include and not train.init_from:
         raise ValueError("config.train.init_include selects parameters of config.train.init_from, which is empty")
+    check_hold_settings(train.hold_lease_s, train.hold_wait_s)
     if int(config.vae.decode_chunk) < 1:
         raise ValueError(f"config.vae.decode_chunk must be >= 1, got {config.vae.decode_chunk}")
+
+
+def check_hold_settings(lease_s: Any, wait_s: Any, keys: str = "config.train") -> None:
+    """The workdir hold's settings (hold_lease_s, hold_wait_s): checked by `validate_config` for a config
+    and by `lsync_jax.workdir.WorkdirHold` for a direct caller, with the same message naming the key."""
+    if not float(lease_s) >= 1:
+        raise ValueError(f"{keys}.hold_lease_s={lease_s}: expected a lease of at least 1 s (renewed every quarter "
+                         "of it)")
+    if not float(wait_s) >= 0:
+        raise ValueError(f"{keys}.hold_wait_s={wait_s}: expected seconds >= 0")
 
 
 def mesh_rules(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

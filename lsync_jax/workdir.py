@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from lsync_jax import storage
-from lsync_jax.builders import build_model, mesh_rules, model_fields
+from lsync_jax.builders import build_model, check_hold_settings, mesh_rules, model_fields
 from lsync_jax.host import all_processes
 from lsync_jax.models import COMPUTE_OVERRIDES, get_model, model_class, model_config, override_types
 from lsync_jax.sharding import path_name, tree_shardings, with_shardings
@@ -940,13 +940,25 @@ class Holder:
         if not r:
             who = "an unreadable hold file (a hold being written, or damaged)"
         else:
-            more = len(r.get("processes", [])) - 1
+            more = _process_count(r) - 1
             who = (f"host {r.get('host', '?')}, process {r.get('pid', '?')}"
                    + (f" (with {more} more process{'es' if more > 1 else ''} of its run)" if more > 0 else "")
                    + f", started {r.get('started', '?')} by its clock")
         ago = f", {self.age:.0f} s ago" if self.age is not None else ""
         lease = f"; its lease is {self.lease_s:g} s" if self.lease_s else ""
         return f"{who}, lease last renewed {_utc(self.renewed)} by the storage's clock{ago}{lease}"
+
+
+def _process_count(record: Mapping[str, Any]) -> int:
+    processes = record.get("processes")
+    return len(processes) if isinstance(processes, list) else int(record.get("process_count", 1) or 1)
+
+
+def hold_summary_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A hold's record without its process list and command line (a size that does not grow with the run):
+    the token, the holder (host and pid of process 0), the lease, the process count and the start time."""
+    summary = {key: record[key] for key in ("token", "host", "pid", "lease_s", "started") if key in record}
+    return dict(summary, process_count=_process_count(record))
 
 
 class _LocalHold:
@@ -1060,8 +1072,10 @@ class _GcsHold:
     """The hold object on gs://, through gcsfs's JSON API calls with generation preconditions. gcsfs's
     own writes cannot set ifGenerationMatch=<generation> (only 0, as mode='create'), so the uploads are
     made here: multipart ones (fake-gcs-server, the tests' emulator, honours ifGenerationMatch on those
-    and not on uploadType=media). The record is the object's content and its custom metadata 'hold', so
-    that one metadata read gives the record with its generation and time."""
+    and not on uploadType=media). The whole record (every process of the run) is the object's content,
+    read at the generation its metadata names; the custom metadata 'hold' (GCS caps custom metadata at
+    8 KiB an object) holds a fixed-size summary (`hold_summary_fields`), for people and tools listing the
+    bucket, and the record's stand-in when the content is unreadable."""
 
     BOUNDARY = "lsync-jax-hold"
 
@@ -1072,18 +1086,32 @@ class _GcsHold:
         self.prefix = prefix.strip("/")
         self.key = f"{self.prefix}/{HOLD_FILE}" if self.prefix else HOLD_FILE
 
-    def _holder(self, resource: Mapping[str, Any]) -> Holder:
-        try:
-            record = json.loads((resource.get("metadata") or {}).get("hold", ""))
-        except ValueError:
-            record = None
+    @staticmethod
+    def metadata(record: Mapping[str, Any]) -> dict[str, str]:
+        """The object's custom metadata for `record`: its summary, of a size that does not grow with the run."""
+        return {"hold": json.dumps(hold_summary_fields(record), sort_keys=True)}
+
+    def _holder(self, resource: Mapping[str, Any], record: Any) -> Holder:
+        if not isinstance(record, dict):  # the content unreadable: the summary stands in
+            try:
+                record = json.loads((resource.get("metadata") or {}).get("hold", ""))
+            except ValueError:
+                record = None
         return Holder(record if isinstance(record, dict) else None, _rfc3339(resource["updated"]),
                       str(resource["generation"]))
+
+    def _content(self, generation: str) -> Any:
+        """The record stored as generation `generation` (FileNotFoundError: replaced or removed since)."""
+        _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media", generation=generation)
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
 
     def _put(self, key: str, record: Mapping[str, Any], if_generation: str) -> dict[str, Any]:
         """Upload `record` as `key` if the object's generation is `if_generation` ('0': absent)."""
         text = json.dumps(record, sort_keys=True)
-        meta = json.dumps({"name": key, "contentType": "application/json", "metadata": {"hold": text}})
+        meta = json.dumps({"name": key, "contentType": "application/json", "metadata": self.metadata(record)})
         body = (f"--{self.BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
                 f"--{self.BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{text}\n\r\n--{self.BOUNDARY}--")
         return self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{urllib.parse.quote(self.bucket)}/o",
@@ -1092,14 +1120,21 @@ class _GcsHold:
                             json_out=True)
 
     def read(self) -> Holder | None:
-        try:
-            return self._holder(self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True))
-        except FileNotFoundError:
-            return None
+        """The hold with its whole record: the metadata, then the content of the generation it names."""
+        for _ in range(10):
+            try:
+                resource = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+            except FileNotFoundError:
+                return None
+            try:
+                return self._holder(resource, self._content(str(resource["generation"])))
+            except FileNotFoundError:
+                continue  # renewed, replaced or released between the two reads: read again
+        return self._holder(resource, None)
 
     def _conditional(self, record: Mapping[str, Any], generation: str) -> Holder | None:
         try:
-            return self._holder(self._put(self.key, record, generation))
+            return self._holder(self._put(self.key, record, generation), dict(record))
         except FileExistsError:  # 412: the generation moved on, or a retried request already succeeded
             now = self.read()
             mine = now is not None and (now.record or {}).get("token") == record.get("token")
@@ -1140,30 +1175,39 @@ class _GcsHold:
                 pass
 
 
+def _no_hold(workdir: str) -> str:
+    """Why `workdir` cannot be held ('': it can): a storage other than a local disk and gs://."""
+    kind = storage.scheme(workdir)
+    if not kind or kind in ("gs", "gcs"):
+        return ""
+    return f"no hold: {kind}:// has no conditional writes in lsync-jax; two trainers on this workdir are not prevented"
+
+
 def _hold_store(workdir: str) -> Any:
-    if not storage.is_remote(workdir):
-        return _LocalHold(workdir)
-    if storage.scheme(workdir) not in ("gs", "gcs"):
-        raise ValueError(f"{workdir}: a workdir hold needs a local disk or gs:// (its scheme has no conditional "
-                         "writes in lsync-jax)")
-    return _GcsHold(workdir)
+    if _no_hold(workdir):
+        return None
+    return _GcsHold(workdir) if storage.is_remote(workdir) else _LocalHold(workdir)
 
 
 def read_holder(workdir: str) -> Holder | None:
-    """Who holds `workdir` (None: nobody), with the hold's age by the storage's clock (a probe file or
-    object is written and removed to read that clock); for launch/train.py --check. Writes nothing else."""
+    """Who holds `workdir` (None: nobody, or a storage that cannot be held), with the hold's age by the
+    storage's clock (a probe file or object is written and removed to read that clock); for launch/train.py
+    --check. Writes nothing else."""
     workdir = storage.absolute(workdir)
     if not storage.is_remote(workdir) and not os.path.isdir(workdir):
         return None
     store = _hold_store(workdir)
-    seen = store.read()
+    seen = store.read() if store is not None else None
     if seen is None:
         return None
     return dataclasses.replace(seen, age=store.now() - seen.renewed)
 
 
 def hold_summary(workdir: str) -> str:
-    """One phrase for --check: 'no hold' or who holds `workdir`."""
+    """One phrase for --check: 'no hold', who holds `workdir`, or why it cannot be held."""
+    why = _no_hold(storage.absolute(workdir))
+    if why:
+        return why
     holder = read_holder(workdir)
     return "no hold" if holder is None else f"held by {holder.describe()}"
 
@@ -1176,20 +1220,19 @@ class WorkdirHold:
     `take_over` any hold is broken, with one warning line naming whose. Otherwise it waits up to `wait_s`
     for the holder to release it or its lease to expire, then raises HoldError naming the holder. While
     held, a thread renews it every `lease_s / 4`; if a renewal finds it taken over, `lost` says why (an
-    error line) and `check()` raises HoldLostError. Leaving releases it (on any exit; the directories
-    entering created are removed again when empty). In a run of several processes, process 0 takes and
-    renews the hold for the run, recording every process; all processes share its verdict (a refusal
-    raises on each) through jax.distributed's key-value store. `keys` names the config keys in messages."""
+    error line) and `check()` raises HoldLostError; `guard(step)`, before every write into the workdir,
+    renews it at once and raises HoldLostError on every process once it is lost. Leaving releases it (on
+    any exit; the directories entering created are removed again when empty). In a run of several
+    processes, process 0 takes and renews the hold for the run, recording every process; all processes
+    share its verdict (a refusal raises on each) through jax.distributed's key-value store. A workdir on
+    a storage other than a local disk and gs:// is not held (one warning line). `keys` names the config
+    keys in messages."""
 
     def __init__(self, workdir: str, *, lease_s: float = 120.0, wait_s: float = 0.0, take_over: bool = False,
                  keys: str = "config.train"):
         self.workdir = storage.absolute(workdir)
+        check_hold_settings(lease_s, wait_s, keys)
         self.lease_s, self.wait_s, self.take_over, self.keys = float(lease_s), float(wait_s), bool(take_over), keys
-        if not self.lease_s >= 1:
-            raise ValueError(f"{keys}.hold_lease_s={lease_s}: expected a lease of at least 1 s (renewed every quarter "
-                             "of it)")
-        if not self.wait_s >= 0:
-            raise ValueError(f"{keys}.hold_wait_s={wait_s}: expected seconds >= 0")
         self.token = uuid.uuid4().hex
         self.lost: str | None = None
         self.held: Holder | None = None
@@ -1197,6 +1240,8 @@ class WorkdirHold:
         self._created: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_ok = 0.0  # time.monotonic() of the last renewal that confirmed the hold
+        self._entered = False  # every process of the run: between a successful __enter__ and the release
 
     @classmethod
     def of_config(cls, workdir: str, train: Any) -> "WorkdirHold":
@@ -1208,8 +1253,9 @@ class WorkdirHold:
         _ACQUIRED[0] += 1
         if jax.process_count() == 1:
             self.acquire([process_identity()])
-            return self
-        self._acquire_together(f"lsync_jax/hold/{_ACQUIRED[0]}")
+        else:
+            self._acquire_together(f"lsync_jax/hold/{_ACQUIRED[0]}")
+        self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1235,11 +1281,18 @@ class WorkdirHold:
         except BaseException as e:
             client.key_value_set(f"{key}/verdict", str(e) or type(e).__name__)
             raise
-        client.key_value_set(f"{key}/verdict", "ok")
+        try:
+            client.key_value_set(f"{key}/verdict", "ok")
+        except BaseException:  # the others cannot learn the verdict: the run does not start, its hold goes
+            self.release()
+            raise
 
     def acquire(self, processes: Sequence[Mapping[str, Any]]) -> None:
         """Take the hold for a run of `processes` (this process first), waiting as the class says."""
         self._store = _hold_store(self.workdir)
+        if self._store is None:
+            logging.warning("%s: %s", self.workdir, _no_hold(self.workdir))
+            return
         me = processes[0]
         record = dict(me, token=self.token, lease_s=self.lease_s, processes=list(processes),
                       started=_utc(time.time()), argv=list(sys.argv[:8]))
@@ -1285,6 +1338,7 @@ class WorkdirHold:
             self._remove_created()
             raise
         _ACTIVE_TOKENS.add(self.token)
+        self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="lsync-jax workdir hold", daemon=True)
         self._thread.start()
 
@@ -1315,6 +1369,7 @@ class WorkdirHold:
     def release(self) -> None:
         """Stop renewing and remove the hold (unless it was lost); never raises over the error in flight."""
         self._stop.set()
+        self._entered = False
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
@@ -1332,29 +1387,40 @@ class WorkdirHold:
 
     # -- while held ----------------------------------------------------------------------------------
     def _renew_loop(self) -> None:
-        last_ok = time.monotonic()
         while not self._stop.wait(self.lease_s / 4):
-            try:
-                renewed = self._store.renew(self.token)
-            except Exception as e:  # noqa: BLE001 - storage trouble: retried at the next quarter lease
-                if time.monotonic() - last_ok > self.lease_s:
-                    self._lose(f"its hold could not be renewed for over its lease of {self.lease_s:g} s "
-                               f"({first_line(e)}): another run may have taken the workdir")
-                    return
-                logging.warning("%s: renewing its hold failed (%s); retrying in %g s", self.workdir, first_line(e),
-                                self.lease_s / 4)
-                continue
-            if renewed is None:
-                now = self._store.read()
-                self._lose(f"its hold was taken over by {now.describe()}" if now is not None else
-                           f"its hold file {HOLD_FILE} was removed")
+            if not self.renew():
                 return
-            last_ok = time.monotonic()
+
+    def renew(self) -> bool:
+        """Renew the hold now; False once it is lost (`lost` says why). A storage error is retried at the
+        next renewal, until the hold has gone unconfirmed for a whole lease. Never called after `release`
+        began: a renewal thread that outlived its join says nothing."""
+        if self.lost:
+            return False
+        try:
+            renewed = self._store.renew(self.token)
+        except Exception as e:  # noqa: BLE001 - storage trouble: retried at the next quarter lease
+            if time.monotonic() - self._last_ok > self.lease_s:
+                self._lose(f"its hold could not be renewed for over its lease of {self.lease_s:g} s "
+                           f"({first_line(e)}): another run may have taken the workdir")
+                return False
+            logging.warning("%s: renewing its hold failed (%s); retrying in %g s", self.workdir, first_line(e),
+                            self.lease_s / 4)
+            return True
+        if renewed is None:
+            now = self._store.read()
+            self._lose(f"its hold was taken over by {now.describe()}" if now is not None else
+                       f"its hold file {HOLD_FILE} was removed")
+            return False
+        self._last_ok = time.monotonic()
+        return True
 
     def _lose(self, why: str) -> None:
+        if self._stop.is_set() or self.lost:  # released meanwhile (a late renewal), or said already
+            return
         self.lost = why
-        logging.error("%s: this run no longer holds its workdir: %s. It stops at its next step without writing "
-                      "more", self.workdir, why)
+        logging.error("%s: this run no longer holds its workdir: %s. It stops before it writes there again",
+                      self.workdir, why)
 
     def check(self) -> None:
         """Raise HoldLostError if the hold was lost (see `lost`)."""
@@ -1363,18 +1429,36 @@ class WorkdirHold:
                                 "before writing more. Another run writes there now: check which, before running "
                                 "this one again")
 
-    def guarded(self, step_fn: Callable, every: int) -> Callable:
-        """`step_fn` that first raises HoldLostError once the hold is lost, so that the run stops at its next
-        step, before that step's hooks write anything. One process: checked at every step (a flag read).
-        Several: the processes agree (one flag gathered) every `every` steps (the logging interval), so
-        that all stop at the same step."""
-        calls = [0]
+    def guard(self, step: int) -> None:
+        """Before a write into the workdir at `step` (the loop calls it before every hook that declares
+        `Needs.HOLD`: checkpoints, sample grids, evaluations): process 0 renews the hold now, confirming it is
+        still this run's, and every process agrees (one flag gathered: all processes run the same hooks at the
+        same step), so that all raise HoldLostError before the write once it is lost. Without a hold (a
+        storage that cannot be held, or not entered): nothing, on every process alike."""
+        if not self._entered or _no_hold(self.workdir):
+            return
+        if jax.process_index() == 0:
+            self.renew()
+        if jax.process_count() == 1:
+            self.check()
+        elif not all_processes(not self.lost):
+            self.check()
+            raise HoldLostError(f"{self.workdir}: process 0 of this run lost its workdir hold (its log says to "
+                                f"whom); every process stops at step {step}, before writing more")
+
+    def guarded(self, step_fn: Callable, every: int, start: int = 0) -> Callable:
+        """`step_fn` that first raises HoldLostError once the hold is known lost, so that a run stops at its
+        next step rather than train on until its next write (which `guard` stops in any case). One process:
+        checked at every step (a flag read). Several: the processes agree (one flag gathered) before each step
+        `s` with s % every == 0 (`every`: the logging interval; `start`: the step the state is at), so that
+        all stop at the same step."""
+        steps = [int(start)]
 
         def step(*args: Any) -> Any:
-            calls[0] += 1
+            steps[0] += 1
             if jax.process_count() == 1:
                 self.check()
-            elif calls[0] % max(int(every), 1) == 0 and not all_processes(not self.lost):
+            elif steps[0] % max(int(every), 1) == 0 and not all_processes(not self.lost):
                 self.check()
                 raise HoldLostError(f"{self.workdir}: process 0 of this run lost its workdir hold (its log says to "
                                     "whom); every process stops before writing more")

@@ -161,24 +161,74 @@ def test_a_second_hold_in_the_same_process_is_refused(tmp_path):
 
 def test_a_takeover_breaks_a_live_hold_with_one_line_and_the_holder_stops(tmp_path, caplog):
     workdir = str(tmp_path)
-    first = WorkdirHold(workdir, lease_s=1.0).__enter__()  # renewed every 0.25 s
-    step = first.guarded(lambda state: state + 1, every=1)
-    assert step(1) == 2
-    with caplog.at_level(logging.WARNING):
-        second = WorkdirHold(workdir, take_over=True).__enter__()
-    lines = warnings_in(caplog, "take_over_hold: took over the hold of")
-    assert len(lines) == 1 and f"process {os.getpid()}" in lines[0]
-    with alarm(30):
-        while first.lost is None:  # its next renewal finds the hold taken
-            time.sleep(0.05)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "this run no longer holds its workdir: its hold was taken over by" in errors[0]
-    with pytest.raises(HoldLostError, match="this run no longer holds its workdir"):
-        step(2)  # the run's next step
-    first.release()  # leaves the new holder's hold in place
-    assert read_holder(workdir).record["token"] == second.token
-    second.release()
+    with WorkdirHold(workdir, lease_s=1.0) as first:  # renewed every 0.25 s; released on any failure below
+        step = first.guarded(lambda state: state + 1, every=1)
+        assert step(1) == 2
+        with caplog.at_level(logging.WARNING), WorkdirHold(workdir, take_over=True) as second:
+            lines = warnings_in(caplog, "take_over_hold: took over the hold of")
+            assert len(lines) == 1 and f"process {os.getpid()}" in lines[0]
+            with alarm(30):
+                while first.lost is None:  # its next renewal finds the hold taken
+                    time.sleep(0.05)
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "this run no longer holds its workdir: its hold was taken over by" in errors[0]
+            with pytest.raises(HoldLostError, match="this run no longer holds its workdir"):
+                step(2)  # the run's next step
+            with pytest.raises(HoldLostError, match="this run no longer holds its workdir"):
+                first.guard(2)  # and any write
+            first.release()  # leaves the new holder's hold in place
+            assert read_holder(workdir).record["token"] == second.token
     assert read_holder(workdir) is None
+
+
+def test_the_guard_confirms_the_hold_before_a_write_without_waiting_for_a_renewal(tmp_path, caplog):
+    """A takeover between two renewals (a lease of 10 minutes: no renewal comes) is found by the guard's
+    own renewal, before the write."""
+    workdir = str(tmp_path)
+    with WorkdirHold(workdir, lease_s=600.0) as first:
+        first.guard(1)  # still its own: nothing raised
+        assert first.lost is None
+        with caplog.at_level(logging.WARNING), WorkdirHold(workdir, take_over=True) as second:
+            assert first.lost is None  # its renewal thread sleeps for 150 s more
+            with pytest.raises(HoldLostError, match="this run no longer holds its workdir"):
+                first.guard(2)
+            assert "taken over by" in first.lost
+            second.guard(2)  # the new holder writes
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, errors
+
+
+def test_a_renewal_after_the_release_says_nothing(tmp_path, caplog):
+    """A renewal thread that outlived release()'s join (a slow storage) finds the hold gone: it must not
+    log that the run lost its workdir."""
+    hold = WorkdirHold(str(tmp_path), lease_s=1.0).__enter__()
+    thread = hold._thread
+    hold._thread = None  # as if its join had timed out
+    with caplog.at_level(logging.WARNING):
+        hold.release()
+        thread.join(timeout=30)
+        assert not hold.renew()  # what that thread's late renewal does
+    assert hold.lost is None and [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_failed_verdict_of_a_multi_process_start_releases_the_hold(tmp_path, monkeypatch):
+    """Process 0 took the hold, then could not tell the others: the run does not start and the hold goes."""
+    from jax._src import distributed
+
+    class Client:
+        def blocking_key_value_get(self, key, timeout_ms):
+            return json.dumps(dict(process_identity(), pid=1))
+
+        def key_value_set(self, key, value):
+            if key.endswith("/verdict"):
+                raise RuntimeError("coordination service gone")
+
+    monkeypatch.setattr(workdir_module.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(workdir_module.jax, "process_index", lambda: 0)
+    monkeypatch.setattr(distributed.global_state, "client", Client())
+    with pytest.raises(RuntimeError, match="coordination service gone"):
+        WorkdirHold(str(tmp_path)).__enter__()
+    assert read_holder(str(tmp_path)) is None
 
 
 def test_the_lease_is_renewed_in_the_background(tmp_path):
@@ -205,11 +255,95 @@ def test_a_waiting_start_takes_a_hold_released_meanwhile_or_refuses_after_its_wa
         WorkdirHold(workdir, wait_s=0.5).__enter__()
 
 
+def test_every_process_of_a_run_takes_part_in_the_guard(tmp_path, monkeypatch):
+    """Process 1 holds nothing itself, yet joins every agreement (a collective all processes must call),
+    and stops when process 0 lost the hold."""
+    from jax._src import distributed
+
+    class Client:
+        def blocking_key_value_get(self, key, timeout_ms):
+            return "ok"  # process 0's verdict
+
+        def key_value_set(self, key, value):
+            pass
+
+    agreements = []
+
+    def all_processes(flag):
+        agreements.append(flag)
+        return len(agreements) == 1  # the second time, process 0 has lost the hold
+
+    monkeypatch.setattr(workdir_module.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(workdir_module.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(distributed.global_state, "client", Client())
+    monkeypatch.setattr(workdir_module, "all_processes", all_processes)
+    with WorkdirHold(str(tmp_path)) as hold:
+        assert hold.held is None  # process 0's
+        hold.guard(4)
+        with pytest.raises(HoldLostError, match="process 0 of this run lost its workdir hold.*at step 8"):
+            hold.guard(8)
+    assert agreements == [True, True]
+    step = hold.guarded(lambda state: state, every=5, start=3)
+    agreements.clear()
+    for state in range(4, 10):  # steps 4..9: one agreement, before step 5
+        step(state)
+    assert agreements == [True]
+
+
 def test_settings_outside_their_range_are_named():
     with pytest.raises(ValueError, match=r"config.train.hold_lease_s=0: expected a lease of at least 1 s"):
         WorkdirHold("/tmp/unused", lease_s=0)
     with pytest.raises(ValueError, match=r"config.train.hold_wait_s=-1: expected seconds >= 0"):
         WorkdirHold("/tmp/unused", wait_s=-1)
+
+
+def test_the_config_checks_the_hold_settings():
+    from lsync_jax.builders import validate_config
+    from lsync_jax.configs import tiny
+
+    for key, value, message in (("hold_lease_s", 0.5, "expected a lease of at least 1 s"),
+                                ("hold_wait_s", -1.0, "expected seconds >= 0")):
+        config = tiny.get_config()
+        config.train[key] = value
+        with pytest.raises(ValueError, match=rf"config.train.{key}={value}: {message}"):
+            validate_config(config)
+
+
+def test_check_refuses_hold_settings_outside_their_range(tmp_path):
+    from lsync_jax.configs import tiny
+    from lsync_jax.recipes import check_run
+
+    config = tiny.get_config()
+    config.train.hold_lease_s = 0.5
+    with pytest.raises(ValueError, match=r"config.train.hold_lease_s=0.5: expected a lease of at least 1 s"):
+        check_run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_config_without_the_hold_keys_gets_the_schemas_error(tmp_path):
+    from lsync_jax.configs import tiny
+    from lsync_jax.train import train
+
+    config = tiny.get_config()
+    with config.unlocked():
+        del config.train["hold_wait_s"]
+    with pytest.raises(ValueError, match="config.train.hold_wait_s is missing"):
+        train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_storage_without_conditional_writes_is_not_held_with_one_line(caplog):
+    """s3:// (and any fsspec URL but gs://): no hold, one warning line, the run goes on; --check says so.
+    Nothing here reaches the network."""
+    workdir = "s3://some-bucket/run"
+    with caplog.at_level(logging.WARNING), WorkdirHold(workdir) as hold:
+        hold.guard(1)
+        assert hold.held is None and hold.lost is None
+    lines = warnings_in(caplog, "no hold")
+    assert lines == [f"{workdir}: no hold: s3:// has no conditional writes in lsync-jax; two trainers on this "
+                     "workdir are not prevented"]
+    assert hold_summary(workdir) == lines[0].split(": ", 1)[1]
+    assert read_holder(workdir) is None
 
 
 def test_the_config_defines_the_hold_settings_once():
@@ -224,16 +358,37 @@ def test_the_config_defines_the_hold_settings_once():
 # -- gs:// ------------------------------------------------------------------------------------------------
 
 
+def many_processes(n):
+    return [{"host": f"pod-worker-{i:04d}.a-long-cluster-domain.internal", "boot_id": "0123456789abcdef" * 2 + "-0000",
+             "pid": 100000 + i, "pid_start": "123456789"} for i in range(n)]
+
+
+def test_the_gcs_metadata_of_a_large_run_stays_under_the_8_kib_cap():
+    """GCS caps an object's custom metadata at 8 KiB (keys and values); the emulator does not enforce it."""
+    processes = many_processes(256)
+    record = dict(processes[0], token="f" * 32, lease_s=120.0, processes=processes, started="2026-12-05T10:00:00+00:00",
+                  argv=["launch/train.py", "--config=configs/imagenet256.py", "--workdir=gs://b/" + "x" * 200] * 3)
+    assert len(json.dumps(record)) > 8192  # the whole record would not fit
+    metadata = workdir_module._GcsHold.metadata(record)
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) < 1024
+    summary = json.loads(metadata["hold"])
+    assert summary["process_count"] == 256 and summary["token"] == "f" * 32 and "processes" not in summary
+
+
+
+
 @pytest.mark.gcs
 def test_the_emulator_and_gcsfs_honour_generation_preconditions(bucket):
     """What the hold relies on: a create with ifGenerationMatch=0 fails when the object exists; a write
-    with ifGenerationMatch=<an old generation> fails."""
+    with ifGenerationMatch=<an old generation> fails; a read of the content at an old generation fails."""
     store = workdir_module._GcsHold(f"{bucket}/run")
     first = store.create({"token": "a"})
     assert first is not None and store.create({"token": "b"}) is None
     assert store.read().record == {"token": "a"}
     renewed = store.renew("a")
     assert renewed.version != first.version and renewed.renewed >= first.renewed
+    with pytest.raises(FileNotFoundError):  # a read of the content at a generation replaced since
+        store._content(first.version)
     assert store.replace({"token": "b"}, first.version) is None  # its generation moved on
     assert store.replace({"token": "b"}, renewed.version).record == {"token": "b"}
     assert store.renew("a") is None and not store.release("a")
@@ -262,6 +417,22 @@ def test_on_gcs_the_hold_is_taken_refused_expired_and_released(bucket, caplog):
         from lsync_jax import storage
 
         assert storage.find(bucket) == []  # no clock probe left behind
+
+
+@pytest.mark.gcs
+def test_on_gcs_the_whole_record_of_a_large_run_is_read_back(bucket):
+    workdir = f"{bucket}/run"
+    processes = many_processes(256)
+    store = workdir_module._GcsHold(workdir)
+    with alarm(120):
+        assert store.create(dict(processes[0], token="theirs", lease_s=120.0, processes=processes)) is not None
+        holder = read_holder(workdir)
+        assert holder.record["processes"] == processes
+        assert "process 100000 (with 255 more processes of its run)" in hold_summary(workdir)
+        with pytest.raises(HoldError, match="with 255 more processes"):
+            WorkdirHold(workdir, wait_s=0).__enter__()
+        assert store.renew("theirs").record["processes"] == processes
+        assert store.release("theirs")
 
 
 def test_an_unwritable_workdir_is_named_and_left_as_found(tmp_path, monkeypatch):

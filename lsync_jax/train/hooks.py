@@ -3,13 +3,13 @@
 After every step the loop hands each hook a `StepInfo`; a hook whose `due(info)` is true runs and
 tells the loop what it did by returning an `Outcome` (scalars and images to log, whether it saved
 the state, whether it paused training). No hook reaches into another: what a hook needs before it
-runs it declares (`Hook.needs`: the metrics checked finite, the state saved) and the loop provides
-it. The engine's own hooks are here: checkpoints and sample grids, with `Metrics` (the writer every
-outcome goes to, owned by the loop). In-training evaluators (`Evaluator`, e.g. FID from
-`lsync_jax.eval.fid`) run through `EvaluationHook`; the recipes register them by name. Preemption
-is not a hook: the loop decides it once per step (`Preemption.agreed`) and every hook reads it from
-`StepInfo.preempted`; after saving, the loop raises `Preempted`, which launch/train.py turns into
-`PREEMPTED_EXIT_CODE`.
+runs it declares (`Hook.needs`: the metrics checked finite, the state saved, the workdir's hold
+confirmed) and the loop provides it. The engine's own hooks are here: checkpoints and sample
+grids, with `Metrics` (the writer every outcome goes to, owned by the loop). In-training evaluators
+(`Evaluator`, e.g. FID from `lsync_jax.eval.fid`) run through `EvaluationHook`; the recipes register
+them by name. Preemption is not a hook: the loop decides it once per step (`Preemption.agreed`) and
+every hook reads it from `StepInfo.preempted`; after saving, the loop raises `Preempted`, which
+launch/train.py turns into `PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Needs(enum.Flag):
     NOTHING = 0
     FINITE_METRICS = enum.auto()  # every pending step's metrics written and checked finite (saves, evaluations)
     SAVED_STATE = enum.auto()  # this step's state in a checkpoint (an evaluation can fail: never at training's cost)
+    HOLD = enum.auto()  # the workdir still this run's (`Run.hold`): it writes there (checkpoints, grids, evaluations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,7 @@ class CheckpointHook:
     hook due at this step needs the state saved (`StepInfo.save_wanted`); never a state whose metrics
     were not finite (it needs them checked first) or whose parameters are not."""
 
-    needs = Needs.FINITE_METRICS
+    needs = Needs.FINITE_METRICS | Needs.HOLD
     phase = "checkpoints"
 
     def __init__(self, checkpointer: Any, meta: Mapping[str, Any], data_iterator: Any, every: int):
@@ -248,7 +249,7 @@ class SampleGridHook:
     (WORKDIR/samples/step_*.png) and TensorBoard image. Video samples (N, F, H, W, C) are one clip per
     row, its frames along the row (`columns` = the frame count)."""
 
-    needs = Needs.NOTHING
+    needs = Needs.HOLD
     phase = "sample grids"
 
     def __init__(self, sample: Callable[[Any], np.ndarray], every: int, workdir: str, columns: int):
@@ -276,7 +277,7 @@ class EvaluationHook:
     training done without it), never when preempted. It needs the state saved first: an evaluation can
     take minutes and can fail, never at the cost of training."""
 
-    needs = Needs.FINITE_METRICS | Needs.SAVED_STATE
+    needs = Needs.FINITE_METRICS | Needs.SAVED_STATE | Needs.HOLD
 
     def __init__(self, evaluator: Evaluator, num_steps: int):
         self.evaluator, self.num_steps, self.phase = evaluator, num_steps, evaluator.phase

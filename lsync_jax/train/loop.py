@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from absl import logging
 
+from lsync_jax.builders import validate_config
 from lsync_jax.host import PHASES, initialize_distributed
 from lsync_jax.train.hooks import Hook, Needs, Outcome, Preempted, Preemption, StepInfo
 from lsync_jax.train.setup import EvaluatorFactory, Run, setup
@@ -27,13 +28,20 @@ def train(config: Any, workdir: str, *, until: int | None = None, record: Mappin
     """Train (or resume) `config` in `workdir` up to step `until` (default: train.num_steps); returns
     the last logged metrics, or raises `Preempted` once SIGTERM's checkpoint is saved. The keywords
     are a recipe phase's (see `setup`). The run holds `workdir` throughout (`WorkdirHold`: taken before
-    anything is probed, written or compiled; released on every exit; a lost hold stops it at its next step)."""
+    anything is probed, written or compiled; released on every exit). A run that lost its hold (taken
+    over, or not renewable for a lease) raises `HoldLostError` before it writes into the workdir again:
+    before every checkpoint, sample grid and evaluation process 0 renews the hold and every process
+    agrees (`Run.hold`, `Needs.HOLD`). It also stops before its next step on one process, and on several
+    before the next step that is a multiple of train.log_every, if its next write has not stopped it."""
+    if not validated:  # before any key is read: a config missing one gets the schema's error
+        validate_config(config)
     initialize_distributed(config.distributed)  # the processes of a run agree on its hold through it
     with WorkdirHold.of_config(workdir, config.train) as hold:
         with PHASES.phase("start-up (config, data, model, state, hooks)"):
             run, hooks = setup(config, workdir, until=until, record=record, accepts=accepts, evaluators=evaluators,
-                               validated=validated)
-        run = dataclasses.replace(run, step_fn=hold.guarded(run.step_fn, every=run.log_every))
+                               validated=True)
+        run = dataclasses.replace(run, step_fn=hold.guarded(run.step_fn, every=run.log_every, start=run.start),
+                                  hold=hold.guard)
         return train_loop(run, hooks)
 
 
@@ -85,8 +93,8 @@ def train_loop(run: Run, hooks: Sequence[Hook]) -> dict[str, float]:
 
 
 def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> int | None:
-    """Hand `info` to the hooks in order, giving each what it `needs` first, and write their outcomes;
-    returns the newest saved step."""
+    """Hand `info` to the hooks in order, giving each what it `needs` first (the metrics checked finite,
+    the state saved, the workdir's hold confirmed), and write their outcomes; returns the newest saved step."""
     metrics = run.metrics
     metrics.collect(info)
     due = [hook.due(info) for hook in hooks]
@@ -103,6 +111,8 @@ def _run_hooks(run: Run, hooks: Sequence[Hook], info: StepInfo) -> int | None:
         if Needs.SAVED_STATE in hook.needs and info.trained and info.last_saved != info.step:
             raise RuntimeError(f"{type(hook).__name__} needs step {info.step}'s state saved, and no hook before it "
                                "saved it: the checkpoint hook must come first in the hooks' order")
+        if Needs.HOLD in hook.needs:
+            run.hold(info.step)  # raises HoldLostError before the write once another run holds the workdir
         with PHASES.phase(hook.phase) if hook.phase else contextlib.nullcontext():
             outcome = hook(info) or Outcome()
         metrics.write(info.step, outcome)

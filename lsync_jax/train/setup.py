@@ -119,6 +119,9 @@ class Run:
     resumed: int | None  # the checkpoint step resumed from, else None
     step_fn: Callable
     metrics: Metrics  # the log every hook's outcome goes to
+    # Called with the step before every hook that writes into the workdir (`Needs.HOLD`); raises HoldLostError
+    # once this run no longer holds it. `setup` takes no hold; `lsync_jax.train.train` sets the hold's guard.
+    hold: Callable[[int], None] = lambda step: None
 
     @property
     def num_steps(self) -> int:

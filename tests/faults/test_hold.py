@@ -51,8 +51,15 @@ def start(workdir, log, *overrides, processes=1, env=None):
 
 
 def finish(procs, log, timeout=600):
-    """(return codes, stderr texts) once every process has ended."""
-    codes = [p.wait(timeout=timeout) for p in procs]
+    """(return codes, stderr texts) once every process has ended; a process still running when the wait
+    fails (a timeout, an interrupt) is killed on the way out."""
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return codes, [open(f"{log}.{i}").read() for i in range(len(procs))]
 
 
@@ -100,6 +107,38 @@ def test_a_second_trainer_on_a_local_workdir_refuses_before_writing_and_a_sigter
         codes, errors = finish([first], log + "1", timeout=300)
         assert codes == [PREEMPTED_EXIT_CODE], errors[0][-3000:]
         assert not os.path.exists(os.path.join(workdir, HOLD_FILE))  # released on the way out
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_run_whose_hold_was_taken_over_stops_before_it_saves_again(tmp_path):
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "log")
+    first = start(workdir, log + "1", "--config.train.num_steps=100000", "--config.train.checkpoint_every=20")[0]
+    try:
+        wait_for(lambda: checkpoints(workdir), "the first checkpoint")
+        with alarm(120):
+            while True:  # stopped between two saves (a save under way is not the guard's to stop), its renewals
+                first.send_signal(signal.SIGSTOP)  # paused: the takeover comes unseen
+                wait_for(lambda: stopped(first.pid), "the first run stopped", seconds=30)
+                if not any("tmp" in name for name in os.listdir(os.path.join(workdir, "checkpoints"))):
+                    break
+                first.send_signal(signal.SIGCONT)
+                time.sleep(0.3)
+        end = checkpoints(workdir)[-1] + 4
+        codes, errors = finish(start(workdir, log + "2", f"--config.train.num_steps={end}",
+                                     "--config.train.take_over_hold=True"), log + "2", timeout=300)
+        assert codes == [0], errors[0][-3000:]
+        assert "take_over_hold: took over the hold of" in errors[0] and f"process {first.pid}" in errors[0]
+        before = snapshot(os.path.join(workdir, "checkpoints"))
+        first.send_signal(signal.SIGCONT)
+        codes, errors = finish([first], log + "1", timeout=300)
+        assert codes == [1], errors[0][-3000:]
+        assert "HoldLostError" in errors[0] and "this run no longer holds its workdir" in errors[0], errors[0][-3000:]
+        after = snapshot(os.path.join(workdir, "checkpoints"))
+        assert checkpoints(workdir)[-1] == end  # the second run's last save is the newest
+        changed = {k for k in {*before, *after} if before.get(k) != after.get(k)}
+        assert not {k for k in changed if k.split(os.sep)[0] == str(end)}, sorted(changed)
     finally:
         first.kill()
         first.wait()

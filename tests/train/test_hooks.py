@@ -61,8 +61,29 @@ class Evaluation:
         return Outcome(scalars={"eval/fid": 1.5}, paused_training=True)
 
 
-def run_of(log):
-    return types.SimpleNamespace(metrics=FakeMetrics(log))
+class GridWriter:
+    """Like SampleGridHook: writes into the workdir every step, so it needs the hold confirmed first."""
+
+    needs = Needs.HOLD
+    phase = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def due(self, info):
+        return info.trained
+
+    def __call__(self, info):
+        self.log.append(("grid", info.step))
+        return Outcome()
+
+
+class HoldingSaver(Saver):
+    needs = Needs.FINITE_METRICS | Needs.HOLD
+
+
+def run_of(log, hold=None):
+    return types.SimpleNamespace(metrics=FakeMetrics(log), hold=hold or (lambda step: log.append(("hold", step))))
 
 
 def info(step, last_saved=None, trained=True):
@@ -96,3 +117,27 @@ def test_a_resume_with_nothing_to_train_evaluates_without_saving():
     log = []
     assert _run_hooks(run_of(log), [Saver(log), Evaluation(log)], info(3, last_saved=3, trained=False)) == 3
     assert ("save", 3) not in log and ("evaluate", 3, 3) in log
+
+
+def test_every_hook_that_writes_into_the_workdir_gets_the_hold_confirmed_first():
+    log = []
+    assert _run_hooks(run_of(log), [HoldingSaver(log), GridWriter(log), Evaluation(log)], info(10, last_saved=0)) == 10
+    assert log == [("collect", 10), ("flush", 10, 0), ("hold", 10), ("save", 10), ("hold", 10), ("grid", 10)]
+
+
+def test_a_lost_hold_prevents_the_save():
+    from lsync_jax.workdir import HoldLostError
+
+    def lost(step):
+        raise HoldLostError(f"another run holds the workdir (step {step})")
+
+    log = []
+    with pytest.raises(HoldLostError, match="step 10"):
+        _run_hooks(run_of(log, hold=lost), [HoldingSaver(log), GridWriter(log)], info(10, last_saved=0))
+    assert ("save", 10) not in log and ("grid", 10) not in log
+
+
+def test_the_engines_writing_hooks_declare_the_hold():
+    from lsync_jax.train.hooks import CheckpointHook, EvaluationHook, SampleGridHook
+
+    assert all(Needs.HOLD in hook.needs for hook in (CheckpointHook, SampleGridHook, EvaluationHook))

@@ -46,6 +46,7 @@ from lsync_jax.workdir import _GcsHold, load_params, read_holder
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 _ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+PARTS = ("storage", "preemption", "elastic", "kills", "hold")  # what `run` measures, as named above
 
 
 def _free_port() -> int:
@@ -256,6 +257,15 @@ def _events_losses(workdir: str, extra: Sequence[str] = ()) -> dict[int, float]:
         return _losses(local)
 
 
+def _kill_all(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGKILL every process of `procs` still running, and reap them all."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+
+
 def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, lease_s: float = 4.0,
                     env: dict | None = None) -> list[dict[str, Any]]:
     """`kills` SIGKILLs of a run in `where` (a bucket) at random moments (0-25 s) after it took its hold, on
@@ -282,29 +292,32 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
         log = os.path.join(logs, f"life{life}")
         started = time.perf_counter()
         procs = _start(workdir, processes, log, f"--config.train.num_steps={target}", *flags, env=env)
-        held_after = None
-        deadline = time.time() + 600
-        while time.time() < deadline and all(p.poll() is None for p in procs):
-            holder = read_holder(workdir)
-            if holder is not None and (holder.record or {}).get("pid") == procs[0].pid:
-                held_after = time.perf_counter() - started
-                break
-            time.sleep(0.2)
-        killed, delay = None, None
-        if not last and held_after is not None:
-            delay = rng.uniform(0.0, 25.0)  # start-up, compile, steps, saves
-            end = time.perf_counter() + delay
-            while time.perf_counter() < end and all(p.poll() is None for p in procs):
-                time.sleep(0.1)
-            victim = rng.randrange(len(procs))
-            if procs[victim].poll() is None:
-                procs[victim].send_signal(signal.SIGKILL)
-                killed, done = victim, done + 1
-                time.sleep(rng.uniform(0.0, 3.0))
-                for p in procs:  # the allocation ends: the others die too
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGKILL)
-        codes = [p.wait(timeout=900) for p in procs]
+        try:
+            held_after = None
+            deadline = time.time() + 600
+            while time.time() < deadline and all(p.poll() is None for p in procs):
+                holder = read_holder(workdir)
+                if holder is not None and (holder.record or {}).get("pid") == procs[0].pid:
+                    held_after = time.perf_counter() - started
+                    break
+                time.sleep(0.2)
+            killed, delay = None, None
+            if not last and held_after is not None:
+                delay = rng.uniform(0.0, 25.0)  # start-up, compile, steps, saves
+                end = time.perf_counter() + delay
+                while time.perf_counter() < end and all(p.poll() is None for p in procs):
+                    time.sleep(0.1)
+                victim = rng.randrange(len(procs))
+                if procs[victim].poll() is None:
+                    procs[victim].send_signal(signal.SIGKILL)
+                    killed, done = victim, done + 1
+                    time.sleep(rng.uniform(0.0, 3.0))
+                    for p in procs:  # the allocation ends: the others die too
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGKILL)
+            codes = [p.wait(timeout=900) for p in procs]
+        finally:  # a trial that fails (a timeout, an interrupt) leaves no trainer running
+            _kill_all(procs)
         text = open(f"{log}.0").read()
         got = ("after the lease expired" if "it expired (not renewed" in text else
                "its processes gone (same host)" if "on this host are gone" in text else
@@ -330,11 +343,15 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
         processes = rng.choice((1, 2))
     chaos_s = time.perf_counter() - start_all
     straight, straight2 = os.path.join(local, "hold_chaos_straight"), os.path.join(local, "hold_chaos_straight2")
-    _start(straight, 1, os.path.join(logs, "straight"), f"--config.train.num_steps={target}", *flags[:3],
-           env=_ENV)[0].wait(timeout=1800)
-    for p in _start(straight2, 2, os.path.join(logs, "straight2"), f"--config.train.num_steps={target}", *flags[:3],
-                    env=_ENV):  # uninterrupted on 2 processes: how far the process count alone moves the weights
-        p.wait(timeout=1800)
+    # Uninterrupted on 1 process, and on 2: how far the process count alone moves the weights.
+    for folder, count in ((straight, 1), (straight2, 2)):
+        procs = _start(folder, count, os.path.join(logs, os.path.basename(folder)),
+                       f"--config.train.num_steps={target}", *flags[:3], env=_ENV)
+        try:
+            for p in procs:
+                p.wait(timeout=1800)
+        finally:
+            _kill_all(procs)
     # A killed process's last minute of events never reached the bucket (hooks.EventSync uploads every 60 s);
     # its local folder is still there: counted apart, read for the comparison, then removed.
     left = glob.glob(os.path.join(tempfile.gettempdir(), "lsync_jax_events_"

@@ -21,10 +21,9 @@ def _lines(pattern: str, *, skip: tuple[str, ...] = ()) -> list[str]:
 
 def test_data_sources_are_not_sniffed():
     """`lsync_jax.data.registry.check_source` is the one place that looks for the interface's members.
-    (tools/preprocess.py's `label_range` still reads the labels of class folders and arrays by their
-    attributes, for the sources preprocessing wraps: issue 29 names it as left.)"""
+    (Preprocessing reads labels without decoding through the declared `ImageRecords.first_labels`.)"""
     found = _lines(r"(hasattr|getattr)\((source|src|ref_source|self\.source)\b",
-                   skip=("lsync_jax/data/registry.py", "lsync_jax/tools/preprocess.py"))
+                   skip=("lsync_jax/data/registry.py",))
     assert not found, "a data source's interface guessed with hasattr/getattr:\n" + "\n".join(found)
 
 

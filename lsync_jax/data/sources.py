@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -74,10 +74,17 @@ class ImageRecords:
     num_classes = 0
     num_tags = 0
     label_range: tuple[int, int] | None = None
+    classes: Sequence[str] = ()  # the class names, where the source knows them (class folders, tfds)
+    root: str | None = None  # the folder the images are read from, where there is one
 
     def example(self, record: Mapping[str, Any], rng: np.random.Generator, flip: bool,
                 fields: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         return image_example(record, rng, flip, fields)
+
+    def first_labels(self, count: int) -> np.ndarray | None:
+        """The labels of the first `count` records when the source holds them without decoding an image
+        (class folders, arrays), else None: what preprocessing records as the label range."""
+        return None
 
     def check_fields(self, fields: tuple[str, ...], flip: bool) -> None:
         """Images give their own crop ('image'); precomputed encoder features exist in latent shards only."""
@@ -106,6 +113,9 @@ class ArraySource(ImageRecords):
 
     def __repr__(self) -> str:
         return f"ArraySource(name={self.name!r}, images={self.images.shape})"
+
+    def first_labels(self, count: int) -> np.ndarray:
+        return self.labels[:count]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -229,6 +239,9 @@ class ImageFolderSource(ImageRecords):
         self.num_classes = len(self.classes)
         self.label_range = (self.files[0][1], self.files[-1][1])  # files are in label order
         self.name = type(self).__name__  # what FID reference statistics are cached under
+
+    def first_labels(self, count: int) -> np.ndarray:
+        return np.asarray([label for _, label in self.files[:count]], np.int32)
 
     def check_labels(self, num_classes: int) -> None:
         if self.num_classes > num_classes:

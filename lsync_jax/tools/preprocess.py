@@ -35,7 +35,7 @@ from lsync_jax.data.latents import (
     shard_name,
     shard_writer,
 )
-from lsync_jax.data.sources import IMAGE_EXTENSIONS, check_label_array
+from lsync_jax.data.sources import IMAGE_EXTENSIONS, ImageRecords, check_label_array
 from lsync_jax.host import pad_rows
 from lsync_jax.models.encoders.features import encoder_tokens
 from lsync_jax.models.vae import SCALE_FACTOR, downsampling_factor, encode_images
@@ -84,14 +84,14 @@ _RESUME_KEYS = ("image_size", "latent_shape", "fields", "num_records", "shard_si
                 "encoder")
 
 
-def check_classes(source: Any, num_classes: int | None = None, log: Callable[[str], None] = print) -> None:
+def check_classes(source: ImageRecords, num_classes: int | None = None, log: Callable[[str], None] = print) -> None:
     """Before the VAE loads or anything is written: report the classes found (count, first names) and
     refuse the parent of a class-folder tree (a root holding one class folder that holds folders, which
     would give every image the class of that one folder) and a class count other than `num_classes`
     (None: not checked)."""
-    classes = list(getattr(source, "classes", ()))
+    classes = list(source.classes)
     shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-    root = getattr(source, "root", None)
+    root = source.root
     where = root or repr(source)
     if root is not None:
         loose = sum(1 for name in storage.listdir(root)
@@ -115,19 +115,17 @@ def check_classes(source: Any, num_classes: int | None = None, log: Callable[[st
                          f"{num_classes} classes, or drop --num_classes")
 
 
-def label_range(source: Any, num_records: int, num_classes: int) -> tuple[int, int] | None:
+def label_range(source: ImageRecords, num_records: int, num_classes: int) -> tuple[int, int] | None:
     """(min, max) of the labels of the first `num_records` records, without decoding any image: exact
-    for class folders and in-memory arrays, the class bound for others (every label is checked
-    against it as it is encoded); None when nothing bounds them."""
-    if hasattr(source, "files"):  # ImageFolderSource: (path, label) in order
-        labels = np.asarray([label for _, label in source.files[:num_records]])
-    elif hasattr(source, "labels"):  # ArraySource
-        labels = np.asarray(source.labels[:num_records])
-    elif getattr(source, "label_range", None) is not None:
-        return tuple(int(v) for v in source.label_range)
-    else:
+    where the source holds them (`first_labels`: class folders, in-memory arrays), else the source's
+    own `label_range` or the class bound (every label is checked against it as it is encoded); None
+    when nothing bounds them."""
+    labels = source.first_labels(num_records)
+    if labels is None:
+        if source.label_range is not None:
+            return tuple(int(v) for v in source.label_range)
         return (0, num_classes - 1) if num_classes > 0 else None
-    return check_label_array(labels, num_classes or None, repr(source),
+    return check_label_array(np.asarray(labels), num_classes or None, repr(source),
                              f"the source's {num_classes} classes" if num_classes else "")
 
 
@@ -241,7 +239,7 @@ def make_encoder(module: Any, params: Any, batch_size: int, store_flip: bool, to
     return run
 
 
-def preprocess_latents(source: Any, out_dir: str, vae_path: str, spec: PreprocessSpec,
+def preprocess_latents(source: ImageRecords, out_dir: str, vae_path: str, spec: PreprocessSpec,
                        source_info: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Encode `source` (records {'image', 'label'}) into latent shards in `out_dir`; resumable.
 

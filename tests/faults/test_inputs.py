@@ -20,6 +20,7 @@ from lsync_jax.configs import tiny
 from lsync_jax.configs.cli import unknown_override
 from lsync_jax.data import ArraySource, ImageFolderSource, LatentSource, LoaderSpec, make_loader, read_idx
 from lsync_jax.data.latents import METADATA, RecordCodec, record_fields, shard_name
+from lsync_jax.data.sources import ImageRecords
 from lsync_jax.eval import evaluator as ev
 from lsync_jax.host import save_png
 from lsync_jax.sharding import make_mesh, mesh_problem
@@ -346,11 +347,15 @@ def fake_vae(monkeypatch):
     monkeypatch.setattr(pre, "make_encoder", make_encoder)
 
 
-class FailingSource:
+class FailingSource(ImageRecords):
     """Class folders whose image `fail_at` cannot be read (a disk error while shard 1 is written)."""
 
     def __init__(self, source, fail_at):
         self.source, self.files, self.fail_at = source, source.files, fail_at
+        self.label_range, self.num_classes = source.label_range, source.num_classes
+
+    def first_labels(self, count):
+        return self.source.first_labels(count)
 
     def __len__(self):
         return len(self.source)

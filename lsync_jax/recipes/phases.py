@@ -27,7 +27,7 @@ from lsync_jax.host import PHASES
 from lsync_jax.objectives import build_objective
 from lsync_jax.train import train
 from lsync_jax.train.setup import EvaluatorFactory, check
-from lsync_jax.workdir import checkpoint_dir, latest_step
+from lsync_jax.workdir import WorkdirHold, checkpoint_dir, latest_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,9 @@ def run_phases(phases: Sequence[Phase], evaluators: Evaluators = lambda p: ()) -
         if i < first or (i > first and _is_done(phases, i)):
             logging.info("phase %r is done (%s): skipped", phase.name, phase.workdir)
             continue
-        if phase.resolve is not None:
-            phase = phase.resolve(phase)
+        if phase.resolve is not None:  # it may write into the workdir (the automatic pairs' choice): held too
+            with WorkdirHold.of_config(phase.workdir, phase.config.train):
+                phase = phase.resolve(phase)
         logging.info("phase %r: up to step %d in %s", phase.name, phase.until, phase.workdir)
         metrics = train(phase.config, phase.workdir, until=phase.until, record=phase.record, accepts=phase.accepts,
                         evaluators=evaluators(phase), validated=True)

@@ -2,7 +2,8 @@
 launch/sample.py (--workdir=OUT) and training (--config.train.init_from=OUT) read. The conversion
 itself is `lsync_jax.porting.official`. The workdir records the model and the transport the file's
 training args name (path, prediction), so that sampling or fine-tuning it with another transport
-is refused (`lsync_jax.workdir.check_transport`)."""
+is refused (`lsync_jax.workdir.check_transport`). The conversion holds OUT while it writes
+(`lsync_jax.workdir.WorkdirHold`), as a training run does."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lsync_jax.models.sit import SiT
 from lsync_jax.porting.official import convert_state_dict, plan_conversion, read_checkpoint, transport_hints
 from lsync_jax.storage import check_writable
 from lsync_jax.train.checkpoint import Checkpointer
-from lsync_jax.workdir import TIME_CONVENTION, describe, param_shapes
+from lsync_jax.workdir import TIME_CONVENTION, WorkdirHold, describe, param_shapes
 
 
 def _checkpoint_dir(out_dir: str) -> str:
@@ -36,16 +37,17 @@ def save_converted(model: SiT, params: Any, out_dir: str, fields: Mapping[str, A
     model name and overrides) and of `transport` (config.transport keys the source names; the time
     convention is ours once converted), so that --config.train.init_from=OUT_DIR and launch/sample.py
     --workdir=OUT_DIR read it. Refuses a non-empty OUT_DIR/checkpoints. Returns that directory."""
-    directory = _checkpoint_dir(out_dir)
     expected = jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs(1))["params"]
     if param_shapes(expected) != param_shapes(params):
         raise ValueError("params do not have the model's shapes")
     params = jax.tree.map(jnp.asarray, params)
-    checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
-    recorded = dict(transport or {}, time=TIME_CONVENTION)
-    checkpointer.save(0, {"params": params, "ema_params": params}, describe(dict(fields), params, transport=recorded),
-                      force=True)
-    checkpointer.close()
+    with WorkdirHold(out_dir):  # it writes a workdir: a trainer there (or another conversion) keeps it out
+        directory = _checkpoint_dir(out_dir)
+        checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
+        recorded = dict(transport or {}, time=TIME_CONVENTION)
+        checkpointer.save(0, {"params": params, "ema_params": params},
+                          describe(dict(fields), params, transport=recorded), force=True)
+        checkpointer.close()
     return directory
 
 

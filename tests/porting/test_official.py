@@ -233,6 +233,22 @@ def test_launcher_writes_a_workdir_that_training_and_sampling_read(tmp_path, inp
 
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         convert_to_workdir(path, NAME, out, **ARCH)
+    assert not os.path.exists(os.path.join(out, "hold.json"))  # released
+
+
+def test_a_conversion_into_a_held_workdir_is_refused_and_writes_nothing(tmp_path):
+    """A trainer (here: another machine's) holds OUT: the conversion would write its checkpoints."""
+    from lsync_jax.tools.convert import save_converted
+    from lsync_jax.workdir import HoldError
+    from tests.test_workdir_hold import other_host_hold
+
+    module = official(learn_sigma=True)
+    model, params = convert_state_dict(module.state_dict(), NAME, **ARCH)
+    out = str(tmp_path / "converted")
+    other_host_hold(out)
+    with pytest.raises(HoldError, match="node-7.other"):
+        save_converted(model, params, out, {"name": NAME, "overrides": ARCH})
+    assert os.listdir(out) == ["hold.json"]
 
 
 @pytest.mark.gcs

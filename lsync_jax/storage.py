@@ -283,6 +283,15 @@ def _fs_path(p: str) -> str:
     return p.split("://", 1)[1] if scheme(p) in ("gs", "gcs") else p
 
 
+def gcs_object(p: str) -> tuple[Any, str, str]:
+    """(gcsfs's file system, bucket, object name) of a gs:// path: for the JSON API calls lsync-jax makes
+    through gcsfs itself (writes with generation preconditions, which gcsfs's own writes cannot set)."""
+    if scheme(p) not in ("gs", "gcs"):
+        raise ValueError(f"{p!r} is not a gs:// path")
+    bucket, _, name = _fs_path(p).partition("/")
+    return _fsspec(p), bucket, name.strip("/")
+
+
 def _remove_quietly(p: Any) -> None:
     """Remove a temporary file after a failed write; a failure to remove must not hide the first error."""
     try:

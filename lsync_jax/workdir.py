@@ -961,6 +961,23 @@ def hold_summary_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     return dict(summary, process_count=_process_count(record))
 
 
+class HoldStore(Protocol):
+    """Where a hold lives: a file on a local disk (`_LocalHold`) or an object on gs:// (`_GcsHold`). Every
+    write is conditional (None or False: another run's hold was there first, or it changed since read)."""
+
+    def read(self) -> Holder | None: ...
+
+    def create(self, record: Mapping[str, Any]) -> Holder | None: ...
+
+    def replace(self, record: Mapping[str, Any], version: Any) -> Holder | None: ...
+
+    def renew(self, token: str) -> Holder | None: ...
+
+    def release(self, token: str) -> bool: ...
+
+    def now(self) -> float: ...  # the storage's clock
+
+
 class _LocalHold:
     """The hold file on a local (or mounted network) disk."""
 
@@ -1081,9 +1098,7 @@ class _GcsHold:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.fs = storage._fsspec(workdir)
-        self.bucket, _, prefix = storage._fs_path(workdir).partition("/")
-        self.prefix = prefix.strip("/")
+        self.fs, self.bucket, self.prefix = storage.gcs_object(workdir)
         self.key = f"{self.prefix}/{HOLD_FILE}" if self.prefix else HOLD_FILE
 
     @staticmethod
@@ -1183,7 +1198,7 @@ def _no_hold(workdir: str) -> str:
     return f"no hold: {kind}:// has no conditional writes in lsync-jax; two trainers on this workdir are not prevented"
 
 
-def _hold_store(workdir: str) -> Any:
+def _hold_store(workdir: str) -> HoldStore | None:
     if _no_hold(workdir):
         return None
     return _GcsHold(workdir) if storage.is_remote(workdir) else _LocalHold(workdir)
@@ -1236,7 +1251,7 @@ class WorkdirHold:
         self.token = uuid.uuid4().hex
         self.lost: str | None = None
         self.held: Holder | None = None
-        self._store: Any = None
+        self._store: HoldStore | None = None
         self._created: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

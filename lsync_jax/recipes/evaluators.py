@@ -12,11 +12,9 @@ before anything compiles; `check_only` for --check loads nothing long):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 from lsync_jax.eval.fid import TrainingFID
-from lsync_jax.train.hooks import Evaluator
 from lsync_jax.train.setup import EvaluatorFactory, Plan
 
 
@@ -41,11 +39,7 @@ def register_evaluator(name: str, *, enabled: Callable[[Any], bool]) -> Callable
 
 def evaluators_of(config: Any) -> Sequence[EvaluatorFactory]:
     """The factories of the evaluators `config` turns on, in registration order."""
-    return tuple(functools.partial(_named, name) for name, entry in EVALUATORS.items() if entry.enabled(config))
-
-
-def _named(name: str, plan: Plan, check_only: bool) -> Evaluator:
-    return EVALUATORS[name].build(plan, check_only)
+    return tuple(entry.build for entry in EVALUATORS.values() if entry.enabled(config))
 
 
 @register_evaluator("fid", enabled=lambda config: bool(int(config.eval.every)))

@@ -141,17 +141,22 @@ def preemption_rows(step_times: Sequence[float] = (0.05, 0.3), calls: int = 1000
     return rows
 
 
-def _train(workdir: str, processes: int, *overrides: str, env: dict | None = None, wait: bool = True) -> Any:
+def trainer_commands(workdir: str, processes: int, *overrides: str) -> list[list[str]]:
+    """launch/train.py on the tiny config, one command per process (several: jax.distributed on localhost)."""
     base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={TINY}", f"--workdir={workdir}",
             *overrides]
-    env = dict(env or _ENV, JAX_DEFAULT_PRNG_IMPL="threefry2x32")
+    if processes == 1:
+        return [base]
     port = _free_port()
-    cmds = [base] if processes == 1 else [
-        base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}",
-                "--config.distributed.cpu_collectives=gloo"] for pid in range(processes)]
+    return [base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}",
+                    "--config.distributed.cpu_collectives=gloo"] for pid in range(processes)]
+
+
+def _train(workdir: str, processes: int, *overrides: str, env: dict | None = None, wait: bool = True) -> Any:
+    env = dict(env or _ENV, JAX_DEFAULT_PRNG_IMPL="threefry2x32")
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
+             for c in trainer_commands(workdir, processes, *overrides)]
     if not wait:
         return procs
     errors = [p.communicate(timeout=900)[1] for p in procs]
@@ -225,17 +230,10 @@ def kill_rows(where: str, trials: int, seed: int = 0, env: dict | None = None) -
 ELASTIC_RTOL = 1e-5
 
 
-def _start(workdir: str, processes: int, log: str, *overrides: str, env: dict) -> list[subprocess.Popen]:
-    """launch/train.py on the tiny config, each process's stderr into `log`.<i> (a file: no pipe fills up)."""
-    base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={TINY}", f"--workdir={workdir}",
-            *overrides]
-    port = _free_port()
-    cmds = [base] if processes == 1 else [
-        base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={pid}",
-                "--config.distributed.cpu_collectives=gloo"] for pid in range(processes)]
+def start_trainers(workdir: str, processes: int, log: str, *overrides: str, env: dict) -> list[subprocess.Popen]:
+    """`trainer_commands` started, each process's stderr into `log`.<i> (a file: no pipe fills up)."""
     procs = []
-    for i, cmd in enumerate(cmds):
+    for i, cmd in enumerate(trainer_commands(workdir, processes, *overrides)):
         with open(f"{log}.{i}", "w") as err:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_DEFAULT_PRNG_IMPL="threefry2x32"),
                                           stdout=subprocess.DEVNULL, stderr=err))
@@ -291,7 +289,7 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
             target = max([int(n) for n in storage.listdir(ckpts) if n.isdigit()] or [0]) + 10
         log = os.path.join(logs, f"life{life}")
         started = time.perf_counter()
-        procs = _start(workdir, processes, log, f"--config.train.num_steps={target}", *flags, env=env)
+        procs = start_trainers(workdir, processes, log, f"--config.train.num_steps={target}", *flags, env=env)
         try:
             held_after = None
             deadline = time.time() + 600
@@ -345,7 +343,7 @@ def hold_chaos_rows(where: str, local: str, kills: int = 20, seed: int = 0, leas
     straight, straight2 = os.path.join(local, "hold_chaos_straight"), os.path.join(local, "hold_chaos_straight2")
     # Uninterrupted on 1 process, and on 2: how far the process count alone moves the weights.
     for folder, count in ((straight, 1), (straight2, 2)):
-        procs = _start(folder, count, os.path.join(logs, os.path.basename(folder)),
+        procs = start_trainers(folder, count, os.path.join(logs, os.path.basename(folder)),
                        f"--config.train.num_steps={target}", *flags[:3], env=_ENV)
         try:
             for p in procs:

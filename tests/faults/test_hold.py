@@ -8,13 +8,12 @@ of the hold: tests/test_workdir_hold.py. Every wait is bounded (alarms, subproce
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from lsync_jax import storage
+from lsync_jax.tools.pod_trials import start_trainers
 from lsync_jax.train.hooks import PREEMPTED_EXIT_CODE
 from lsync_jax.workdir import HOLD_FILE, read_holder
 from tests.helpers import alarm
@@ -27,27 +26,9 @@ CLI_ENV = dict(os.environ, JAX_DEFAULT_PRNG_IMPL="threefry2x32", JAX_PLATFORMS="
 FAST = ["--config.train.num_grid_samples=0", "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(workdir, log, *overrides, processes=1, env=None):
     """launch/train.py on the tiny config, its stderr into `log` (+ '.<process>'): never a full pipe."""
-    base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={ROOT}/configs/tiny.py",
-            f"--workdir={workdir}", *FAST, *overrides]
-    port = free_port()
-    commands = [base] if processes == 1 else [
-        base + ["--config.distributed.enabled=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}",
-                "--config.distributed.cpu_collectives=gloo"] for i in range(processes)]
-    procs = []
-    for i, command in enumerate(commands):
-        with open(f"{log}.{i}", "w") as err:
-            procs.append(subprocess.Popen(command, cwd=ROOT, env=env or CLI_ENV, stdout=subprocess.DEVNULL,
-                                          stderr=err))
-    return procs
+    return start_trainers(workdir, processes, log, *FAST, *overrides, env=env or CLI_ENV)
 
 
 def finish(procs, log, timeout=600):
